@@ -1,0 +1,13 @@
+"""The composition root: every function's router in one app, for the dev server and single-container deploys."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from functions import chat, models
+from shared.asgi import create_app
+from shared.settings import Settings
+
+
+def build(settings: Settings | None = None) -> FastAPI:
+    return create_app(chat.router, models.router, settings=settings)

@@ -1,0 +1,91 @@
+"""POST /v1/chat/completions: chat with a model, as JSON or as a stream of server-sent events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from sse_starlette import EventSourceResponse
+
+from shared.generation.model import GenerationModel
+from shared.http import CatalogDep, generation_model, sse_frames
+from shared.protocol.chat import (
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChoiceLogprobs,
+    DeltaMessage,
+    ResponseMessage,
+)
+from shared.protocol.common import UsageInfo, now, random_id
+from shared.serving import collect_choices, stream_choices, token_logprob
+
+router = APIRouter(tags=["chat"])
+
+FINGERPRINT = "fnserve-0.1"
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+async def create_chat_completion(
+    request: ChatCompletionRequest, catalog: CatalogDep
+) -> ChatCompletionResponse | EventSourceResponse:
+    """Create a model response for the given chat conversation."""
+    params = request.to_sampling_params()
+    model = await generation_model(catalog, request.model)
+    prompt_ids = model.encode_chat(request.template_messages())
+    n = request.n or 1
+    if request.stream:
+        model.sequence(prompt_ids, params)  # fail with a status code before the stream starts
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return EventSourceResponse(sse_frames(_chunks(model, prompt_ids, request, n, include_usage)))
+
+    choices = await collect_choices(model, prompt_ids, params, n)
+    completion_tokens = sum(len(c.token_ids) for c in choices)
+    return ChatCompletionResponse(
+        id=random_id("chatcmpl"),
+        created=now(),
+        model=model.id,
+        choices=[
+            ChatCompletionChoice(
+                index=i,
+                message=ResponseMessage(content=c.text),
+                logprobs=ChoiceLogprobs(content=c.logprobs) if params.logprobs else None,
+                finish_reason=c.finish_reason if c.finish_reason != "cancelled" else None,
+            )
+            for i, c in enumerate(choices)
+        ],
+        usage=UsageInfo(
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=completion_tokens,
+            total_tokens=len(prompt_ids) + completion_tokens,
+        ),
+        system_fingerprint=FINGERPRINT,
+    )
+
+
+async def _chunks(
+    model: GenerationModel, prompt_ids: list[int], request: ChatCompletionRequest, n: int, include_usage: bool
+) -> AsyncIterator[ChatCompletionChunk]:
+    params = request.to_sampling_params()
+    base = {"id": random_id("chatcmpl"), "created": now(), "model": model.id, "system_fingerprint": FINGERPRINT}
+    usage = UsageInfo(prompt_tokens=len(prompt_ids)) if include_usage else None
+    for i in range(n):
+        choice = ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+        yield ChatCompletionChunk(**base, choices=[choice], usage=None)
+    async for index, step in stream_choices(model, prompt_ids, params, n):
+        if step.token_id is not None and usage:
+            usage.completion_tokens += 1
+        finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
+        if not step.text and finish is None and not params.logprobs:
+            continue
+        logprobs = ChoiceLogprobs(content=[token_logprob(model, step)]) if params.logprobs else None
+        choice = ChatCompletionChunkChoice(
+            index=index, delta=DeltaMessage(content=step.text), logprobs=logprobs, finish_reason=finish
+        )
+        # With include_usage, OpenAI sends "usage": null on every chunk but the last.
+        yield ChatCompletionChunk(**base, choices=[choice], usage=None)
+    if usage:
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        yield ChatCompletionChunk(**base, choices=[], usage=usage)

@@ -1,0 +1,45 @@
+"""GET /v1/models: the models this server can serve, and what kind each is."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from shared.catalog import ModelCatalog
+from shared.http import CatalogDep
+from shared.protocol.common import ModelCard, ModelList
+from shared.settings import ModelConfig
+
+router = APIRouter(tags=["models"])
+
+_STARTED = 1767225600  # 2026-01-01: a stable `created` for models that have no release date of their own
+
+
+def _card(catalog: ModelCatalog, config: ModelConfig) -> ModelCard:
+    kind = "embedding" if config.kind == "embedding" else "chat"
+    context_length = None
+    if catalog.is_loaded(config.id) and config.kind == "generate":
+        model = catalog.generation(config.id)
+        kind = "chat" if model.has_chat_template else "completion"
+        context_length = model.context_length
+    elif config.source == "embedded:gemma-3-270m":
+        kind = "completion"  # a base model: no chat template, known without loading it
+    return ModelCard(
+        id=config.id,
+        created=_STARTED,
+        owned_by=config.owned_by,
+        kind=kind,
+        loaded=catalog.is_loaded(config.id),
+        context_length=context_length,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(catalog: CatalogDep) -> ModelList:
+    """List the models available, with what kind each is (chat, completion or embedding)."""
+    return ModelList(data=[_card(catalog, c) for c in catalog.configs])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def retrieve_model(model_id: str, catalog: CatalogDep) -> ModelCard:
+    """Describe one model; `default` names the default chat model."""
+    return _card(catalog, catalog.config(model_id))

@@ -1,0 +1,108 @@
+"""Backend selection: an ordered registry (MLX on Apple Silicon, torch CUDA, torch CPU); first available wins.
+
+Each backend module imports its framework at the top, and is itself imported only when that backend is checked
+or chosen, so a function that needs no model imports no framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from shared.errors import BackendUnavailableError
+from shared.settings import Settings
+
+
+class ModelRunner(Protocol):
+    """A loaded causal language model that runs forward steps over a KV cache it owns."""
+
+    context_length: int
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for one sequence."""
+        ...
+
+    def forward(self, cache: Any, token_ids: Sequence[int]) -> np.ndarray:
+        """Run token_ids after what the cache holds; return the last position's logits, (vocab,) float32."""
+        ...
+
+
+class Backend(Protocol):
+    name: str
+    dtype: str
+
+    def load(self, model_dir: Path) -> ModelRunner:
+        """Load a Hugging Face-format model directory (config.json + safetensors)."""
+        ...
+
+
+def _apple_silicon() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def _mlx_missing(auto: bool) -> str | None:
+    if auto and not _apple_silicon():
+        return "MLX is chosen automatically only on Apple Silicon"
+    if importlib.util.find_spec("mlx") is None or importlib.util.find_spec("mlx_lm") is None:
+        return "mlx and mlx-lm are not installed (pip install 'fnserve[mlx]')"
+    return None
+
+
+def _torch_missing() -> str | None:
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed (pip install torch, then 'fnserve[cpu]')"
+    return None
+
+
+def _cuda_missing(auto: bool) -> str | None:
+    if reason := _torch_missing():
+        return reason
+    import torch
+
+    return None if torch.cuda.is_available() else "torch sees no CUDA device"
+
+
+def _cpu_missing(auto: bool) -> str | None:
+    return _torch_missing()
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    name: str
+    module: str
+    missing: Callable[[bool], str | None]  # why it cannot run here, or None
+
+
+REGISTRY: tuple[BackendEntry, ...] = (
+    BackendEntry("mlx", "shared.backends.mlx_backend", _mlx_missing),
+    BackendEntry("cuda", "shared.backends.torch_backend", _cuda_missing),
+    BackendEntry("cpu", "shared.backends.torch_backend", _cpu_missing),
+)
+
+
+def _build(entry: BackendEntry, settings: Settings) -> Backend:
+    module = importlib.import_module(entry.module)
+    backend: Backend = module.create(entry.name, settings)
+    return backend
+
+
+def select_backend(settings: Settings) -> Backend:
+    """The backend the settings name, or the first available one. A named backend that cannot run is an error."""
+    if settings.backend != "auto":
+        entry = next(e for e in REGISTRY if e.name == settings.backend)
+        if reason := entry.missing(False):
+            raise BackendUnavailableError(f"backend {entry.name!r} was asked for, but {reason}")
+        return _build(entry, settings)
+    reasons = []
+    for entry in REGISTRY:
+        if (reason := entry.missing(True)) is None:
+            return _build(entry, settings)
+        reasons.append(f"{entry.name}: {reason}")
+    raise BackendUnavailableError("no backend can run here: " + "; ".join(reasons))

@@ -1,0 +1,71 @@
+"""torch backends: CUDA (bfloat16 by default) and CPU (float32 by default). Device and dtype are decided here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from shared.settings import Settings
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TorchCache:
+    """The transformers cache object for one sequence; None until the first forward."""
+
+    past: Any = None
+    length: int = 0
+
+
+@dataclass
+class TorchRunner:
+    model: PreTrainedModel
+    device: torch.device
+    context_length: int
+
+    def new_cache(self) -> TorchCache:
+        return TorchCache()
+
+    @torch.inference_mode()
+    def forward(self, cache: TorchCache, token_ids: Sequence[int]) -> np.ndarray:
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)  # (1, T)
+        out = self.model(input_ids=ids, past_key_values=cache.past, use_cache=True, logits_to_keep=1)
+        cache.past = out.past_key_values
+        cache.length += len(token_ids)
+        return out.logits[0, -1].float().cpu().numpy()  # (vocab,)
+
+
+class TorchBackend:
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, threads: int | None) -> None:
+        self.name = name
+        self.device = device
+        self._dtype = dtype
+        self.dtype = str(dtype).removeprefix("torch.")
+        if threads:
+            torch.set_num_threads(threads)
+
+    def load(self, model_dir: Path) -> TorchRunner:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self._dtype)
+        model.to(self.device).eval()
+        return TorchRunner(model=model, device=self.device, context_length=_context_length(model.config))
+
+
+def _context_length(config: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(value := getattr(config, key, None), int):
+            return value
+    return 2048
+
+
+def create(name: str, settings: Settings) -> TorchBackend:
+    """The CPU or CUDA backend with the dtype the settings ask for."""
+    device = torch.device("cuda" if name == "cuda" else "cpu")
+    dtype_name = settings.dtype if settings.dtype != "auto" else ("bfloat16" if name == "cuda" else "float32")
+    return TorchBackend(name, device, _DTYPES[dtype_name], settings.threads)

@@ -1,0 +1,111 @@
+"""The model catalog: configured models, the `default` alias, lazy loading once per process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Literal
+
+from shared.backends import Backend, select_backend
+from shared.embeddings import EmbeddingModel
+from shared.errors import InvalidRequestError, ModelNotFoundError
+from shared.generation.model import GenerationModel
+from shared.settings import ModelConfig, Settings
+from shared.sources import resolve_embedding_model, resolve_generation_model
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["generate", "embedding"]
+
+
+class ModelCatalog:
+    """What a process serves. Models load on first use (or at start for `preload`), then stay loaded."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self._backend = backend
+        self._configs = {m.id: m for m in settings.all_models}
+        self._generation: dict[str, GenerationModel] = {}
+        self._embedding: dict[str, EmbeddingModel] = {}
+        self._locks = {model_id: threading.Lock() for model_id in self._configs}
+        self._backend_lock = threading.Lock()
+
+    @property
+    def backend(self) -> Backend:
+        with self._backend_lock:
+            if self._backend is None:
+                self._backend = select_backend(self.settings)
+                log.info("backend: %s (%s)", self._backend.name, self._backend.dtype)
+            return self._backend
+
+    @property
+    def configs(self) -> list[ModelConfig]:
+        return list(self._configs.values())
+
+    def is_loaded(self, model_id: str) -> bool:
+        return model_id in self._generation or model_id in self._embedding
+
+    def config(self, name: str, kind: Kind = "generate") -> ModelConfig:
+        """The configured model a name means; `default` is the default model of the given kind."""
+        if name == "default":
+            name = self.settings.default_model if kind == "generate" else self.settings.default_embedding_model
+        config = self._configs.get(name)
+        if config is None:
+            raise ModelNotFoundError(
+                f"The model {name!r} does not exist. Available: {', '.join(['default', *self._configs])}",
+                param="model",
+            )
+        return config
+
+    def resolve(self, name: str, kind: Kind) -> ModelConfig:
+        """The model a request names, checked against the kind the route serves."""
+        config = self.config(name, kind)
+        if config.kind != kind:
+            what = "an embedding model" if config.kind == "embedding" else "a generation model"
+            raise InvalidRequestError(f"model {name!r} is {what} and cannot serve this route", param="model")
+        return config
+
+    def generation(self, name: str) -> GenerationModel:
+        """The loaded generation model (loads it on first use; blocking, so call it off the event loop)."""
+        config = self.resolve(name, "generate")
+        if (model := self._generation.get(config.id)) is not None:
+            return model
+        with self._locks[config.id]:
+            if config.id not in self._generation:
+                started = time.perf_counter()
+                model_dir = resolve_generation_model(config, self.settings.cache_dir)
+                runner = self.backend.load(model_dir)
+                self._generation[config.id] = GenerationModel(
+                    config.id,
+                    model_dir,
+                    runner,
+                    max_model_len=self.settings.max_model_len,
+                    max_queue=self.settings.max_queue,
+                )
+                log.info("loaded %s in %.1f s", config.id, time.perf_counter() - started)
+            return self._generation[config.id]
+
+    def embedding(self, name: str) -> EmbeddingModel:
+        """The loaded embedding model (loads it on first use)."""
+        config = self.resolve(name, "embedding")
+        if (model := self._embedding.get(config.id)) is not None:
+            return model
+        with self._locks[config.id]:
+            if config.id not in self._embedding:
+                model_dir = resolve_embedding_model(config, self.settings.cache_dir)
+                self._embedding[config.id] = EmbeddingModel(config.id, model_dir, self.settings.threads)
+            return self._embedding[config.id]
+
+    def preload(self) -> None:
+        for name in self.settings.preload:
+            if name == "default-embedding":
+                self.embedding("default")
+            elif name == "default" or self._configs[name].kind == "generate":
+                self.generation(name)
+            else:
+                self.embedding(name)
+
+    def close(self) -> None:
+        for model in self._generation.values():
+            model.close()

@@ -1,0 +1,42 @@
+"""Text embeddings through fastembed (ONNX Runtime): mean-pooled, L2-normalised vectors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+# fastembed's base model id for the embedded files: it fixes pooling (mean) and normalisation.
+_FASTEMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class EmbeddingModel:
+    def __init__(self, model_id: str, model_dir: Path, threads: int | None = None) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the files are local; never reach for a hub
+        from fastembed import TextEmbedding
+        from tokenizers import Tokenizer
+
+        self.id = model_id
+        self._model = TextEmbedding(
+            model_name=_FASTEMBED_MODEL,
+            specific_model_path=str(model_dir),
+            model_file="model.onnx",
+            threads=threads,
+        )
+        self.max_tokens = 512
+        self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(self.max_tokens)
+        self.dimensions = int(self.embed(["dimension probe"]).shape[1])
+
+    def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """(len(texts), dimensions) float32, each row of unit length."""
+        return np.asarray(list(self._model.embed(texts, batch_size=batch_size)), dtype=np.float32)
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model reads for these texts (special tokens included, truncated as the model truncates)."""
+        return sum(len(e.ids) for e in self._tokenizer.encode_batch(texts))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self._tokenizer.decode(token_ids, skip_special_tokens=True))

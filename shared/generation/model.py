@@ -1,0 +1,102 @@
+"""A loaded generation model: runner, tokenizer and engine, and the prompt-side checks every function shares."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from shared.backends import ModelRunner
+from shared.errors import ContextLengthExceededError, InvalidRequestError
+from shared.generation.engine import Engine
+from shared.generation.params import SamplingParams
+from shared.generation.sequence import Sequence, StepOutput
+
+Message = dict[str, Any]
+
+
+class GenerationModel:
+    def __init__(
+        self,
+        model_id: str,
+        model_dir: Path,
+        runner: ModelRunner,
+        *,
+        max_model_len: int | None = None,
+        max_queue: int = 256,
+    ) -> None:
+        self.id = model_id
+        self.runner = runner
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
+        self.context_length = min(runner.context_length, max_model_len or runner.context_length)
+        self.eos_ids = _eos_ids(model_dir, self.tokenizer)
+        self.engine = Engine(runner, max_queue=max_queue, name=model_id)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.tokenizer.chat_template)
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        """Token ids of a conversation through the model's own chat template, ready for the reply."""
+        if not self.has_chat_template:
+            raise InvalidRequestError(
+                f"model {self.id!r} has no chat template, so it serves /v1/completions only; "
+                "send a plain prompt there, or choose a chat model",
+                param="model",
+                code="chat_template_missing",
+            )
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # templates raise on conversations they do not support (jinja errors)
+            raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a plain prompt, with the special tokens (BOS) the model expects."""
+        return [int(i) for i in self.tokenizer(text)["input_ids"]]
+
+    def sequence(self, prompt_ids: list[int], params: SamplingParams, param: str = "messages") -> Sequence:
+        """A sequence ready for the engine, after the context-length checks."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty", param=param)
+        if n >= self.context_length:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {self.context_length} tokens. However, your prompt has "
+                f"{n} tokens. Please reduce the length of the prompt.",
+                param=param,
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.context_length - n
+        if n + max_tokens > self.context_length:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
+                f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion). Please reduce the "
+                "prompt or max_tokens.",
+                param="max_tokens",
+            )
+        return Sequence(prompt_ids, params, max_tokens, self.tokenizer, self.eos_ids)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
+        return self.engine.generate(self.sequence(prompt_ids, params))
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _eos_ids(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        eos = None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list):
+        ids.update(int(e) for e in eos)
+    return tuple(sorted(ids))

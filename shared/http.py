@@ -1,0 +1,99 @@
+"""The HTTP side every function shares: the one place errors become OpenAI envelopes, and dependencies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.catalog import ModelCatalog
+from shared.embeddings import EmbeddingModel
+from shared.errors import FnserveError, InvalidRequestError
+from shared.generation.model import GenerationModel
+
+log = logging.getLogger(__name__)
+
+
+def error_response(error: FnserveError) -> JSONResponse:
+    return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
+
+
+def _validation_error(exc: RequestValidationError) -> FnserveError:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError("We could not parse the JSON body of your request: it is not valid JSON.")
+    param = ".".join(loc) or None
+    message = str(first.get("msg", "invalid request"))
+    if first.get("type") == "missing":
+        return InvalidRequestError(f"Missing required parameter: {param!r}.", param=param, code="missing_required_parameter")
+    return InvalidRequestError(f"Invalid value for {param!r}: {message}." if param else message, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Turn every error into OpenAI's envelope: domain errors, validation, unknown routes, and bugs."""
+
+    @app.exception_handler(FnserveError)
+    async def _fnserve(request: Request, exc: FnserveError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = FnserveError(str(exc.detail), code=None)
+        error.status_code = exc.status_code
+        error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        if exc.status_code == 404:
+            error.message = f"Unknown request URL: {request.method} {request.url.path}."
+            error.code = "unknown_url"
+        return error_response(error)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(FnserveError("The server had an error while processing your request."))
+
+
+def get_catalog(request: Request) -> ModelCatalog:
+    catalog: ModelCatalog = request.app.state.catalog
+    return catalog
+
+
+CatalogDep = Annotated[ModelCatalog, Depends(get_catalog)]
+
+
+async def generation_model(catalog: ModelCatalog, name: str) -> GenerationModel:
+    """Resolve and (on first use) load a generation model, off the event loop."""
+    catalog.resolve(name, "generate")  # unknown models fail fast, without a thread hop
+    return await asyncio.to_thread(catalog.generation, name)
+
+
+async def embedding_model(catalog: ModelCatalog, name: str) -> EmbeddingModel:
+    catalog.resolve(name, "embedding")
+    return await asyncio.to_thread(catalog.embedding, name)
+
+
+async def sse_frames(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[dict[str, Any]]:
+    """SSE `data:` frames for a stream of chunks, then [DONE]; an error mid-stream becomes an error frame."""
+    try:
+        async for chunk in chunks:
+            yield {"data": chunk.model_dump_json(exclude_none=False)}
+    except FnserveError as exc:
+        yield {"data": json.dumps(exc.to_dict())}
+        return
+    except Exception:
+        log.exception("stream failed")
+        yield {"data": json.dumps(FnserveError("The server had an error while streaming.").to_dict())}
+        return
+    yield {"data": "[DONE]"}

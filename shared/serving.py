@@ -1,0 +1,98 @@
+"""Running n choices of one request on a model, collected or streamed; shared by chat and completions."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from shared.generation.model import GenerationModel
+from shared.generation.params import SamplingParams
+from shared.generation.sequence import FinishReason, StepOutput
+from shared.protocol.common import TokenLogprob, TopLogprob
+
+
+@dataclass
+class Choice:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+
+
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice i of a seeded request uses seed + i: reproducible, yet the choices differ."""
+    if params.seed is None or index == 0:
+        return params
+    return dataclasses.replace(params, seed=params.seed + index)
+
+
+async def stream_choices(
+    model: GenerationModel, prompt_ids: list[int], params: SamplingParams, n: int
+) -> AsyncIterator[tuple[int, StepOutput]]:
+    """Steps of all n choices as they come, tagged with the choice index. Closing it cancels every choice."""
+    # Build every sequence first, so a bad request fails before anything is queued.
+    sequences = [model.sequence(prompt_ids, choice_params(params, i)) for i in range(n)]
+    if n == 1:
+        async for step in model.engine.generate(sequences[0]):
+            yield 0, step
+        return
+    merged: asyncio.Queue[tuple[int, StepOutput] | BaseException | None] = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        try:
+            async for step in model.engine.generate(sequences[index]):
+                await merged.put((index, step))
+        except BaseException as exc:  # delivered to the consumer, which re-raises it
+            await merged.put(exc)
+        finally:
+            await merged.put(None)
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+    try:
+        done = 0
+        while done < n:
+            item = await merged.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def collect_choices(
+    model: GenerationModel, prompt_ids: list[int], params: SamplingParams, n: int
+) -> list[Choice]:
+    choices = [Choice() for _ in range(n)]
+    async for index, step in stream_choices(model, prompt_ids, params, n):
+        add_step(model, choices[index], step)
+    return choices
+
+
+def add_step(model: GenerationModel, choice: Choice, step: StepOutput) -> None:
+    choice.text += step.text
+    choice.prompt_tokens = step.prompt_tokens
+    if step.token_id is not None:
+        choice.token_ids.append(step.token_id)
+        if step.logprob is not None:
+            choice.logprobs.append(token_logprob(model, step))
+    if step.finish_reason is not None:
+        choice.finish_reason = step.finish_reason
+
+
+def token_logprob(model: GenerationModel, step: StepOutput) -> TokenLogprob:
+    assert step.token_id is not None and step.logprob is not None
+
+    def entry(token_id: int, logprob: float) -> TopLogprob:
+        text = model.tokenizer.decode([token_id])
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    head = entry(step.token_id, step.logprob)
+    top = [entry(t, lp) for t, lp in step.top_logprobs or []]
+    return TokenLogprob(token=head.token, logprob=head.logprob, bytes=head.bytes, top_logprobs=top)

