@@ -69,11 +69,22 @@ async def _chunks(
     model: GenerationModel, prompt_ids: list[int], request: ChatCompletionRequest, n: int, include_usage: bool
 ) -> AsyncIterator[ChatCompletionChunk]:
     params = request.to_sampling_params()
-    base = {"id": random_id("chatcmpl"), "created": now(), "model": model.id, "system_fingerprint": FINGERPRINT}
+    completion_id, created = random_id("chatcmpl"), now()
+
+    def chunk(choices: list[ChatCompletionChunkChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=completion_id,
+            created=created,
+            model=model.id,
+            choices=choices,
+            usage=usage,
+            system_fingerprint=FINGERPRINT,
+        )
+
     usage = UsageInfo(prompt_tokens=len(prompt_ids)) if include_usage else None
     for i in range(n):
         choice = ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-        yield ChatCompletionChunk(**base, choices=[choice], usage=None)
+        yield chunk([choice])
     async for index, step in stream_choices(model, prompt_ids, params, n):
         if step.token_id is not None and usage:
             usage.completion_tokens += 1
@@ -85,7 +96,7 @@ async def _chunks(
             index=index, delta=DeltaMessage(content=step.text), logprobs=logprobs, finish_reason=finish
         )
         # With include_usage, OpenAI sends "usage": null on every chunk but the last.
-        yield ChatCompletionChunk(**base, choices=[choice], usage=None)
+        yield chunk([choice])
     if usage:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        yield ChatCompletionChunk(**base, choices=[], usage=usage)
+        yield chunk([], usage)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter
 
 from shared.catalog import ModelCatalog
@@ -15,7 +17,7 @@ _STARTED = 1767225600  # 2026-01-01: a stable `created` for models that have no 
 
 
 def _card(catalog: ModelCatalog, config: ModelConfig) -> ModelCard:
-    kind = "embedding" if config.kind == "embedding" else "chat"
+    kind: Literal["chat", "completion", "embedding"] = "embedding" if config.kind == "embedding" else "chat"
     context_length = None
     if catalog.is_loaded(config.id) and config.kind == "generate":
         model = catalog.generation(config.id)

@@ -1,4 +1,4 @@
-"""The `fnserve` command: serve the API."""
+"""The `fnserve` command: serve the API, or prepare model caches ahead of time."""
 
 from __future__ import annotations
 
@@ -26,6 +26,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from shared.sources import resolve_embedding_model, resolve_generation_model
+
+    settings = Settings()
+    logging.basicConfig(level="INFO", format="%(message)s")
+    wanted = args.models or [m.id for m in settings.all_models if m.source.startswith("embedded:")]
+    for config in settings.all_models:
+        if config.id in wanted:
+            resolve = resolve_embedding_model if config.kind == "embedding" else resolve_generation_model
+            print(f"{config.id}: {resolve(config, settings.cache_dir)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fnserve", description="Serve language models behind the OpenAI API.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1, or FNSERVE_HOST)")
     serve.add_argument("--port", type=int, help="port (default 8000, or FNSERVE_PORT)")
     serve.set_defaults(run=_serve)
+    prepare = commands.add_parser("prepare", help="convert and cache model weights now, not on first use")
+    prepare.add_argument("models", nargs="*", help="model ids (default: the embedded models)")
+    prepare.set_defaults(run=_prepare)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))

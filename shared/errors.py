@@ -28,7 +28,14 @@ class FnserveError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         """OpenAI's error envelope."""
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 class InvalidRequestError(FnserveError):

@@ -34,7 +34,9 @@ def _validation_error(exc: RequestValidationError) -> FnserveError:
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid request"))
     if first.get("type") == "missing":
-        return InvalidRequestError(f"Missing required parameter: {param!r}.", param=param, code="missing_required_parameter")
+        return InvalidRequestError(
+            f"Missing required parameter: {param!r}.", param=param, code="missing_required_parameter"
+        )
     return InvalidRequestError(f"Invalid value for {param!r}: {message}." if param else message, param=param)
 
 

@@ -90,7 +90,7 @@ def token_logprob(model: GenerationModel, step: StepOutput) -> TokenLogprob:
     assert step.token_id is not None and step.logprob is not None
 
     def entry(token_id: int, logprob: float) -> TopLogprob:
-        text = model.tokenizer.decode([token_id])
+        text = str(model.tokenizer.decode([token_id]))
         return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
 
     head = entry(step.token_id, step.logprob)

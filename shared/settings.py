@@ -32,9 +32,7 @@ class ModelConfig(BaseModel):
     """One servable model: an id clients use, where its weights come from, and what it does."""
 
     id: str
-    source: str = Field(
-        description="'embedded:<name>', a local GGUF file, a local Hugging Face directory, or a hub id"
-    )
+    source: str = Field(description="'embedded:<name>', a local GGUF file, a local Hugging Face directory, or a hub id")
     kind: ModelKind = "generate"
     gguf_file: str | None = Field(default=None, description="GGUF file name inside a hub repo or directory")
     tokenizer: str | None = Field(default=None, description="where to take the tokenizer from, if elsewhere")

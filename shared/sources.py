@@ -23,7 +23,13 @@ from shared.settings import ModelConfig
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_EMBEDDING_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+_EMBEDDING_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 
 def _package_dir(package: str, install: str) -> Path:
@@ -107,7 +113,7 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
             # The de-quantised weights are plain floats: drop the GGUF marker so they can be saved.
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]
             del model.config.quantization_config
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

@@ -53,7 +53,7 @@ class TorchBackend:
 
     def load(self, model_dir: Path) -> TorchRunner:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self._dtype)
-        model.to(self.device).eval()
+        model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
         return TorchRunner(model=model, device=self.device, context_length=_context_length(model.config))
 
 

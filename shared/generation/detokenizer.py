@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Decoder(Protocol):
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+    def decode(self, token_ids: Any, skip_special_tokens: bool = ..., **kwargs: Any) -> Any: ...
 
 
 class IncrementalDetokenizer:
@@ -45,7 +45,7 @@ class IncrementalDetokenizer:
         return full[len(prefix) :]
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True)) if ids else ""
 
 
 class StopMatcher:

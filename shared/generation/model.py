@@ -48,7 +48,7 @@ class GenerationModel:
                 code="chat_template_missing",
             )
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as exc:  # templates raise on conversations they do not support (jinja errors)
             raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc
         if isinstance(ids, dict) or hasattr(ids, "keys"):

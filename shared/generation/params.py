@@ -41,7 +41,11 @@ class SamplingParams:
             (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "must be in (0, 10]"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be between -2 and 2"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be between -2 and 2"),
-            (all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias", "values in [-100, 100]"),
+            (
+                all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
+                "logit_bias",
+                "values in [-100, 100]",
+            ),
             (len(self.stop) <= MAX_STOP_SEQUENCES, "stop", f"at most {MAX_STOP_SEQUENCES} sequences"),
             (all(self.stop), "stop", "stop sequences must not be empty"),
             (self.min_tokens >= 0, "min_tokens", "must not be negative"),

@@ -12,9 +12,7 @@ LogitsProcessor = Callable[[np.ndarray, Sequence[int]], np.ndarray]
 Sampler = Callable[[np.ndarray], int]
 
 
-def make_logits_processor(
-    params: SamplingParams, prompt_ids: Sequence[int], eos_ids: Sequence[int]
-) -> LogitsProcessor:
+def make_logits_processor(params: SamplingParams, prompt_ids: Sequence[int], eos_ids: Sequence[int]) -> LogitsProcessor:
     """Bias, penalties and EOS suppression, applied to one step's logits given the tokens generated so far."""
     bias_ids = np.array(list(params.logit_bias), dtype=np.int64)
     bias_values = np.array(list(params.logit_bias.values()), dtype=np.float32)

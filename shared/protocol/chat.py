@@ -75,9 +75,7 @@ class ChatCompletionRequest(OpenAIModel):
         if self.tools:
             raise InvalidRequestError("tools / function calling is not supported by this server", param="tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidRequestError(
-                "only response_format {'type': 'text'} is supported", param="response_format"
-            )
+            raise InvalidRequestError("only response_format {'type': 'text'} is supported", param="response_format")
         n = 1 if self.n is None else self.n
         if not 1 <= n <= 16:
             raise InvalidRequestError("n must be between 1 and 16", param="n")

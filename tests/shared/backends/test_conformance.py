@@ -1,0 +1,80 @@
+"""Every backend that can run here gives torch CPU's greedy tokens for the same prompts.
+
+Kernels differ between frameworks, so two backends may part ways where the reference's top two logits are
+a near tie; anywhere else, a different token is a bug. The tolerance is stated here, once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.backends import ModelRunner, select_backend
+from shared.catalog import ModelCatalog
+from shared.generation.model import GenerationModel
+from shared.settings import Settings
+
+NEAR_TIE = 0.05  # logits; a divergence is allowed only where the reference's top two are this close
+TOKENS = 24
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "Write a haiku about autumn leaves."}],
+]
+
+
+def greedy(runner: ModelRunner, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    cache = runner.new_cache()
+    logits = runner.forward(cache, prompt)
+    tokens, all_logits = [], []
+    for _ in range(n):
+        all_logits.append(logits)
+        token = int(np.argmax(logits))
+        tokens.append(token)
+        logits = runner.forward(cache, [token])
+    return tokens, all_logits
+
+
+def assert_conforms(reference: ModelRunner, other: ModelRunner, smol: GenerationModel) -> None:
+    for messages in PROMPTS:
+        prompt = smol.encode_chat(messages)
+        want, want_logits = greedy(reference, prompt, TOKENS)
+        got, _ = greedy(other, prompt, TOKENS)
+        for i, (a, b) in enumerate(zip(want, got, strict=True)):
+            if a != b:
+                top2 = np.sort(want_logits[i])[-2:]
+                assert top2[1] - top2[0] < NEAR_TIE, f"diverged at token {i} without a near tie: {want} vs {got}"
+                break
+
+
+def model_dir(catalog: ModelCatalog) -> Path:
+    from shared.sources import resolve_generation_model
+
+    return resolve_generation_model(catalog.config("default"), catalog.settings.cache_dir)
+
+
+@pytest.mark.mlx
+@pytest.mark.skipif(importlib.util.find_spec("mlx_lm") is None, reason="mlx-lm is not installed")
+def test_mlx_matches_torch_cpu(catalog: ModelCatalog, smol: GenerationModel) -> None:
+    mlx = select_backend(Settings(backend="mlx")).load(model_dir(catalog))
+    assert_conforms(smol.runner, mlx, smol)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_torch_cpu(catalog: ModelCatalog, smol: GenerationModel) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine: the CUDA conformance run needs a GPU")
+    cuda = select_backend(Settings(backend="cuda", dtype="float32")).load(model_dir(catalog))
+    assert_conforms(smol.runner, cuda, smol)
+
+
+def test_torch_cpu_bfloat16_stays_close_to_float32(catalog: ModelCatalog, smol: GenerationModel) -> None:
+    bf16 = select_backend(Settings(backend="cpu", dtype="bfloat16")).load(model_dir(catalog))
+    prompt = smol.encode_chat(PROMPTS[0])
+    want, _ = greedy(smol.runner, prompt, 8)
+    got, _ = greedy(bf16, prompt, 8)
+    assert smol.tokenizer.decode(want).split()[:4] == smol.tokenizer.decode(got).split()[:4]

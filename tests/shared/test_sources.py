@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.errors import ModelLoadError
+from shared.settings import ModelConfig, Settings
+from shared.sources import convert_gguf, resolve_embedding_model, resolve_generation_model
+
+
+def test_the_embedded_gguf_is_converted_once_and_then_served_from_the_cache(settings: Settings) -> None:
+    config = ModelConfig(id="smol", source="embedded:smollm2-135m-instruct")
+    first = resolve_generation_model(config, settings.cache_dir)
+    started = time.perf_counter()
+    again = resolve_generation_model(config, settings.cache_dir)
+    assert again == first
+    assert time.perf_counter() - started < 1.0  # no second conversion
+    assert (first / "model.safetensors").is_file()
+    assert (first / "tokenizer.json").is_file()
+    assert (first / "chat_template.jinja").is_file() or "chat_template" in (first / "tokenizer_config.json").read_text()
+
+
+def test_converted_config_carries_rope_theta_for_mlx(settings: Settings) -> None:
+    import json
+
+    config = ModelConfig(id="smol", source="embedded:smollm2-135m-instruct")
+    data = json.loads((resolve_generation_model(config, settings.cache_dir) / "config.json").read_text())
+    assert data["rope_theta"] == 100000.0
+
+
+def test_a_missing_local_gguf_names_the_path(tmp_path: Path) -> None:
+    config = ModelConfig(id="mine", source=str(tmp_path / "absent.gguf"))
+    with pytest.raises(ModelLoadError, match="absent.gguf does not exist"):
+        resolve_generation_model(config, tmp_path)
+
+
+def test_a_directory_without_config_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        resolve_generation_model(ModelConfig(id="mine", source=str(tmp_path)), tmp_path)
+
+
+def test_a_broken_gguf_fails_with_a_clear_error_and_leaves_no_cache(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ModelLoadError, match="could not convert GGUF file"):
+        convert_gguf(bad, tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "converted").iterdir())
+
+
+def test_a_hub_id_offline_fails_fast_naming_what_was_tried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    config = ModelConfig(id="qwen", source="Qwen/Qwen2.5-0.5B-Instruct")
+    started = time.perf_counter()
+    with pytest.raises(ModelLoadError) as err:
+        resolve_generation_model(config, tmp_path)
+    assert time.perf_counter() - started < 10
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in err.value.message
+    assert "HF_HUB_OFFLINE" in err.value.message
+
+
+def test_the_embedding_directory_holds_tokenizer_and_onnx(settings: Settings) -> None:
+    config = ModelConfig(id="e", source="embedded:all-minilm-l6-v2", kind="embedding")
+    path = resolve_embedding_model(config, settings.cache_dir)
+    assert (path / "model.onnx").is_file() and (path / "tokenizer.json").is_file()
