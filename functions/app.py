@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from functions import chat, models
+from functions import chat, compat, completions, embeddings, models
 from shared.asgi import create_app
 from shared.settings import Settings
 
 
 def build(settings: Settings | None = None) -> FastAPI:
-    return create_app(chat.router, models.router, settings=settings)
+    return create_app(
+        chat.router, completions.router, embeddings.router, models.router, compat.router, settings=settings
+    )

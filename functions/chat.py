@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter
 from sse_starlette import EventSourceResponse
 
+from shared.asgi import create_app, lambda_handler
 from shared.generation.model import GenerationModel
 from shared.http import CatalogDep, generation_model, sse_frames
 from shared.protocol.chat import (
@@ -20,7 +21,7 @@ from shared.protocol.chat import (
     ResponseMessage,
 )
 from shared.protocol.common import UsageInfo, now, random_id
-from shared.serving import collect_choices, stream_choices, token_logprob
+from shared.serving import collect_jobs, expand, stream_jobs, token_logprob
 
 router = APIRouter(tags=["chat"])
 
@@ -41,7 +42,7 @@ async def create_chat_completion(
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return EventSourceResponse(sse_frames(_chunks(model, prompt_ids, request, n, include_usage)))
 
-    choices = await collect_choices(model, prompt_ids, params, n)
+    choices = await collect_jobs(model, expand([prompt_ids], params, n))
     completion_tokens = sum(len(c.token_ids) for c in choices)
     return ChatCompletionResponse(
         id=random_id("chatcmpl"),
@@ -85,7 +86,7 @@ async def _chunks(
     for i in range(n):
         choice = ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
         yield chunk([choice])
-    async for index, step in stream_choices(model, prompt_ids, params, n):
+    async for index, step in stream_jobs(model, expand([prompt_ids], params, n)):
         if step.token_id is not None and usage:
             usage.completion_tokens += 1
         finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
@@ -100,3 +101,7 @@ async def _chunks(
     if usage:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         yield chunk([], usage)
+
+
+app = create_app(router, title="fnserve chat")
+handler = lambda_handler(app)

@@ -6,6 +6,7 @@ from typing import Literal
 
 from fastapi import APIRouter
 
+from shared.asgi import create_app, lambda_handler
 from shared.catalog import ModelCatalog
 from shared.http import CatalogDep
 from shared.protocol.common import ModelCard, ModelList
@@ -45,3 +46,7 @@ async def list_models(catalog: CatalogDep) -> ModelList:
 async def retrieve_model(model_id: str, catalog: CatalogDep) -> ModelCard:
     """Describe one model; `default` names the default chat model."""
     return _card(catalog, catalog.config(model_id))
+
+
+app = create_app(router, title="fnserve models")
+handler = lambda_handler(app)

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from mangum import Mangum
 
 from shared.catalog import ModelCatalog
-from shared.http import install_error_handlers
+from shared.http import BodySizeLimit, CatalogDep, install_error_handlers
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+health = APIRouter(tags=["health"])
+
+
+@health.get("/health")
+async def get_health(catalog: CatalogDep) -> dict[str, Any]:
+    """Liveness, and what each loaded model's engine is doing."""
+    models = {}
+    for model_id, model in catalog.loaded_generation().items():
+        stats = model.engine.stats
+        models[model_id] = {"running": stats.running, "queued": stats.queued, "completed": stats.completed}
+    return {"status": "ok", "backend": catalog.backend_name, "models": models}
 
 
 def create_app(*routers: APIRouter, settings: Settings | None = None, title: str = "fnserve") -> FastAPI:
@@ -39,7 +53,32 @@ def create_app(*routers: APIRouter, settings: Settings | None = None, title: str
     )
     app.state.catalog = catalog
     app.state.settings = settings
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
-    for router in routers:
+    for router in (*routers, health):
         app.include_router(router)
     return app
+
+
+LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
+
+
+def lambda_handler(app: FastAPI) -> LambdaHandler:
+    """A Lambda entry point for the app: API Gateway (v1, v2), ALB and Function URL events through Mangum.
+
+    lifespan="off": Mangum would run start-up and shut-down around every invocation; models instead load on a
+    container's first invocation and stay loaded for the next ones.
+    """
+    mangum = Mangum(app, lifespan="off")
+
+    def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        # Mangum runs the app on the thread's current event loop; make sure there is an open one.
+        try:
+            loop = asyncio.get_event_loop_policy().get_event_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or loop.is_closed():
+            asyncio.set_event_loop(asyncio.new_event_loop())
+        return dict(mangum(event, context))
+
+    return handler

@@ -43,6 +43,13 @@ class ModelCatalog:
     def configs(self) -> list[ModelConfig]:
         return list(self._configs.values())
 
+    @property
+    def backend_name(self) -> str | None:
+        return self._backend.name if self._backend is not None else None
+
+    def loaded_generation(self) -> dict[str, GenerationModel]:
+        return dict(self._generation)
+
     def is_loaded(self, model_id: str) -> bool:
         return model_id in self._generation or model_id in self._embedding
 

@@ -1,10 +1,13 @@
-"""The `fnserve` command: serve the API, or prepare model caches ahead of time."""
+"""The `fnserve` command: serve the API, prepare model caches, or talk to a running server."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -39,6 +42,47 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace) -> Any:
+    from openai import OpenAI
+
+    key = os.environ.get("FNSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY") or "unused"
+    return OpenAI(base_url=args.url, api_key=key)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.list_models:
+        for model in client.models.list():
+            print(f"{model.id}\t{getattr(model, 'kind', '')}")
+        return 0
+    if not args.prompt:
+        print("fnserve chat: give a prompt, or --list-models", file=sys.stderr)
+        return 2
+    messages = [{"role": "user", "content": args.prompt}]
+    if args.system:
+        messages.insert(0, {"role": "system", "content": args.system})
+    options: dict[str, Any] = {"model": args.model, "messages": messages}
+    if args.max_tokens:
+        options["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    if args.stream:
+        for chunk in client.chat.completions.create(**options, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                print(chunk.choices[0].delta.content, end="", flush=True)
+        print()
+    else:
+        print(client.chat.completions.create(**options).choices[0].message.content)
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    result = _client(args).embeddings.create(model=args.model, input=args.texts)
+    for item in result.data:
+        print(json.dumps(item.embedding))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fnserve", description="Serve language models behind the OpenAI API.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     prepare = commands.add_parser("prepare", help="convert and cache model weights now, not on first use")
     prepare.add_argument("models", nargs="*", help="model ids (default: the embedded models)")
     prepare.set_defaults(run=_prepare)
+
+    url = os.environ.get("FNSERVE_URL", "http://127.0.0.1:8000/v1")
+    chat = commands.add_parser("chat", help="ask a running server (the official openai client)")
+    chat.add_argument("prompt", nargs="?")
+    chat.add_argument("--model", default="default")
+    chat.add_argument("--system", help="a system prompt")
+    chat.add_argument("--stream", action="store_true", help="print tokens as they come")
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--temperature", type=float)
+    chat.add_argument("--list-models", action="store_true", help="list the server's models instead")
+    chat.add_argument("--url", default=url, help="API base URL (FNSERVE_URL; default %(default)s)")
+    chat.set_defaults(run=_chat)
+    embed = commands.add_parser("embed", help="embed texts with a running server; one JSON vector a line")
+    embed.add_argument("texts", nargs="+")
+    embed.add_argument("--model", default="default")
+    embed.add_argument("--url", default=url, help="API base URL (FNSERVE_URL; default %(default)s)")
+    embed.set_defaults(run=_embed)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
@@ -56,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fnserve: invalid settings:\n{exc}", file=sys.stderr)
     except FnserveError as exc:
         print(f"fnserve: {exc.message}", file=sys.stderr)
+    except Exception as exc:
+        if type(exc).__module__.startswith("openai"):  # the server's answer, or no server at all
+            print(f"fnserve: {exc}", file=sys.stderr)
+            return 1
+        raise
     return 2
 
 

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.catalog import ModelCatalog
 from shared.embeddings import EmbeddingModel
-from shared.errors import FnserveError, InvalidRequestError
+from shared.errors import FnserveError, InvalidRequestError, RequestTooLargeError
 from shared.generation.model import GenerationModel
 
 log = logging.getLogger(__name__)
@@ -28,16 +28,34 @@ def error_response(error: FnserveError) -> JSONResponse:
 
 def _validation_error(exc: RequestValidationError) -> FnserveError:
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [p for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return InvalidRequestError("We could not parse the JSON body of your request: it is not valid JSON.")
-    param = ".".join(loc) or None
+    if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
+        return InvalidRequestError("The request body must be a JSON object (Content-Type: application/json).")
+    param = _param(loc)
     message = str(first.get("msg", "invalid request"))
     if first.get("type") == "missing":
         return InvalidRequestError(
             f"Missing required parameter: {param!r}.", param=param, code="missing_required_parameter"
         )
     return InvalidRequestError(f"Invalid value for {param!r}: {message}." if param else message, param=param)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _param(loc: list[Any]) -> str | None:
+    """A validation error's location as OpenAI writes it (messages[0].content), without pydantic's union tags."""
+    param = ""
+    for part in loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part.lower() in _TYPE_TAGS or not part.isidentifier() or part[0].isupper():
+            continue  # "str", "list[int]", "function-after[...]", "TextContentPart": which union branch failed
+        else:
+            param += f".{part}" if param else part
+    return param or None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -99,3 +117,36 @@ async def sse_frames(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[dict[str
         yield {"data": json.dumps(FnserveError("The server had an error while streaming.").to_dict())}
         return
     yield {"data": "[DONE]"}
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over max_bytes gets 413 in the error envelope, read or declared."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            error = self._too_large() if declared.isdigit() else InvalidRequestError("invalid Content-Length header")
+            await error_response(error)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large()  # turned into the envelope by the app's handler
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _too_large(self) -> RequestTooLargeError:
+        return RequestTooLargeError(f"request body is larger than the limit of {self.max_bytes} bytes")

@@ -22,6 +22,9 @@ class Choice:
     prompt_tokens: int = 0
 
 
+Job = tuple[list[int], SamplingParams]
+
+
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     """Choice i of a seeded request uses seed + i: reproducible, yet the choices differ."""
     if params.seed is None or index == 0:
@@ -29,13 +32,16 @@ def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     return dataclasses.replace(params, seed=params.seed + index)
 
 
-async def stream_choices(
-    model: GenerationModel, prompt_ids: list[int], params: SamplingParams, n: int
-) -> AsyncIterator[tuple[int, StepOutput]]:
-    """Steps of all n choices as they come, tagged with the choice index. Closing it cancels every choice."""
+def expand(prompts: list[list[int]], params: SamplingParams, n: int) -> list[Job]:
+    """One job per choice: prompt i's choice j is job i * n + j, OpenAI's choice index."""
+    return [(prompt, choice_params(params, j)) for prompt in prompts for j in range(n)]
+
+
+async def stream_jobs(model: GenerationModel, jobs: list[Job]) -> AsyncIterator[tuple[int, StepOutput]]:
+    """Steps of every job as they come, tagged with the job's index. Closing it cancels every job."""
     # Build every sequence first, so a bad request fails before anything is queued.
-    sequences = [model.sequence(prompt_ids, choice_params(params, i)) for i in range(n)]
-    if n == 1:
+    sequences = [model.sequence(prompt, params) for prompt, params in jobs]
+    if len(sequences) == 1:
         async for step in model.engine.generate(sequences[0]):
             yield 0, step
         return
@@ -45,15 +51,15 @@ async def stream_choices(
         try:
             async for step in model.engine.generate(sequences[index]):
                 await merged.put((index, step))
-        except BaseException as exc:  # delivered to the consumer, which re-raises it
+        except Exception as exc:  # delivered to the consumer, which re-raises it
             await merged.put(exc)
         finally:
             await merged.put(None)
 
-    tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(sequences))]
     try:
         done = 0
-        while done < n:
+        while done < len(tasks):
             item = await merged.get()
             if item is None:
                 done += 1
@@ -66,11 +72,9 @@ async def stream_choices(
             task.cancel()
 
 
-async def collect_choices(
-    model: GenerationModel, prompt_ids: list[int], params: SamplingParams, n: int
-) -> list[Choice]:
-    choices = [Choice() for _ in range(n)]
-    async for index, step in stream_choices(model, prompt_ids, params, n):
+async def collect_jobs(model: GenerationModel, jobs: list[Job]) -> list[Choice]:
+    choices = [Choice() for _ in jobs]
+    async for index, step in stream_jobs(model, jobs):
         add_step(model, choices[index], step)
     return choices
 

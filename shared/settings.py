@@ -79,6 +79,7 @@ class Settings(BaseSettings):
 
     max_model_len: int | None = Field(default=None, ge=16, description="cap on a model's context length")
     max_queue: int = Field(default=256, ge=1, description="requests waiting per model before 503")
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
 
     @classmethod
     def settings_customise_sources(

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -59,3 +64,42 @@ def run_steps(model: GenerationModel, prompt_ids: list[int], params: SamplingPar
         return [step async for step in model.generate(prompt_ids, params)]
 
     return asyncio.run(collect())
+
+
+FNSERVE = Path(sys.executable).parent / "fnserve"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A real `fnserve serve` process on a free port; its base URL (without /v1)."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FNSERVE_MAX_BODY_BYTES": str(1024 * 1024)}
+    proc = subprocess.Popen(
+        [str(FNSERVE), "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"fnserve serve exited with {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("fnserve serve did not answer within 300 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)

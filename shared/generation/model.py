@@ -59,6 +59,9 @@ class GenerationModel:
         """Token ids of a plain prompt, with the special tokens (BOS) the model expects."""
         return [int(i) for i in self.tokenizer(text)["input_ids"]]
 
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
     def sequence(self, prompt_ids: list[int], params: SamplingParams, param: str = "messages") -> Sequence:
         """A sequence ready for the engine, after the context-length checks."""
         n = len(prompt_ids)

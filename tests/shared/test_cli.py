@@ -1,98 +1,67 @@
-"""`fnserve serve` as a real process, talked to with the official openai client."""
+"""The `fnserve` command: `serve` as a real process, and the client commands against it."""
 
 from __future__ import annotations
 
+import json
 import os
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 from openai import OpenAI
 
-FNSERVE = Path(sys.executable).parent / "fnserve"
+from tests.conftest import FNSERVE, free_port
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [str(FNSERVE), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+def fnserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(FNSERVE), *args], env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"fnserve serve exited with {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("fnserve serve did not answer within 180 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
-def test_the_openai_client_chats_with_the_served_default_model(server: str) -> None:
-    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+def test_the_openai_client_chats_with_the_served_default_model(server_url: str) -> None:
+    client = OpenAI(base_url=f"{server_url}/v1", api_key="unused")
     assert "smollm2-135m-instruct" in [m.id for m in client.models.list()]
-    reply = client.chat.completions.create(
-        model="default",
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-        temperature=0,
-    )
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model="default", messages=messages, temperature=0)  # type: ignore[arg-type]
     assert "Paris" in (reply.choices[0].message.content or "")
     assert reply.choices[0].finish_reason == "stop"
-    stream = client.chat.completions.create(
-        model="default",
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-        temperature=0,
-        stream=True,
-    )
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply.choices[0].message.content
+
+
+def test_chat_command_answers_plain_and_streamed(server_url: str) -> None:
+    env = {"FNSERVE_URL": f"{server_url}/v1"}
+    plain = fnserve("chat", "What is the capital of France?", "--temperature", "0", env=env)
+    assert plain.returncode == 0 and "Paris" in plain.stdout
+    streamed = fnserve("chat", "What is the capital of France?", "--temperature", "0", "--stream", env=env)
+    assert streamed.stdout == plain.stdout
+
+
+def test_chat_command_lists_models(server_url: str) -> None:
+    listed = fnserve("chat", "--list-models", "--url", f"{server_url}/v1")
+    assert listed.returncode == 0
+    assert "smollm2-135m-instruct\tchat" in listed.stdout and "all-minilm-l6-v2\tembedding" in listed.stdout
+
+
+def test_embed_command_prints_one_vector_per_text(server_url: str) -> None:
+    done = fnserve("embed", "first text", "second text", "--url", f"{server_url}/v1")
+    vectors = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(vectors) == 2 and all(len(v) == 384 for v in vectors)
+
+
+def test_client_commands_say_clearly_when_no_server_answers() -> None:
+    done = fnserve("chat", "hi", "--url", f"http://127.0.0.1:{free_port()}/v1")
+    assert done.returncode == 1 and "Connection error" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_serve_refuses_a_backend_that_cannot_run() -> None:
-    env = {**os.environ, "FNSERVE_BACKEND": "cuda"}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            pytest.skip("this machine has CUDA")
-    except ImportError:
-        pass
-    done = subprocess.run(
-        [str(FNSERVE), "serve", "--port", str(free_port())],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = fnserve("serve", "--port", str(free_port()), env={"FNSERVE_BACKEND": "cuda"})
     assert done.returncode == 2
     assert "backend 'cuda' was asked for" in done.stderr
 
 
 def test_serve_reports_invalid_settings_readably() -> None:
-    env = {**os.environ, "FNSERVE_DEFAULT_MODEL": "nope"}
-    done = subprocess.run([str(FNSERVE), "serve"], env=env, capture_output=True, text=True, timeout=60)
+    done = fnserve("serve", env={"FNSERVE_DEFAULT_MODEL": "nope"})
     assert done.returncode == 2
-    assert "default_model='nope'" in done.stderr
+    assert "default_model='nope'" in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,131 @@
+"""POST /v1/completions: continue a prompt (or a batch of prompts), as JSON or server-sent events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from sse_starlette import EventSourceResponse
+
+from shared.asgi import create_app, lambda_handler
+from shared.errors import InvalidRequestError
+from shared.generation.model import GenerationModel
+from shared.http import CatalogDep, generation_model, sse_frames
+from shared.protocol.common import UsageInfo, now, random_id
+from shared.protocol.completions import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from shared.serving import Choice, collect_jobs, expand, stream_jobs, token_logprob
+
+router = APIRouter(tags=["completions"])
+
+FINGERPRINT = "fnserve-0.1"
+
+
+def _prompt_ids(model: GenerationModel, request: CompletionRequest) -> list[list[int]]:
+    vocab = len(model.tokenizer)
+    prompts = []
+    for prompt in request.prompts():
+        if isinstance(prompt, str):
+            prompts.append(model.encode(prompt))
+        elif any(not 0 <= t < vocab for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must be between 0 and {vocab - 1}", param="prompt")
+        else:
+            prompts.append(prompt)
+    return prompts
+
+
+def _logprobs(model: GenerationModel, choice: Choice) -> CompletionLogprobs:
+    result, offset = CompletionLogprobs(), 0
+    for entry in choice.logprobs:
+        result.tokens.append(entry.token)
+        result.token_logprobs.append(entry.logprob)
+        result.top_logprobs.append({t.token: t.logprob for t in entry.top_logprobs})
+        result.text_offset.append(offset)
+        offset += len(entry.token)
+    return result
+
+
+@router.post("/v1/completions", response_model=CompletionResponse)
+async def create_completion(
+    request: CompletionRequest, catalog: CatalogDep
+) -> CompletionResponse | EventSourceResponse:
+    """Create a completion for the given prompt, or for each prompt of a batch."""
+    params = request.to_sampling_params()
+    model = await generation_model(catalog, request.model)
+    prompts = _prompt_ids(model, request)
+    jobs = expand(prompts, params, request.n or 1)
+    for prompt, job_params in jobs:
+        model.sequence(prompt, job_params, param="prompt")  # context checks before anything runs
+    if request.stream:
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return EventSourceResponse(sse_frames(_chunks(model, prompts, request, include_usage)))
+
+    choices = await collect_jobs(model, jobs)
+    n = request.n or 1
+    echoed = [model.decode(p) if request.echo else "" for p in prompts]
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(len(c.token_ids) for c in choices)
+    return CompletionResponse(
+        id=random_id("cmpl"),
+        created=now(),
+        model=model.id,
+        choices=[
+            CompletionChoice(
+                index=i,
+                text=echoed[i // n] + c.text,
+                logprobs=_logprobs(model, c) if params.logprobs else None,
+                finish_reason=c.finish_reason if c.finish_reason != "cancelled" else None,
+            )
+            for i, c in enumerate(choices)
+        ],
+        usage=UsageInfo(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+        system_fingerprint=FINGERPRINT,
+    )
+
+
+async def _chunks(
+    model: GenerationModel, prompts: list[list[int]], request: CompletionRequest, include_usage: bool
+) -> AsyncIterator[CompletionResponse]:
+    params, n = request.to_sampling_params(), request.n or 1
+    completion_id, created = random_id("cmpl"), now()
+
+    def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
+        return CompletionResponse(
+            id=completion_id,
+            created=created,
+            model=model.id,
+            choices=choices,
+            usage=usage,
+            system_fingerprint=FINGERPRINT,
+        )
+
+    if request.echo:
+        for i in range(len(prompts) * n):
+            yield chunk([CompletionChoice(index=i, text=model.decode(prompts[i // n]))])
+    completion_tokens = 0
+    async for index, step in stream_jobs(model, expand(prompts, params, n)):
+        completion_tokens += step.token_id is not None
+        finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
+        if not step.text and finish is None and not params.logprobs:
+            continue
+        logprobs = None
+        if params.logprobs and step.token_id is not None:
+            choice = Choice()
+            choice.logprobs.append(token_logprob(model, step))
+            logprobs = _logprobs(model, choice)
+        yield chunk([CompletionChoice(index=index, text=step.text, logprobs=logprobs, finish_reason=finish)])
+    if include_usage:
+        prompt_tokens = sum(len(p) for p in prompts)
+        usage = UsageInfo(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+        yield chunk([], usage)
+
+
+app = create_app(router, title="fnserve completions")
+handler = lambda_handler(app)

@@ -1,0 +1,33 @@
+"""A client that drops a stream frees its generation: the engine reports no running request shortly after."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+
+def running(server_url: str) -> int:
+    models = httpx.get(f"{server_url}/health", timeout=10).json()["models"]
+    return sum(m["running"] + m["queued"] for m in models.values())
+
+
+def test_dropping_a_stream_cancels_its_generation(server_url: str) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{server_url}/v1/chat/completions", json=body) as response:
+            frames = 0
+            for line in response.iter_lines():
+                frames += line.startswith("data: ")
+                if frames >= 5:
+                    break
+            assert running(server_url) == 1  # still generating: 3000 tokens take far longer than this
+    deadline = time.monotonic() + 5
+    while running(server_url) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running(server_url) == 0
