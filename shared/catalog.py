@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from shared.backends import Backend, select_backend
-from shared.embeddings import EmbeddingModel
 from shared.errors import InvalidRequestError, ModelNotFoundError
-from shared.generation.model import GenerationModel
 from shared.settings import ModelConfig, Settings
 from shared.sources import resolve_embedding_model, resolve_generation_model
+
+if TYPE_CHECKING:  # both pull in heavy libraries; a function that serves no model must not pay for them
+    from shared.embeddings import EmbeddingModel
+    from shared.generation.model import GenerationModel
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class ModelCatalog:
             return model
         with self._locks[config.id]:
             if config.id not in self._generation:
+                from shared.generation.model import GenerationModel
+
                 started = time.perf_counter()
                 model_dir = resolve_generation_model(config, self.settings.cache_dir)
                 runner = self.backend.load(model_dir)
@@ -88,6 +92,7 @@ class ModelCatalog:
                     model_dir,
                     runner,
                     max_model_len=self.settings.max_model_len,
+                    max_running=self.settings.max_running,
                     max_queue=self.settings.max_queue,
                 )
                 log.info("loaded %s in %.1f s", config.id, time.perf_counter() - started)
@@ -100,6 +105,8 @@ class ModelCatalog:
             return model
         with self._locks[config.id]:
             if config.id not in self._embedding:
+                from shared.embeddings import EmbeddingModel
+
                 model_dir = resolve_embedding_model(config, self.settings.cache_dir)
                 self._embedding[config.id] = EmbeddingModel(config.id, model_dir, self.settings.threads)
             return self._embedding[config.id]

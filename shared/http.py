@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,9 +15,11 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.catalog import ModelCatalog
-from shared.embeddings import EmbeddingModel
 from shared.errors import FnserveError, InvalidRequestError, RequestTooLargeError
-from shared.generation.model import GenerationModel
+
+if TYPE_CHECKING:
+    from shared.embeddings import EmbeddingModel
+    from shared.generation.model import GenerationModel
 
 log = logging.getLogger(__name__)
 

@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     preload: list[str] = Field(default_factory=lambda: ["default"], description="model ids loaded at start")
 
     max_model_len: int | None = Field(default=None, ge=16, description="cap on a model's context length")
+    max_running: int = Field(default=8, ge=1, le=1024, description="sequences a model's engine steps together")
     max_queue: int = Field(default=256, ge=1, description="requests waiting per model before 503")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
 

