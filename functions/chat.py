@@ -9,6 +9,7 @@ from sse_starlette import EventSourceResponse
 
 from shared.asgi import create_app, lambda_handler
 from shared.generation.model import GenerationModel
+from shared.generation.params import SamplingParams
 from shared.http import CatalogDep, generation_model, sse_frames
 from shared.protocol.chat import (
     ChatCompletionChoice,
@@ -20,12 +21,10 @@ from shared.protocol.chat import (
     DeltaMessage,
     ResponseMessage,
 )
-from shared.protocol.common import UsageInfo, now, random_id
+from shared.protocol.common import SYSTEM_FINGERPRINT, UsageInfo, now, random_id
 from shared.serving import collect_jobs, expand, stream_jobs, token_logprob
 
 router = APIRouter(tags=["chat"])
-
-FINGERPRINT = "fnserve-0.1"
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
@@ -40,7 +39,7 @@ async def create_chat_completion(
     if request.stream:
         model.sequence(prompt_ids, params)  # fail with a status code before the stream starts
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return EventSourceResponse(sse_frames(_chunks(model, prompt_ids, request, n, include_usage)))
+        return EventSourceResponse(sse_frames(_chunks(model, prompt_ids, params, n, include_usage)))
 
     choices = await collect_jobs(model, expand([prompt_ids], params, n))
     completion_tokens = sum(len(c.token_ids) for c in choices)
@@ -62,14 +61,13 @@ async def create_chat_completion(
             completion_tokens=completion_tokens,
             total_tokens=len(prompt_ids) + completion_tokens,
         ),
-        system_fingerprint=FINGERPRINT,
+        system_fingerprint=SYSTEM_FINGERPRINT,
     )
 
 
 async def _chunks(
-    model: GenerationModel, prompt_ids: list[int], request: ChatCompletionRequest, n: int, include_usage: bool
+    model: GenerationModel, prompt_ids: list[int], params: SamplingParams, n: int, include_usage: bool
 ) -> AsyncIterator[ChatCompletionChunk]:
-    params = request.to_sampling_params()
     completion_id, created = random_id("chatcmpl"), now()
 
     def chunk(choices: list[ChatCompletionChunkChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
@@ -79,7 +77,7 @@ async def _chunks(
             model=model.id,
             choices=choices,
             usage=usage,
-            system_fingerprint=FINGERPRINT,
+            system_fingerprint=SYSTEM_FINGERPRINT,
         )
 
     usage = UsageInfo(prompt_tokens=len(prompt_ids)) if include_usage else None

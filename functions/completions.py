@@ -10,14 +10,13 @@ from sse_starlette import EventSourceResponse
 from shared.asgi import create_app, lambda_handler
 from shared.errors import InvalidRequestError
 from shared.generation.model import GenerationModel
+from shared.generation.params import SamplingParams
 from shared.http import CatalogDep, generation_model, sse_frames
-from shared.protocol.common import UsageInfo, now, random_id
+from shared.protocol.common import SYSTEM_FINGERPRINT, UsageInfo, now, random_id
 from shared.protocol.completions import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from shared.serving import Choice, collect_jobs, expand, stream_jobs, token_logprob
 
 router = APIRouter(tags=["completions"])
-
-FINGERPRINT = "fnserve-0.1"
 
 
 def _prompt_ids(model: GenerationModel, request: CompletionRequest) -> list[list[int]]:
@@ -57,7 +56,7 @@ async def create_completion(
         model.sequence(prompt, job_params, param="prompt")  # context checks before anything runs
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return EventSourceResponse(sse_frames(_chunks(model, prompts, request, include_usage)))
+        return EventSourceResponse(sse_frames(_chunks(model, prompts, params, request, include_usage)))
 
     choices = await collect_jobs(model, jobs)
     n = request.n or 1
@@ -82,14 +81,18 @@ async def create_completion(
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
         ),
-        system_fingerprint=FINGERPRINT,
+        system_fingerprint=SYSTEM_FINGERPRINT,
     )
 
 
 async def _chunks(
-    model: GenerationModel, prompts: list[list[int]], request: CompletionRequest, include_usage: bool
+    model: GenerationModel,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    request: CompletionRequest,
+    include_usage: bool,
 ) -> AsyncIterator[CompletionResponse]:
-    params, n = request.to_sampling_params(), request.n or 1
+    n = request.n or 1
     completion_id, created = random_id("cmpl"), now()
 
     def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
@@ -99,7 +102,7 @@ async def _chunks(
             model=model.id,
             choices=choices,
             usage=usage,
-            system_fingerprint=FINGERPRINT,
+            system_fingerprint=SYSTEM_FINGERPRINT,
         )
 
     if request.echo:

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+SYSTEM_FINGERPRINT = "fnserve-0.1"
+
 
 class OpenAIModel(BaseModel):
     # Clients send fields newer than this server knows: accept them, never act on them.
