@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
 from shared.asgi import create_app, lambda_handler
@@ -29,7 +29,7 @@ router = APIRouter(tags=["chat"])
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(
-    request: ChatCompletionRequest, catalog: CatalogDep
+    request: ChatCompletionRequest, catalog: CatalogDep, http: Request
 ) -> ChatCompletionResponse | EventSourceResponse:
     """Create a model response for the given chat conversation."""
     params = request.to_sampling_params()
@@ -41,7 +41,7 @@ async def create_chat_completion(
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return EventSourceResponse(sse_frames(_chunks(model, prompt_ids, params, n, include_usage)))
 
-    choices = await collect_jobs(model, expand([prompt_ids], params, n))
+    choices = await collect_jobs(model, expand([prompt_ids], params, n), http.is_disconnected)
     completion_tokens = sum(len(c.token_ids) for c in choices)
     return ChatCompletionResponse(
         id=random_id("chatcmpl"),

@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, StrictFloat, StrictInt, StrictStr
 from sse_starlette import EventSourceResponse
@@ -72,11 +72,10 @@ def _sampling(request: GenerateRequest) -> dict[str, Any]:
 
 
 @router.post("/api/generate", response_model=GenerateResponse, tags=["compat"])
-async def generate(request: GenerateRequest, catalog: CatalogDep) -> GenerateResponse:
+async def generate(request: GenerateRequest, catalog: CatalogDep, http: Request) -> GenerateResponse:
     """Continue a prompt; the whole text at once."""
-    result = await completions.create_completion(
-        CompletionRequest(prompt=request.prompt, **_sampling(request)), catalog
-    )
+    completion = CompletionRequest(prompt=request.prompt, **_sampling(request))
+    result = await completions.create_completion(completion, catalog, http)
     assert not isinstance(result, EventSourceResponse)
     choice = result.choices[0]
     tokens = result.usage.completion_tokens if result.usage else 0
@@ -111,10 +110,10 @@ async def generate_stream(request: GenerateRequest, catalog: CatalogDep) -> Even
 
 
 @router.post("/api/chat", response_model=ChatResponse, tags=["compat"])
-async def chat_simple(request: ChatRequest, catalog: CatalogDep) -> ChatResponse:
+async def chat_simple(request: ChatRequest, catalog: CatalogDep, http: Request) -> ChatResponse:
     """Answer a conversation; the whole reply at once."""
     openai = ChatCompletionRequest(messages=request.messages, **_sampling(request))
-    result = await chat.create_chat_completion(openai, catalog)
+    result = await chat.create_chat_completion(openai, catalog, http)
     assert not isinstance(result, EventSourceResponse)
     choice = result.choices[0]
     return ChatResponse(

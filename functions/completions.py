@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
 from shared.asgi import create_app, lambda_handler
@@ -45,7 +45,7 @@ def _logprobs(model: GenerationModel, choice: Choice) -> CompletionLogprobs:
 
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def create_completion(
-    request: CompletionRequest, catalog: CatalogDep
+    request: CompletionRequest, catalog: CatalogDep, http: Request
 ) -> CompletionResponse | EventSourceResponse:
     """Create a completion for the given prompt, or for each prompt of a batch."""
     params = request.to_sampling_params()
@@ -58,7 +58,7 @@ async def create_completion(
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return EventSourceResponse(sse_frames(_chunks(model, prompts, params, request, include_usage)))
 
-    choices = await collect_jobs(model, jobs)
+    choices = await collect_jobs(model, jobs, http.is_disconnected)
     n = request.n or 1
     echoed = [model.decode(p) if request.echo else "" for p in prompts]
     prompt_tokens = sum(len(p) for p in prompts)

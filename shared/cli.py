@@ -25,7 +25,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build(settings)
     app.state.catalog.backend  # noqa: B018 - a named backend that cannot run fails here, at start-up
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # A stop waits at most 10 s for requests in flight, then drops them rather than hanging on.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=10)
     return 0
 
 
@@ -83,6 +84,12 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loadtest(args: argparse.Namespace) -> int:
+    from loadtests.run import main as run
+
+    return run(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fnserve", description="Serve language models behind the OpenAI API.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument("--model", default="default")
     embed.add_argument("--url", default=url, help="API base URL (FNSERVE_URL; default %(default)s)")
     embed.set_defaults(run=_embed)
+    loadtest = commands.add_parser(
+        "loadtest", help="run a Locust scenario against a server (see: fnserve loadtest --help)", add_help=False
+    )
+    loadtest.add_argument("rest", nargs=argparse.REMAINDER)
+    loadtest.set_defaults(run=_loadtest)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))

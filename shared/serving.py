@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from shared.generation.model import GenerationModel
@@ -72,10 +72,27 @@ async def stream_jobs(model: GenerationModel, jobs: list[Job]) -> AsyncIterator[
             task.cancel()
 
 
-async def collect_jobs(model: GenerationModel, jobs: list[Job]) -> list[Choice]:
+async def collect_jobs(
+    model: GenerationModel, jobs: list[Job], disconnected: Callable[[], Awaitable[bool]] | None = None
+) -> list[Choice]:
+    """Every job's whole output. When `disconnected` says the client has gone, the jobs are cancelled."""
     choices = [Choice() for _ in jobs]
-    async for index, step in stream_jobs(model, jobs):
-        add_step(model, choices[index], step)
+
+    async def consume() -> None:
+        async for index, step in stream_jobs(model, jobs):
+            add_step(model, choices[index], step)
+
+    task = asyncio.create_task(consume())
+    while disconnected is not None and not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await disconnected():
+            task.cancel()  # closes the streams, which frees the engine's slots
+            break
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise
     return choices
 
 

@@ -76,14 +76,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def server_url() -> Iterator[str]:
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `fnserve serve` process on a free port; its base URL (without /v1)."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FNSERVE_MAX_BODY_BYTES": str(1024 * 1024)}
+    log = (tmp_path_factory.mktemp("server") / "fnserve.log").open("w+")  # a pipe nobody reads would fill up
     proc = subprocess.Popen(
         [str(FNSERVE), "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -91,7 +92,8 @@ def server_url() -> Iterator[str]:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"fnserve serve exited with {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
+            log.seek(0)
+            pytest.fail(f"fnserve serve exited with {proc.returncode}:\n{log.read()}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 break
@@ -102,4 +104,8 @@ def server_url() -> Iterator[str]:
         pytest.fail("fnserve serve did not answer within 300 s")
     yield url
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("fnserve serve did not stop within 30 s of SIGTERM")

@@ -31,3 +31,21 @@ def test_dropping_a_stream_cancels_its_generation(server_url: str) -> None:
     while running(server_url) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert running(server_url) == 0
+
+
+def test_a_client_that_gives_up_on_a_plain_request_frees_its_generation(server_url: str) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 3000,
+        "ignore_eos": True,
+    }
+    try:
+        httpx.post(f"{server_url}/v1/chat/completions", json=body, timeout=1.5)
+    except httpx.TimeoutException:
+        pass
+    else:
+        raise AssertionError("3000 tokens cannot come back within 1.5 s")
+    deadline = time.monotonic() + 5
+    while running(server_url) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running(server_url) == 0
