@@ -95,16 +95,17 @@ def table(rows: list[dict[str, Any]], title: str) -> str:
 def comparison(ours: list[dict[str, Any]], peer: list[dict[str, Any]], names: tuple[str, str]) -> str:
     """Side by side, step by step, with ratios ours/peer (throughput: higher is better; TTFT: lower is)."""
     a, b = names
+    w = max(len(a), len(b)) + 12
     lines = [
-        f"{'users':>6}{a + ' tok/s':>18}{b + ' tok/s':>18}{'ratio':>8}"
-        f"{a + ' TTFT p95':>18}{b + ' TTFT p95':>18}{'ratio':>8}"
+        f"{'users':>6}{a + ' tok/s':>{w}}{b + ' tok/s':>{w}}{'ratio':>8}"
+        f"{a + ' TTFT p95':>{w}}{b + ' TTFT p95':>{w}}{'ratio':>8}   (TTFT in ms; ratio = first / second)"
     ]
     for x, y in zip(ours, peer, strict=False):
         tput = x["output_tokens_per_s"] / y["output_tokens_per_s"] if y["output_tokens_per_s"] else None
         ttft = x["ttft_p95"] / y["ttft_p95"] if x["ttft_p95"] and y["ttft_p95"] else None
         lines.append(
-            f"{x['users']:>6}{x['output_tokens_per_s']:>18.1f}{y['output_tokens_per_s']:>18.1f}{_fmt(tput, 1, 2):>8}"
-            f"{_fmt(x['ttft_p95'], 1000, 0):>18}{_fmt(y['ttft_p95'], 1000, 0):>18}{_fmt(ttft, 1, 2):>8}"
+            f"{x['users']:>6}{x['output_tokens_per_s']:>{w}.1f}{y['output_tokens_per_s']:>{w}.1f}{_fmt(tput, 1, 2):>8}"
+            f"{_fmt(x['ttft_p95'], 1000, 0):>{w}}{_fmt(y['ttft_p95'], 1000, 0):>{w}}{_fmt(ttft, 1, 2):>8}"
         )
     return "\n".join(lines)
 
