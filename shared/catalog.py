@@ -93,6 +93,7 @@ class ModelCatalog:
                     runner,
                     max_model_len=self.settings.max_model_len,
                     max_running=self.settings.max_running,
+                    prefill_chunk=self.settings.prefill_chunk,
                     max_queue=self.settings.max_queue,
                 )
                 log.info("loaded %s in %.1f s", config.id, time.perf_counter() - started)

@@ -77,8 +77,19 @@ class Settings(BaseSettings):
     default_embedding_model: str = "all-minilm-l6-v2"
     preload: list[str] = Field(default_factory=lambda: ["default"], description="model ids loaded at start")
 
-    max_model_len: int | None = Field(default=None, ge=16, description="cap on a model's context length")
-    max_running: int = Field(default=8, ge=1, le=1024, description="sequences a model's engine steps together")
+    engine: Literal["batched", "simple"] = Field(
+        default="batched",
+        description="batched: continuous batching over a static KV cache (Llama-family models on torch CPU); "
+        "simple: one transformers forward per sequence and step (every architecture)",
+    )
+    quantization: Literal["none", "int4"] = Field(
+        default="none", description="int4: 4-bit weights (groups of 32) with bfloat16 activations, batched CPU engine"
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="cap on a model's context length (batched engine: 4096 unless set)"
+    )
+    max_running: int = Field(default=16, ge=1, le=1024, description="sequences a model's engine runs together")
+    prefill_chunk: int = Field(default=256, ge=16, description="prompt tokens prefilled per engine step")
     max_queue: int = Field(default=256, ge=1, description="requests waiting per model before 503")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
 

@@ -29,7 +29,7 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:
-    return Settings(preload=[])
+    return Settings(preload=[], max_running=8, max_model_len=2048)
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +79,12 @@ def free_port() -> int:
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `fnserve serve` process on a free port; its base URL (without /v1)."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FNSERVE_MAX_BODY_BYTES": str(1024 * 1024)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "FNSERVE_MAX_BODY_BYTES": str(1024 * 1024),
+        "FNSERVE_MAX_MODEL_LEN": "2048",
+    }
     log = (tmp_path_factory.mktemp("server") / "fnserve.log").open("w+")  # a pipe nobody reads would fill up
     proc = subprocess.Popen(
         [str(FNSERVE), "serve", "--host", "127.0.0.1", "--port", str(port)],

@@ -34,11 +34,33 @@ class ModelRunner(Protocol):
         ...
 
 
+class BatchRunner(Protocol):
+    """A model that steps many sequences together over a KV cache of fixed slots it owns.
+
+    The engine keeps its running sequences in slots 0..n-1: `decode` runs slots 0..len(token_ids)-1.
+    """
+
+    context_length: int
+    slots: int
+
+    def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
+        """Run token_ids of one sequence at positions start..; the last position's logits, (vocab,)."""
+        ...
+
+    def decode(self, token_ids: list[int], positions: list[int]) -> np.ndarray:
+        """One token per slot 0..B-1 at the given positions; logits (B, vocab) float32."""
+        ...
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cached positions of slot src to slot dst."""
+        ...
+
+
 class Backend(Protocol):
     name: str
     dtype: str
 
-    def load(self, model_dir: Path) -> ModelRunner:
+    def load(self, model_dir: Path) -> ModelRunner | BatchRunner:
         """Load a Hugging Face-format model directory (config.json + safetensors)."""
         ...
 

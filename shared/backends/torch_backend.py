@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from shared.backends.llama import LlamaConfig, LlamaRunner
 from shared.settings import Settings
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -43,15 +44,28 @@ class TorchRunner:
 
 
 class TorchBackend:
-    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, threads: int | None) -> None:
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, settings: Settings) -> None:
         self.name = name
         self.device = device
         self._dtype = dtype
         self.dtype = str(dtype).removeprefix("torch.")
-        if threads:
-            torch.set_num_threads(threads)
+        self.settings = settings
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
 
-    def load(self, model_dir: Path) -> TorchRunner:
+    def load(self, model_dir: Path) -> TorchRunner | LlamaRunner:
+        """The batched Llama runner where it applies (CPU, Llama family), else transformers' own model."""
+        config = LlamaConfig.from_dir(model_dir)
+        s = self.settings
+        if config is not None and s.engine == "batched" and self.device.type == "cpu":
+            return LlamaRunner(
+                model_dir,
+                config,
+                dtype=self._dtype,
+                int4=s.quantization == "int4",
+                slots=s.max_running,
+                max_len=s.max_model_len or min(4096, config.max_position_embeddings),
+            )
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self._dtype)
         model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
         return TorchRunner(model=model, device=self.device, context_length=_context_length(model.config))
@@ -68,4 +82,4 @@ def create(name: str, settings: Settings) -> TorchBackend:
     """The CPU or CUDA backend with the dtype the settings ask for."""
     device = torch.device("cuda" if name == "cuda" else "cpu")
     dtype_name = settings.dtype if settings.dtype != "auto" else ("bfloat16" if name == "cuda" else "float32")
-    return TorchBackend(name, device, _DTYPES[dtype_name], settings.threads)
+    return TorchBackend(name, device, _DTYPES[dtype_name], settings)

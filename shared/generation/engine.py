@@ -1,8 +1,11 @@
-"""The engine: an admission queue and a scheduler thread that steps every running sequence in turn.
+"""The engine: an admission queue and a scheduler thread that runs the model for every running sequence.
 
-Model compute runs on the engine's own thread, never on the event loop, so health checks and new connections
-are answered while the model works. Callers consume an async iterator of StepOutput; closing it cancels the
-sequence, which leaves the running set before its next step.
+With a BatchRunner it batches continuously: each step runs one prefill chunk (so a long prompt never stalls
+the others for long) and one decode step for every running sequence together; new requests join between steps
+and finished ones leave. Other runners (transformers' models for other architectures, MLX) step each running
+sequence in turn. Model compute runs on the engine's own thread, never on the event loop, so health checks and
+new connections are answered while the model works. Callers consume an async iterator of StepOutput; closing
+it cancels the sequence, which leaves the running set before the next step.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shared.backends import ModelRunner
+from shared.backends import BatchRunner, ModelRunner
 from shared.errors import FnserveError, OverloadedError
 from shared.generation.sequence import Sequence, StepOutput
 
@@ -38,15 +41,28 @@ class EngineStats:
 class _Slot:
     seq: Sequence
     emit: Emit
-    cache: Any = None
+    cache: Any = None  # per-sequence runners: the sequence's own KV cache
+    prefilled: int = 0  # batch runners: prompt tokens in the cache so far
+    length: int = 0  # batch runners: positions in the cache so far
 
 
 class Engine:
     """Runs sequences for one model. One scheduler thread; requests join and leave between steps."""
 
-    def __init__(self, runner: ModelRunner, *, max_running: int = 8, max_queue: int = 256, name: str = "") -> None:
+    def __init__(
+        self,
+        runner: ModelRunner | BatchRunner,
+        *,
+        max_running: int = 8,
+        max_queue: int = 256,
+        prefill_chunk: int = 256,
+        name: str = "",
+    ) -> None:
         self.runner = runner
-        self.max_running = max_running
+        self.batch_runner: BatchRunner | None = runner if hasattr(runner, "decode") else None  # type: ignore[assignment]
+        self.seq_runner: ModelRunner | None = None if self.batch_runner else runner  # type: ignore[assignment]
+        self.max_running = min(max_running, self.batch_runner.slots) if self.batch_runner else max_running
+        self.prefill_chunk = prefill_chunk
         self.name = name
         self._queue: queue.Queue[_Slot] = queue.Queue(maxsize=max_queue)
         self._running: list[_Slot] = []
@@ -126,10 +142,87 @@ class Engine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            for slot in list(self._running):
-                self._step(slot)
+            if self.batch_runner is not None:
+                self._batch_step(self.batch_runner)
+            else:
+                assert self.seq_runner is not None
+                for slot in list(self._running):
+                    self._step(self.seq_runner, slot)
 
-    def _step(self, slot: _Slot) -> None:
+    def _batch_step(self, runner: BatchRunner) -> None:
+        """One prefill chunk, then one decode step for every sequence that has a token to feed."""
+        running = self._running
+        self._remove([i for i, s in enumerate(running) if s.seq.cancelled.is_set()], cancelled=True)
+        done: list[int] = []
+        pending = next((i for i, s in enumerate(running) if s.prefilled < len(s.seq.prompt_ids)), None)
+        if pending is not None:
+            slot = running[pending]
+            chunk = slot.seq.prompt_ids[slot.prefilled : slot.prefilled + self.prefill_chunk]
+            try:
+                logits = runner.prefill(pending, chunk, slot.prefilled)
+            except Exception as exc:
+                self._fail([pending], exc)
+                return
+            slot.prefilled += len(chunk)
+            slot.length = slot.prefilled
+            self._stats.prompt_tokens += len(chunk)
+            if slot.prefilled == len(slot.seq.prompt_ids):
+                self._emit(slot, logits, pending, done)
+        ready = [i for i, s in enumerate(running) if s.seq.output_ids and i not in done]
+        if ready:
+            n = ready[-1] + 1
+            # Rows of sequences still in prefill are placeholders: their cache entry at `length` is written
+            # again by their next prefill chunk, and their logits are ignored.
+            tokens = [s.seq.output_ids[-1] if s.seq.output_ids else 0 for s in running[:n]]
+            positions = [s.length for s in running[:n]]
+            try:
+                logits = runner.decode(tokens, positions)
+            except Exception as exc:
+                self._fail(ready, exc)
+                return
+            for i in ready:
+                running[i].length += 1
+                self._emit(running[i], logits[i], i, done)
+        self._remove(done, cancelled=False)
+
+    def _emit(self, slot: _Slot, logits: Any, index: int, done: list[int]) -> None:
+        try:
+            out = slot.seq.step(logits)
+        except Exception as exc:  # a bug in sampling or detokenizing: this sequence ends, the others go on
+            log.exception("generation failed in model %r", self.name)
+            slot.seq.finished = True
+            done.append(index)
+            slot.emit(exc if isinstance(exc, FnserveError) else FnserveError(f"generation failed: {exc}"))
+            return
+        self._stats.generated_tokens += 1
+        if slot.seq.finished:
+            done.append(index)
+        slot.emit(out)
+
+    def _fail(self, indices: list[int], exc: Exception) -> None:
+        log.exception("generation failed in model %r", self.name, exc_info=exc)
+        error = exc if isinstance(exc, FnserveError) else FnserveError(f"generation failed: {exc}")
+        for i in indices:
+            self._running[i].emit(error)
+            self._running[i].seq.finished = True
+        self._remove(indices, cancelled=False, count=False)
+
+    def _remove(self, indices: list[int], *, cancelled: bool, count: bool = True) -> None:
+        """Drop these running sequences, moving the last one into each hole so slots stay 0..n-1."""
+        running = self._running
+        for i in sorted(set(indices), reverse=True):
+            last = running.pop()
+            if i < len(running):
+                if self.batch_runner is not None:
+                    self.batch_runner.move_slot(len(running), i, last.length)
+                running[i] = last
+            if count:
+                if cancelled:
+                    self._stats.cancelled += 1
+                else:
+                    self._stats.completed += 1
+
+    def _step(self, runner: ModelRunner, slot: _Slot) -> None:
         seq = slot.seq
         if seq.cancelled.is_set():
             self._running.remove(slot)
@@ -137,11 +230,11 @@ class Engine:
             return
         try:
             if slot.cache is None:
-                slot.cache = self.runner.new_cache()
-                logits = self.runner.forward(slot.cache, seq.prompt_ids)
+                slot.cache = runner.new_cache()
+                logits = runner.forward(slot.cache, seq.prompt_ids)
                 self._stats.prompt_tokens += len(seq.prompt_ids)
             else:
-                logits = self.runner.forward(slot.cache, seq.output_ids[-1:])
+                logits = runner.forward(slot.cache, seq.output_ids[-1:])
             out = seq.step(logits)
         except Exception as exc:
             log.exception("generation failed in model %r", self.name)

@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from shared.backends import ModelRunner
+from shared.backends import BatchRunner, ModelRunner
 from shared.errors import ContextLengthExceededError, InvalidRequestError
 from shared.generation.engine import Engine
 from shared.generation.params import SamplingParams
@@ -22,18 +22,21 @@ class GenerationModel:
         self,
         model_id: str,
         model_dir: Path,
-        runner: ModelRunner,
+        runner: ModelRunner | BatchRunner,
         *,
         max_model_len: int | None = None,
         max_running: int = 8,
         max_queue: int = 256,
+        prefill_chunk: int = 256,
     ) -> None:
         self.id = model_id
         self.runner = runner
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
         self.context_length = min(runner.context_length, max_model_len or runner.context_length)
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
-        self.engine = Engine(runner, max_running=max_running, max_queue=max_queue, name=model_id)
+        self.engine = Engine(
+            runner, max_running=max_running, max_queue=max_queue, prefill_chunk=prefill_chunk, name=model_id
+        )
 
     @property
     def has_chat_template(self) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.backends import ModelRunner, select_backend
+from shared.backends import BatchRunner, ModelRunner, select_backend
 from shared.catalog import ModelCatalog
 from shared.generation.model import GenerationModel
 from shared.settings import Settings
@@ -26,19 +26,42 @@ PROMPTS = [
 ]
 
 
-def greedy(runner: ModelRunner, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
-    cache = runner.new_cache()
-    logits = runner.forward(cache, prompt)
+Runner = ModelRunner | BatchRunner
+
+
+def greedy(runner: Runner, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    if hasattr(runner, "decode"):  # a batch runner, driven for one sequence in slot 0
+        logits, position = runner.prefill(0, prompt, 0), len(prompt)
+
+        def step(token: int) -> np.ndarray:
+            nonlocal position
+            position += 1
+            return runner.decode([token], [position - 1])[0]
+    else:
+        cache = runner.new_cache()
+        logits = runner.forward(cache, prompt)
+
+        def step(token: int) -> np.ndarray:
+            return runner.forward(cache, [token])
+
     tokens, all_logits = [], []
     for _ in range(n):
         all_logits.append(logits)
         token = int(np.argmax(logits))
         tokens.append(token)
-        logits = runner.forward(cache, [token])
+        logits = step(token)
     return tokens, all_logits
 
 
-def assert_conforms(reference: ModelRunner, other: ModelRunner, smol: GenerationModel) -> None:
+@pytest.fixture(scope="module")
+def reference(catalog: ModelCatalog) -> ModelRunner:
+    """transformers' own Llama on torch CPU, float32: what every other path must reproduce."""
+    runner = select_backend(Settings(backend="cpu", engine="simple")).load(model_dir(catalog))
+    assert not hasattr(runner, "decode")
+    return runner  # type: ignore[return-value]
+
+
+def assert_conforms(reference: Runner, other: Runner, smol: GenerationModel) -> None:
     for messages in PROMPTS:
         prompt = smol.encode_chat(messages)
         want, want_logits = greedy(reference, prompt, TOKENS)
