@@ -1,6 +1,6 @@
 """Single-stream decode speed and cold start, fnserve against llama.cpp's llama-server on the same GGUF.
 
-    python -m loadtests.bench_single [--dtypes float32 bfloat16] [--tokens 128] [--runs 3] [--json out.json]
+    python -m loadtests.bench_single [--configs float32 bfloat16 bfloat16+int4] [--tokens 128] [--runs 3]
 
 Starts each server as a real process on 127.0.0.1 and measures:
 - cold start: process start -> first streamed token of the first request, and resident memory after it
@@ -119,7 +119,9 @@ def smollm2_gguf() -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument(
+        "--configs", nargs="+", default=["float32", "bfloat16", "bfloat16+int4"], help="dtype, +int4 for 4-bit weights"
+    )
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -129,9 +131,11 @@ def main() -> int:
     fnserve = str(Path(sys.executable).parent / "fnserve")
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "FNSERVE_LOG_LEVEL": "warning"}
     results: list[Result] = []
-    for dtype in args.dtypes:
+    for config in args.configs:
+        dtype, _, quant = config.partition("+")
         env = {**base_env, "FNSERVE_DTYPE": dtype, "FNSERVE_BACKEND": "cpu", "FNSERVE_THREADS": str(args.threads)}
-        if dtype == args.dtypes[0]:
+        env["FNSERVE_QUANTIZATION"] = quant or "none"
+        if config == args.configs[0]:
             with tempfile.TemporaryDirectory() as empty:
                 port = free_port()
                 cold = measure(
@@ -144,7 +148,9 @@ def main() -> int:
                 )
                 results.append(cold)
         port = free_port()
-        results.append(measure(f"fnserve-{dtype}", [fnserve, "serve", "--port", str(port)], env, port, "default", args))
+        results.append(
+            measure(f"fnserve-{config}", [fnserve, "serve", "--port", str(port)], env, port, "default", args)
+        )
 
     peer = find_peer()
     if peer and peer.is_file():

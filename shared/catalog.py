@@ -86,11 +86,11 @@ class ModelCatalog:
 
                 started = time.perf_counter()
                 model_dir = resolve_generation_model(config, self.settings.cache_dir)
-                runner = self.backend.load(model_dir)
+                backend = self.backend
                 self._generation[config.id] = GenerationModel(
                     config.id,
                     model_dir,
-                    runner,
+                    lambda: backend.load(model_dir),
                     max_model_len=self.settings.max_model_len,
                     max_running=self.settings.max_running,
                     prefill_chunk=self.settings.prefill_chunk,

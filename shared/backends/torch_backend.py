@@ -55,6 +55,8 @@ class TorchBackend:
 
     def load(self, model_dir: Path) -> TorchRunner | LlamaRunner:
         """The batched Llama runner where it applies (CPU, Llama family), else transformers' own model."""
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)  # per thread under OpenMP: set it where the model runs
         config = LlamaConfig.from_dir(model_dir)
         s = self.settings
         if config is not None and s.engine == "batched" and self.device.type == "cpu":

@@ -51,26 +51,50 @@ class Engine:
 
     def __init__(
         self,
-        runner: ModelRunner | BatchRunner,
+        load: Callable[[], ModelRunner | BatchRunner],
         *,
         max_running: int = 8,
         max_queue: int = 256,
         prefill_chunk: int = 256,
         name: str = "",
     ) -> None:
-        self.runner = runner
-        self.batch_runner: BatchRunner | None = runner if hasattr(runner, "decode") else None  # type: ignore[assignment]
-        self.seq_runner: ModelRunner | None = None if self.batch_runner else runner  # type: ignore[assignment]
-        self.max_running = min(max_running, self.batch_runner.slots) if self.batch_runner else max_running
-        self.prefill_chunk = prefill_chunk
+        """Start the engine's thread, which loads the model with `load` and then serves; blocks until loaded.
+
+        The model is loaded on the thread that will run it: with OpenMP, the thread that first runs parallel
+        work keeps the warm worker pool, and steps driven from any other thread ran at half speed here.
+        """
         self.name = name
+        self.prefill_chunk = prefill_chunk
+        self.runner: ModelRunner | BatchRunner
+        self.batch_runner: BatchRunner | None = None
+        self.seq_runner: ModelRunner | None = None
+        self.max_running = max_running
         self._queue: queue.Queue[_Slot] = queue.Queue(maxsize=max_queue)
         self._running: list[_Slot] = []
         self._wake = threading.Event()
         self._closed = False
         self._stats = EngineStats(0, 0, 0, 0, 0, 0)
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
+        loaded = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                runner = self.runner = load()
+                self.batch_runner = runner if hasattr(runner, "decode") else None  # type: ignore[assignment]
+                self.seq_runner = None if self.batch_runner else runner  # type: ignore[assignment]
+                self.max_running = min(max_running, self.batch_runner.slots) if self.batch_runner else max_running
+            except BaseException as exc:
+                failure.append(exc)
+                return
+            finally:
+                loaded.set()
+            self._loop()
+
+        self._thread = threading.Thread(target=run, name=f"engine-{name}", daemon=True)
         self._thread.start()
+        loaded.wait()
+        if failure:
+            raise failure[0]
 
     @property
     def stats(self) -> EngineStats:

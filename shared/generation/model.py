@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ class GenerationModel:
         self,
         model_id: str,
         model_dir: Path,
-        runner: ModelRunner | BatchRunner,
+        load: Callable[[], ModelRunner | BatchRunner],
         *,
         max_model_len: int | None = None,
         max_running: int = 8,
@@ -30,13 +30,14 @@ class GenerationModel:
         prefill_chunk: int = 256,
     ) -> None:
         self.id = model_id
-        self.runner = runner
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
-        self.context_length = min(runner.context_length, max_model_len or runner.context_length)
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
+        # The engine loads the weights on its own thread (see Engine) and serves from there.
         self.engine = Engine(
-            runner, max_running=max_running, max_queue=max_queue, prefill_chunk=prefill_chunk, name=model_id
+            load, max_running=max_running, max_queue=max_queue, prefill_chunk=prefill_chunk, name=model_id
         )
+        self.runner = self.engine.runner
+        self.context_length = min(self.runner.context_length, max_model_len or self.runner.context_length)
 
     @property
     def has_chat_template(self) -> bool:
