@@ -26,7 +26,13 @@ async def get_health(catalog: CatalogDep) -> dict[str, Any]:
     models = {}
     for model_id, model in catalog.loaded_generation().items():
         stats = model.engine.stats
-        models[model_id] = {"running": stats.running, "queued": stats.queued, "completed": stats.completed}
+        models[model_id] = {
+            "running": stats.running,
+            "queued": stats.queued,
+            "completed": stats.completed,
+            "prefix_cache_hits": stats.prefix_hits,
+            "prefix_cache_tokens": stats.prefix_tokens,
+        }
     return {"status": "ok", "backend": catalog.backend_name, "models": models}
 
 

@@ -65,8 +65,8 @@ class TorchBackend:
                 config,
                 dtype=self._dtype,
                 int4=s.quantization == "int4",
-                slots=s.max_running,
-                max_len=s.max_model_len or min(4096, config.max_position_embeddings),
+                slots=s.max_running + s.prefix_cache_slots,
+                max_len=s.max_model_len or min(2048, config.max_position_embeddings),
             )
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self._dtype)
         model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types .to oddly

@@ -20,6 +20,7 @@ from typing import Any
 
 from shared.backends import BatchRunner, ModelRunner
 from shared.errors import FnserveError, OverloadedError
+from shared.generation.prefix_cache import PrefixCache
 from shared.generation.sequence import Sequence, StepOutput
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,10 @@ class EngineStats:
     running: int
     completed: int
     cancelled: int
-    prompt_tokens: int
+    prompt_tokens: int  # prompt tokens run through the model (prefix-cache hits excluded)
     generated_tokens: int
+    prefix_hits: int = 0
+    prefix_tokens: int = 0  # prompt tokens taken from the prefix cache instead
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Engine:
         self.batch_runner: BatchRunner | None = None
         self.seq_runner: ModelRunner | None = None
         self.max_running = max_running
+        self.prefixes = PrefixCache([])
         self._queue: queue.Queue[_Slot] = queue.Queue(maxsize=max_queue)
         self._running: list[_Slot] = []
         self._wake = threading.Event()
@@ -82,7 +86,10 @@ class Engine:
                 runner = self.runner = load()
                 self.batch_runner = runner if hasattr(runner, "decode") else None  # type: ignore[assignment]
                 self.seq_runner = None if self.batch_runner else runner  # type: ignore[assignment]
-                self.max_running = min(max_running, self.batch_runner.slots) if self.batch_runner else max_running
+                if self.batch_runner is not None:
+                    # Slots past the running ones hold cached prompt prefixes.
+                    self.max_running = min(max_running, self.batch_runner.slots)
+                    self.prefixes = PrefixCache(list(range(self.max_running, self.batch_runner.slots)))
             except BaseException as exc:
                 failure.append(exc)
                 return
@@ -105,6 +112,8 @@ class Engine:
             cancelled=self._stats.cancelled,
             prompt_tokens=self._stats.prompt_tokens,
             generated_tokens=self._stats.generated_tokens,
+            prefix_hits=self._stats.prefix_hits,
+            prefix_tokens=self._stats.prefix_tokens,
         )
 
     async def generate(self, seq: Sequence) -> AsyncIterator[StepOutput]:
@@ -181,7 +190,14 @@ class Engine:
         pending = next((i for i, s in enumerate(running) if s.prefilled < len(s.seq.prompt_ids)), None)
         if pending is not None:
             slot = running[pending]
-            chunk = slot.seq.prompt_ids[slot.prefilled : slot.prefilled + self.prefill_chunk]
+            prompt = slot.seq.prompt_ids
+            if slot.prefilled == 0 and (hit := self.prefixes.lookup(prompt)) is not None:
+                reuse = min(hit[1], len(prompt) - 1)  # the last prompt token still runs, for its logits
+                runner.move_slot(hit[0], pending, reuse)
+                slot.prefilled = slot.length = reuse
+                self._stats.prefix_hits += 1
+                self._stats.prefix_tokens += reuse
+            chunk = prompt[slot.prefilled : slot.prefilled + self.prefill_chunk]
             try:
                 logits = runner.prefill(pending, chunk, slot.prefilled)
             except Exception as exc:
@@ -190,7 +206,9 @@ class Engine:
             slot.prefilled += len(chunk)
             slot.length = slot.prefilled
             self._stats.prompt_tokens += len(chunk)
-            if slot.prefilled == len(slot.seq.prompt_ids):
+            if slot.prefilled == len(prompt):
+                if (keep := self.prefixes.store(prompt)) is not None:
+                    runner.move_slot(pending, keep, len(prompt))
                 self._emit(slot, logits, pending, done)
         ready = [i for i, s in enumerate(running) if s.seq.output_ids and i not in done]
         if ready:

@@ -43,27 +43,39 @@ def make_logits_processor(params: SamplingParams, prompt_ids: Sequence[int], eos
 
 
 def make_sampler(params: SamplingParams) -> Sampler:
-    """argmax for temperature 0, else temperature, top-k, top-p and min-p with a per-request seeded RNG."""
+    """argmax for temperature 0, else temperature, top-k, top-p and min-p with a per-request seeded RNG.
+
+    Works on the whole vocabulary without sorting it: top-k by partition, top-p by sorting only the few
+    most likely tokens (widening until they hold the mass), min-p by a threshold.
+    """
     if params.greedy:
         return lambda logits: int(np.argmax(logits))
     rng = np.random.default_rng(params.seed)
 
     def sample(logits: np.ndarray) -> int:
         scaled = logits.astype(np.float64) / params.temperature
-        candidates = np.arange(scaled.shape[-1])
-        if 0 < params.top_k < scaled.shape[-1]:
-            candidates = np.argpartition(-scaled, params.top_k - 1)[: params.top_k]
-        order = candidates[np.argsort(-scaled[candidates], kind="stable")]
-        probs = np.exp(scaled[order] - scaled[order[0]])
-        probs /= probs.sum()
-        keep = len(order)
+        probs = np.exp(scaled - scaled.max())
+        vocab = probs.shape[-1]
+        if 0 < params.top_k < vocab:
+            probs[np.argpartition(-probs, params.top_k - 1)[params.top_k :]] = 0.0
         if params.top_p < 1.0:
-            # Smallest prefix whose mass reaches top_p; the first token always stays.
-            keep = min(keep, int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1)
+            target, k = params.top_p * probs.sum(), min(64, vocab)
+            while True:
+                top = np.argpartition(-probs, k - 1)[:k] if k < vocab else np.arange(vocab)
+                top = top[np.argsort(-probs[top], kind="stable")]
+                mass = np.cumsum(probs[top])
+                if mass[-1] >= target or k == vocab:
+                    break
+                k = min(k * 4, vocab)
+            # Smallest prefix whose mass reaches top_p; the most likely token always stays.
+            keep = top[: int(np.searchsorted(mass, target)) + 1]
+            kept = np.zeros_like(probs)
+            kept[keep] = probs[keep]
+            probs = kept
         if params.min_p > 0.0:
-            keep = min(keep, max(1, int(np.count_nonzero(probs >= params.min_p * probs[0]))))
-        probs = probs[:keep] / probs[:keep].sum()
-        return int(order[rng.choice(keep, p=probs)])
+            probs[probs < params.min_p * probs.max()] = 0.0
+        cdf = np.cumsum(probs)
+        return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), vocab - 1))
 
     return sample
 

@@ -26,11 +26,11 @@ def test_dropping_a_stream_cancels_its_generation(server_url: str) -> None:
                 frames += line.startswith("data: ")
                 if frames >= 5:
                     break
-            assert running(server_url) == 1  # still generating: 1500 tokens take far longer than this
+            assert running(server_url) >= 1  # still generating: 1500 tokens take far longer than this
     deadline = time.monotonic() + 5
     while running(server_url) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert running(server_url) == 0
+    assert running(server_url) == 0, httpx.get(f"{server_url}/health").text
 
 
 def test_a_client_that_gives_up_on_a_plain_request_frees_its_generation(server_url: str) -> None:
@@ -48,4 +48,4 @@ def test_a_client_that_gives_up_on_a_plain_request_frees_its_generation(server_u
     deadline = time.monotonic() + 5
     while running(server_url) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert running(server_url) == 0
+    assert running(server_url) == 0, httpx.get(f"{server_url}/health").text

@@ -1,0 +1,47 @@
+"""Prompt prefixes kept in spare KV-cache slots, so a repeated system prompt or conversation is not recomputed.
+
+Keys are whole prompts; a lookup finds the stored prompt sharing the longest prefix with a new one. Causal
+attention makes the cached keys and values of positions 0..k-1 depend on tokens 0..k-1 alone, so reusing them
+for any prompt that starts with those tokens is exact.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+MIN_REUSE = 16  # shorter matches are not worth a copy
+
+
+class PrefixCache:
+    def __init__(self, slots: list[int]) -> None:
+        self._free = list(slots)
+        self._entries: OrderedDict[int, np.ndarray] = OrderedDict()  # slot -> prompt, least recently used first
+
+    def lookup(self, prompt: list[int]) -> tuple[int, int] | None:
+        """(slot, length) of the longest stored prefix of this prompt, or None."""
+        best: tuple[int, int] | None = None
+        tokens = np.asarray(prompt)
+        for slot, stored in self._entries.items():
+            n = min(len(stored), len(tokens))
+            differ = np.flatnonzero(stored[:n] != tokens[:n])
+            common = int(differ[0]) if differ.size else n
+            if common >= MIN_REUSE and (best is None or common > best[1]):
+                best = (slot, common)
+        if best is not None:
+            self._entries.move_to_end(best[0])
+        return best
+
+    def store(self, prompt: list[int]) -> int | None:
+        """The slot to copy this prompt's cache into (evicting the least recently used), or None to skip."""
+        if len(prompt) < MIN_REUSE or not (self._free or self._entries):
+            return None
+        tokens = np.asarray(prompt)
+        for slot, stored in self._entries.items():
+            if len(stored) >= len(tokens) and np.array_equal(stored[: len(tokens)], tokens):
+                self._entries.move_to_end(slot)
+                return None  # already covered
+        slot = self._free.pop() if self._free else self._entries.popitem(last=False)[0]
+        self._entries[slot] = tokens
+        return slot

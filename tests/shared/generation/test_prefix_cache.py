@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import asyncio
+
+from shared.generation.model import GenerationModel
+from shared.generation.params import SamplingParams
+from shared.generation.prefix_cache import MIN_REUSE, PrefixCache
+from tests.conftest import run_steps
+
+
+def test_lookup_finds_the_longest_shared_prefix() -> None:
+    cache = PrefixCache([7, 8])
+    a = list(range(100))
+    b = list(range(50)) + [999] * 50
+    assert cache.store(a) == 8 and cache.store(b) == 7
+    assert cache.lookup(list(range(80)) + [5, 5]) == (8, 80)
+    assert cache.lookup(list(range(50)) + [999, 1]) == (7, 51)
+    assert cache.lookup([1, 2, 3]) is None
+    assert cache.lookup(list(range(MIN_REUSE - 1)) + [-1]) is None  # too short to be worth it
+
+
+def test_store_skips_covered_prompts_and_evicts_the_least_recently_used() -> None:
+    cache = PrefixCache([1])
+    first, second = list(range(40)), list(range(100, 140))
+    assert cache.store(first) == 1
+    assert cache.store(first[:30]) is None  # already covered by a stored prompt
+    assert cache.store(second) == 1  # evicts `first`
+    assert cache.lookup(first) is None and cache.lookup(second) == (1, 40)
+    assert PrefixCache([]).store(first) is None
+
+
+def test_a_repeated_system_prompt_is_not_prefilled_again(smol: GenerationModel) -> None:
+    system = {"role": "system", "content": "You are a careful assistant. " * 40}
+    first = smol.encode_chat([system, {"role": "user", "content": "What is the capital of France?"}])
+    second = smol.encode_chat([system, {"role": "user", "content": "What is 2+2?"}])
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    before = smol.engine.stats
+    run_steps(smol, first, params)
+    middle = smol.engine.stats
+    reused = run_steps(smol, second, params)
+    after = smol.engine.stats
+    assert after.prefix_hits == middle.prefix_hits + 1
+    shared_tokens = after.prefix_tokens - middle.prefix_tokens
+    assert shared_tokens > 200  # the whole system prompt
+    assert middle.prompt_tokens - before.prompt_tokens == len(first)
+    assert after.prompt_tokens - middle.prompt_tokens == len(second) - shared_tokens  # less prefill work
+
+    # The same output as a run that computed every position itself.
+    async def fresh() -> str:
+        smol.engine.prefixes = type(smol.engine.prefixes)([])  # no cached prefixes for this run
+        return "".join([s.text async for s in smol.generate(second, params)])
+
+    saved = smol.engine.prefixes
+    try:
+        assert asyncio.run(fresh()) == "".join(s.text for s in reused)
+    finally:
+        smol.engine.prefixes = saved
