@@ -12,7 +12,8 @@ Configuration, from the environment:
     FNSERVE_LT_SCENARIO                             sweep | spike | smoke (the load shape)
     FNSERVE_LT_SAMPLES                              a JSON-lines file that gets one record per request
 Every response is validated: a 200 with a malformed body counts as a failure. Streaming chat fires extra
-request events for time to first token ("TTFT"), inter-token latency ("ITL") and time per output token ("TPOT").
+request events for time to first token ("TTFT"), inter-token latency ("ITL"), time per output token ("TPOT"),
+all in ms, and "output tokens" (a count per request, shown in Locust's response-time columns).
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ class StreamingChatUser(OpenAIUser):
                 self.fire("ITL", gap * 1000)
             if tpot is not None:
                 self.fire("TPOT", tpot * 1000)
+            self.fire("output tokens", len(stamps))  # a count, in Locust's response-time column
             self.done(
                 "stream_chat", started, True, status, len(stamps), ttft=ttft, tpot=tpot, itl=gaps, first=stamps[0]
             )
