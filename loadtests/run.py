@@ -24,6 +24,7 @@ from typing import Any
 from loadtests import report
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+PROG = "fnserve loadtest"
 
 
 def run_target(name: str, url: str, model: str, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
@@ -66,7 +67,9 @@ def run_target(name: str, url: str, model: str, args: argparse.Namespace, out: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL, without /v1")
     parser.add_argument("--scenario", choices=["smoke", "sweep", "spike"], default="smoke")
     parser.add_argument("--steps", default="1,4,16,64", help="sweep: user counts")

@@ -84,10 +84,13 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loadtest(args: argparse.Namespace) -> int:
-    from loadtests.run import main as run
-
-    return run(args.rest)
+def _passthrough(command: str, argv: list[str]) -> int:
+    """`fnserve loadtest ...` and `fnserve bench ...` hand their arguments to the loadtests scripts."""
+    if command == "loadtest":
+        from loadtests.run import main as run
+    else:
+        from loadtests.bench_single import main as run
+    return run(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument("--model", default="default")
     embed.add_argument("--url", default=url, help="API base URL (FNSERVE_URL; default %(default)s)")
     embed.set_defaults(run=_embed)
-    loadtest = commands.add_parser(
-        "loadtest", help="run a Locust scenario against a server (see: fnserve loadtest --help)", add_help=False
-    )
-    loadtest.add_argument("rest", nargs=argparse.REMAINDER)
-    loadtest.set_defaults(run=_loadtest)
+    commands.add_parser("loadtest", help="run a Locust scenario against a server (fnserve loadtest --help)")
+    commands.add_parser("bench", help="one stream and cold start, against llama-server if found (fnserve bench --help)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("loadtest", "bench"):
+        return _passthrough(argv[0], argv[1:])
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))

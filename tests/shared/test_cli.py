@@ -65,3 +65,10 @@ def test_serve_reports_invalid_settings_readably() -> None:
     done = fnserve("serve", env={"FNSERVE_DEFAULT_MODEL": "nope"})
     assert done.returncode == 2
     assert "default_model='nope'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_loadtest_and_bench_take_their_own_options() -> None:
+    loadtest = fnserve("loadtest", "--help")
+    assert loadtest.returncode == 0 and "--scenario" in loadtest.stdout and "fnserve loadtest" in loadtest.stdout
+    bench = fnserve("bench", "--help")
+    assert bench.returncode == 0 and "--configs" in bench.stdout
