@@ -74,10 +74,10 @@ def resolve_generation_model(config: ModelConfig, cache_dir: Path) -> Path:
         return path
     if source.startswith((".", "/", "~")):
         raise ModelLoadError(f"model {config.id!r}: local path {path} does not exist")
-    return _download(config)
+    return _download(config, cache_dir)
 
 
-def _download(config: ModelConfig) -> Path:
+def _download(config: ModelConfig, cache_dir: Path) -> Path:
     """A hub snapshot, into HF_HOME. Honours HF_TOKEN and HF_HUB_OFFLINE; fails with what was tried."""
     from huggingface_hub import snapshot_download
 
@@ -91,7 +91,7 @@ def _download(config: ModelConfig) -> Path:
             f"model {config.id!r}: {config.source!r} is not a local file or directory, and fetching it from "
             f"{mode} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
-    return convert_gguf(local / config.gguf_file, local.parent) if config.gguf_file else local
+    return convert_gguf(local / config.gguf_file, cache_dir) if config.gguf_file else local
 
 
 def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
