@@ -56,11 +56,7 @@ async def create_chat_completion(
             )
             for i, c in enumerate(choices)
         ],
-        usage=UsageInfo(
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=completion_tokens,
-            total_tokens=len(prompt_ids) + completion_tokens,
-        ),
+        usage=UsageInfo.of(len(prompt_ids), completion_tokens),
         system_fingerprint=SYSTEM_FINGERPRINT,
     )
 
@@ -80,13 +76,12 @@ async def _chunks(
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
 
-    usage = UsageInfo(prompt_tokens=len(prompt_ids)) if include_usage else None
+    completion_tokens = 0
     for i in range(n):
         choice = ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
         yield chunk([choice])
     async for index, step in stream_jobs(model, expand([prompt_ids], params, n)):
-        if step.token_id is not None and usage:
-            usage.completion_tokens += 1
+        completion_tokens += step.token_id is not None
         finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
         if not step.text and finish is None and not params.logprobs:
             continue
@@ -96,9 +91,8 @@ async def _chunks(
         )
         # With include_usage, OpenAI sends "usage": null on every chunk but the last.
         yield chunk([choice])
-    if usage:
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        yield chunk([], usage)
+    if include_usage:
+        yield chunk([], UsageInfo.of(len(prompt_ids), completion_tokens))
 
 
 app = create_app(router, title="fnserve chat")

@@ -76,11 +76,7 @@ async def create_completion(
             )
             for i, c in enumerate(choices)
         ],
-        usage=UsageInfo(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
+        usage=UsageInfo.of(prompt_tokens, completion_tokens),
         system_fingerprint=SYSTEM_FINGERPRINT,
     )
 
@@ -122,11 +118,7 @@ async def _chunks(
         yield chunk([CompletionChoice(index=index, text=step.text, logprobs=logprobs, finish_reason=finish)])
     if include_usage:
         prompt_tokens = sum(len(p) for p in prompts)
-        usage = UsageInfo(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
+        usage = UsageInfo.of(prompt_tokens, completion_tokens)
         yield chunk([], usage)
 
 
