@@ -10,6 +10,7 @@ from sse_starlette import EventSourceResponse
 from shared.asgi import create_app, lambda_handler
 from shared.generation.model import GenerationModel
 from shared.generation.params import SamplingParams
+from shared.generation.sequence import Sequence
 from shared.http import CatalogDep, generation_model, sse_frames
 from shared.protocol.chat import (
     ChatCompletionChoice,
@@ -35,13 +36,12 @@ async def create_chat_completion(
     params = request.to_sampling_params()
     model = await generation_model(catalog, request.model)
     prompt_ids = model.encode_chat(request.template_messages())
-    n = request.n or 1
+    sequences = expand(model, [prompt_ids], params, request.n or 1)
     if request.stream:
-        model.sequence(prompt_ids, params)  # fail with a status code before the stream starts
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return EventSourceResponse(sse_frames(_chunks(model, prompt_ids, params, n, include_usage)))
+        return EventSourceResponse(sse_frames(_chunks(model, sequences, params, include_usage)))
 
-    choices = await collect_jobs(model, expand([prompt_ids], params, n), http.is_disconnected)
+    choices = await collect_jobs(model, sequences, http.is_disconnected)
     completion_tokens = sum(len(c.token_ids) for c in choices)
     return ChatCompletionResponse(
         id=random_id("chatcmpl"),
@@ -62,7 +62,7 @@ async def create_chat_completion(
 
 
 async def _chunks(
-    model: GenerationModel, prompt_ids: list[int], params: SamplingParams, n: int, include_usage: bool
+    model: GenerationModel, sequences: list[Sequence], params: SamplingParams, include_usage: bool
 ) -> AsyncIterator[ChatCompletionChunk]:
     completion_id, created = random_id("chatcmpl"), now()
 
@@ -77,10 +77,10 @@ async def _chunks(
         )
 
     completion_tokens = 0
-    for i in range(n):
+    for i in range(len(sequences)):
         choice = ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
         yield chunk([choice])
-    async for index, step in stream_jobs(model, expand([prompt_ids], params, n)):
+    async for index, step in stream_jobs(model, sequences):
         completion_tokens += step.token_id is not None
         finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
         if not step.text and finish is None and not params.logprobs:
@@ -92,7 +92,7 @@ async def _chunks(
         # With include_usage, OpenAI sends "usage": null on every chunk but the last.
         yield chunk([choice])
     if include_usage:
-        yield chunk([], UsageInfo.of(len(prompt_ids), completion_tokens))
+        yield chunk([], UsageInfo.of(len(sequences[0].prompt_ids), completion_tokens))
 
 
 app = create_app(router, title="fnserve chat")

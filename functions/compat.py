@@ -91,11 +91,11 @@ async def generate_stream(request: GenerateRequest, catalog: CatalogDep) -> Even
     params = completion.to_sampling_params()
     model = await generation_model(catalog, request.model)
     prompt = model.encode(request.prompt)
-    model.sequence(prompt, params, param="prompt")
+    sequences = expand(model, [prompt], params, 1, param="prompt")
 
     async def frames() -> AsyncIterator[dict[str, str]]:
         try:
-            async for _, step in stream_jobs(model, expand([prompt], params, 1)):
+            async for _, step in stream_jobs(model, sequences):
                 if step.text:
                     yield {"data": json.dumps({"text": step.text})}
                 if step.finish_reason:

@@ -11,6 +11,7 @@ from shared.asgi import create_app, lambda_handler
 from shared.errors import InvalidRequestError
 from shared.generation.model import GenerationModel
 from shared.generation.params import SamplingParams
+from shared.generation.sequence import Sequence
 from shared.http import CatalogDep, generation_model, sse_frames
 from shared.protocol.common import SYSTEM_FINGERPRINT, UsageInfo, now, random_id
 from shared.protocol.completions import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
@@ -51,14 +52,12 @@ async def create_completion(
     params = request.to_sampling_params()
     model = await generation_model(catalog, request.model)
     prompts = _prompt_ids(model, request)
-    jobs = expand(prompts, params, request.n or 1)
-    for prompt, job_params in jobs:
-        model.sequence(prompt, job_params, param="prompt")  # context checks before anything runs
+    sequences = expand(model, prompts, params, request.n or 1, param="prompt")
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return EventSourceResponse(sse_frames(_chunks(model, prompts, params, request, include_usage)))
+        return EventSourceResponse(sse_frames(_chunks(model, prompts, sequences, params, request, include_usage)))
 
-    choices = await collect_jobs(model, jobs, http.is_disconnected)
+    choices = await collect_jobs(model, sequences, http.is_disconnected)
     n = request.n or 1
     echoed = [model.decode(p) if request.echo else "" for p in prompts]
     prompt_tokens = sum(len(p) for p in prompts)
@@ -84,6 +83,7 @@ async def create_completion(
 async def _chunks(
     model: GenerationModel,
     prompts: list[list[int]],
+    sequences: list[Sequence],
     params: SamplingParams,
     request: CompletionRequest,
     include_usage: bool,
@@ -105,7 +105,7 @@ async def _chunks(
         for i in range(len(prompts) * n):
             yield chunk([CompletionChoice(index=i, text=model.decode(prompts[i // n]))])
     completion_tokens = 0
-    async for index, step in stream_jobs(model, expand(prompts, params, n)):
+    async for index, step in stream_jobs(model, sequences):
         completion_tokens += step.token_id is not None
         finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
         if not step.text and finish is None and not params.logprobs:

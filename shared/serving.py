@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from shared.generation.model import GenerationModel
 from shared.generation.params import SamplingParams
-from shared.generation.sequence import FinishReason, StepOutput
+from shared.generation.sequence import FinishReason, Sequence, StepOutput
 from shared.protocol.common import TokenLogprob, TopLogprob
 
 
@@ -22,9 +22,6 @@ class Choice:
     prompt_tokens: int = 0
 
 
-Job = tuple[list[int], SamplingParams]
-
-
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     """Choice i of a seeded request uses seed + i: reproducible, yet the choices differ."""
     if params.seed is None or index == 0:
@@ -32,15 +29,18 @@ def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     return dataclasses.replace(params, seed=params.seed + index)
 
 
-def expand(prompts: list[list[int]], params: SamplingParams, n: int) -> list[Job]:
-    """One job per choice: prompt i's choice j is job i * n + j, OpenAI's choice index."""
-    return [(prompt, choice_params(params, j)) for prompt in prompts for j in range(n)]
+def expand(
+    model: GenerationModel, prompts: list[list[int]], params: SamplingParams, n: int, param: str = "messages"
+) -> list[Sequence]:
+    """One checked sequence per choice: prompt i's choice j is sequence i * n + j, OpenAI's choice index.
+
+    Built before anything is queued or streamed, so a bad request fails with its status code.
+    """
+    return [model.sequence(prompt, choice_params(params, j), param) for prompt in prompts for j in range(n)]
 
 
-async def stream_jobs(model: GenerationModel, jobs: list[Job]) -> AsyncIterator[tuple[int, StepOutput]]:
-    """Steps of every job as they come, tagged with the job's index. Closing it cancels every job."""
-    # Build every sequence first, so a bad request fails before anything is queued.
-    sequences = [model.sequence(prompt, params) for prompt, params in jobs]
+async def stream_jobs(model: GenerationModel, sequences: list[Sequence]) -> AsyncIterator[tuple[int, StepOutput]]:
+    """Steps of every sequence as they come, tagged with its index. Closing it cancels every sequence."""
     if len(sequences) == 1:
         async for step in model.engine.generate(sequences[0]):
             yield 0, step
@@ -73,13 +73,13 @@ async def stream_jobs(model: GenerationModel, jobs: list[Job]) -> AsyncIterator[
 
 
 async def collect_jobs(
-    model: GenerationModel, jobs: list[Job], disconnected: Callable[[], Awaitable[bool]] | None = None
+    model: GenerationModel, sequences: list[Sequence], disconnected: Callable[[], Awaitable[bool]] | None = None
 ) -> list[Choice]:
-    """Every job's whole output. When `disconnected` says the client has gone, the jobs are cancelled."""
-    choices = [Choice() for _ in jobs]
+    """Every sequence's whole output. When `disconnected` says the client has gone, they are cancelled."""
+    choices = [Choice() for _ in sequences]
 
     async def consume() -> None:
-        async for index, step in stream_jobs(model, jobs):
+        async for index, step in stream_jobs(model, sequences):
             add_step(model, choices[index], step)
 
     task = asyncio.create_task(consume())
