@@ -30,6 +30,7 @@ async def get_health(catalog: CatalogDep) -> dict[str, Any]:
             "running": stats.running,
             "queued": stats.queued,
             "completed": stats.completed,
+            "cancelled": stats.cancelled,
             "prefix_cache_hits": stats.prefix_hits,
             "prefix_cache_tokens": stats.prefix_tokens,
         }

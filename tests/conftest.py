@@ -25,6 +25,16 @@ from shared.generation.sequence import StepOutput  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+SERVER_LOGS: list[Path] = []  # the session server's log, shown under any test that fails while using it
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    report: pytest.TestReport = yield
+    if report.failed and "server_url" in getattr(item, "fixturenames", ()) and SERVER_LOGS:
+        tail = SERVER_LOGS[0].read_text(errors="replace")[-6000:]
+        report.sections.append(("fnserve server log (last 6000 characters)", tail))
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +95,9 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "FNSERVE_MAX_BODY_BYTES": str(1024 * 1024),
         "FNSERVE_MAX_MODEL_LEN": "2048",
     }
-    log = (tmp_path_factory.mktemp("server") / "fnserve.log").open("w+")  # a pipe nobody reads would fill up
+    log_path = tmp_path_factory.mktemp("server") / "fnserve.log"
+    SERVER_LOGS.append(log_path)
+    log = log_path.open("w+")  # a pipe nobody reads would fill up
     proc = subprocess.Popen(
         [str(FNSERVE), "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
