@@ -99,6 +99,27 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
+def additive(visible: torch.Tensor) -> torch.Tensor:
+    """A boolean attention mask as the float32 one added to the scores: 0 where visible, -inf elsewhere."""
+    return torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per sequence, (B, H, 1, D), over its cached keys and values (B, K, P, D).
+
+    The mask is additive: 0 where a sequence sees a position, -inf past its own length.
+
+    Two batched matmuls with each kv head's query group as the rows. Against scaled_dot_product_attention's
+    CPU kernel here (200-400 positions): 320 vs 417 us a layer at 16 rows, 134 vs 146 at 8, but 38 vs 25 at
+    1 row, so the engine uses it from 8 rows up.
+    """
+    b, heads, _, d = q.shape
+    kv_heads = k.shape[1]
+    q = q.view(b, kv_heads, heads // kv_heads, d)  # (B, K, G, D): query head h reads kv head h // G
+    scores = torch.matmul(q, k.transpose(-1, -2)) * d**-0.5 + mask  # (B, K, G, P); mask (B, 1, 1, P)
+    return torch.matmul(scores.softmax(-1), v).view(b, heads, 1, d)
+
+
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
@@ -168,7 +189,7 @@ class LlamaRunner:
         positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)  # (1, T)
         end = start + len(token_ids)
         keys = torch.arange(end)
-        mask = (keys[None, :] <= positions[0][:, None]).view(1, 1, len(token_ids), end)  # causal, (1, 1, T, P)
+        mask = additive((keys[None, :] <= positions[0][:, None]).view(1, 1, len(token_ids), end))  # causal
         logits = self._forward(tokens, positions, slice(slot, slot + 1), end, mask)
         return logits[0].float().numpy()
 
@@ -179,7 +200,7 @@ class LlamaRunner:
         tokens = torch.tensor(token_ids).view(b, 1)
         pos = torch.tensor(positions).view(b, 1)
         end = max(positions) + 1
-        mask = (torch.arange(end)[None, :] <= pos).view(b, 1, 1, end)  # each sequence sees its own prefix
+        mask = additive((torch.arange(end)[None, :] <= pos).view(b, 1, 1, end))  # each sees its own prefix
         return self._forward(tokens, pos, slice(0, b), end, mask).float().numpy()
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
@@ -211,9 +232,12 @@ class LlamaRunner:
                 start = int(positions[0, 0])
                 k_cache[:, :, start : start + t] = k
                 v_cache[:, :, start : start + t] = v
-            attn = F.scaled_dot_product_attention(
-                q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask, enable_gqa=True
-            )  # (B, H, T, D)
+            if t == 1 and b >= 8:
+                attn = decode_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], mask)
+            else:
+                attn = F.scaled_dot_product_attention(
+                    q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask, enable_gqa=True
+                )  # (B, H, T, D)
             x = x + layer.o(attn.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim).to(x.dtype))
             h = rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)

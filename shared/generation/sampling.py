@@ -45,44 +45,77 @@ def make_logits_processor(params: SamplingParams, prompt_ids: Sequence[int], eos
 def make_sampler(params: SamplingParams) -> Sampler:
     """argmax for temperature 0, else temperature, top-k, top-p and min-p with a per-request seeded RNG.
 
-    Works on the whole vocabulary without sorting it: top-k by partition, top-p by sorting only the few
-    most likely tokens (widening until they hold the mass), min-p by a threshold.
+    Float32 over the whole vocabulary, never sorting it: top-k by partition, top-p by sorting only the
+    tokens above a probability floor (lowered until they hold the mass), min-p by a threshold, and the draw
+    by a two-level inverse CDF. About 0.1 ms for a 49k vocabulary here; float64 exp and a whole-vocabulary
+    cumsum took 1 ms, which a batch of 16 pays on every step.
     """
     if params.greedy:
         return lambda logits: int(np.argmax(logits))
     rng = np.random.default_rng(params.seed)
 
     def sample(logits: np.ndarray) -> int:
-        scaled = logits.astype(np.float64) / params.temperature
-        probs = np.exp(scaled - scaled.max())
+        scaled = np.asarray(logits, dtype=np.float32) / np.float32(params.temperature)
+        probs = np.exp(scaled - scaled.max())  # the top token has probability weight 1
         vocab = probs.shape[-1]
         if 0 < params.top_k < vocab:
             probs[np.argpartition(-probs, params.top_k - 1)[params.top_k :]] = 0.0
         if params.top_p < 1.0:
-            target, k = params.top_p * probs.sum(), min(64, vocab)
-            while True:
-                top = np.argpartition(-probs, k - 1)[:k] if k < vocab else np.arange(vocab)
-                top = top[np.argsort(-probs[top], kind="stable")]
-                mass = np.cumsum(probs[top])
-                if mass[-1] >= target or k == vocab:
-                    break
-                k = min(k * 4, vocab)
-            # Smallest prefix whose mass reaches top_p; the most likely token always stays.
-            keep = top[: int(np.searchsorted(mass, target)) + 1]
-            kept = np.zeros_like(probs)
-            kept[keep] = probs[keep]
-            probs = kept
+            probs = nucleus(probs, params.top_p)
         if params.min_p > 0.0:
-            probs[probs < params.min_p * probs.max()] = 0.0
-        cdf = np.cumsum(probs)
-        return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), vocab - 1))
+            probs[probs < params.min_p] = 0.0
+        return draw(probs, rng.random())
 
     return sample
 
 
+def nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Only the smallest set of most likely tokens whose mass reaches top_p (the top token always stays).
+
+    The tokens above a floor are exactly the most likely ones, so once their mass reaches the target the
+    nucleus lies among them, and only they are sorted.
+    """
+    target = top_p * float(probs.sum(dtype=np.float64))
+    floor = 1e-3
+    while True:
+        top = np.flatnonzero(probs >= floor) if floor > 0 else np.arange(probs.shape[-1])
+        top = top[np.argsort(-probs[top], kind="stable")]
+        mass = np.cumsum(probs[top], dtype=np.float64)
+        if mass[-1] >= target or floor == 0:
+            break
+        floor = floor / 100 if floor > 1e-12 else 0.0
+    keep = top[: int(np.searchsorted(mass, target)) + 1]
+    kept = np.zeros_like(probs)
+    kept[keep] = probs[keep]
+    return kept
+
+
+BLOCK = 256
+
+
+def draw(probs: np.ndarray, u: float) -> int:
+    """The token whose share of the cumulative weight holds u (in [0, 1)): a block, then a token in it.
+
+    Never a token of weight 0: within the chosen block the first position whose running sum passes the
+    target has weight > 0.
+    """
+    starts = np.arange(0, probs.shape[-1], BLOCK)
+    cdf = np.cumsum(np.add.reduceat(probs, starts), dtype=np.float64)
+    target = u * cdf[-1]
+    block = min(int(np.searchsorted(cdf, target, side="right")), len(cdf) - 1)
+    while cdf[block] == (cdf[block - 1] if block else 0.0):  # rounding landed on an empty block
+        block -= 1
+    lo = int(starts[block])
+    inner = np.cumsum(probs[lo : lo + BLOCK], dtype=np.float64)
+    index = int(np.searchsorted(inner, target - (cdf[block - 1] if block else 0.0), side="right"))
+    if index >= len(inner):  # rounding at the block's end: its last token of weight > 0
+        index = int(np.flatnonzero(probs[lo : lo + BLOCK])[-1])
+    return lo + index
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - np.max(logits)
-    return shifted - np.log(np.sum(np.exp(shifted)))
+    shifted = np.asarray(logits, dtype=np.float32) - np.max(logits)
+    return shifted.astype(np.float64) - np.log(np.exp(shifted).sum(dtype=np.float64))
 
 
 def top_logprobs(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
