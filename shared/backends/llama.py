@@ -64,6 +64,8 @@ class Linear:
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, int4: bool) -> None:
         self.out_features, self.in_features = weight.shape
         self.int4 = int4 and self.in_features % INT4_GROUP == 0
+        # The int4 kernel is fast with bfloat16 activations only (40x slower with float32).
+        self.dtype = torch.bfloat16 if self.int4 else dtype  # what inputs are cast to, and outputs come in
         if self.int4:
             # Asymmetric 4-bit per group: w = (q - 8) * scale + zero, q in 0..15 (torch's int4pack layout).
             w = weight.float().reshape(self.out_features, -1, INT4_GROUP)  # (N, K/G, G)
@@ -78,19 +80,12 @@ class Linear:
             self.weight = weight.to(dtype).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.int4:
-            return F.linear(x, self.weight)
-        lead = x.shape[:-1]
-        # The int4 kernel is fast with bfloat16 activations only (40x slower with float32).
-        y = torch._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed, INT4_GROUP, self.scales_zeros
-        )
-        return y.reshape(*lead, self.out_features).to(x.dtype)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+        """x (N, in) in any float dtype; the result (N, out) in self.dtype."""
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        if self.int4:
+            return torch._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scales_zeros)
+        return F.linear(x, self.weight)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -115,7 +110,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """
     b, heads, _, d = q.shape
     kv_heads = k.shape[1]
-    q = q.view(b, kv_heads, heads // kv_heads, d)  # (B, K, G, D): query head h reads kv head h // G
+    q = q.reshape(b, kv_heads, heads // kv_heads, d)  # (B, K, G, D): query head h reads kv head h // G
     scores = torch.matmul(q, k.transpose(-1, -2)) * d**-0.5 + mask  # (B, K, G, P); mask (B, 1, 1, P)
     return torch.matmul(scores.softmax(-1), v).view(b, heads, 1, d)
 
@@ -142,7 +137,6 @@ class LlamaRunner:
         int4: bool,
         slots: int,
         max_len: int,
-        head_dtype: torch.dtype | None = None,
     ) -> None:
         self.config = c = config
         self.dtype = dtype
@@ -155,8 +149,8 @@ class LlamaRunner:
 
         self.embed = get("embed_tokens.weight").to(dtype)
         head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in w else w["lm_head.weight"]
-        self.lm_head = Linear(head, head_dtype or dtype, int4 and head_dtype is None)
-        self.norm = get("norm.weight").to(dtype)
+        self.lm_head = Linear(head, dtype, int4)
+        self.norm = get("norm.weight").float()
         self.layers = []
         for i in range(c.num_layers):
             p = f"layers.{i}."
@@ -164,83 +158,84 @@ class LlamaRunner:
             gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
             self.layers.append(
                 Layer(
-                    attn_norm=get(p + "input_layernorm.weight").to(dtype),
+                    attn_norm=get(p + "input_layernorm.weight").float(),
                     qkv=Linear(qkv, dtype, int4),
                     o=Linear(get(p + "self_attn.o_proj.weight"), dtype, int4),
-                    mlp_norm=get(p + "post_attention_layernorm.weight").to(dtype),
+                    mlp_norm=get(p + "post_attention_layernorm.weight").float(),
                     gate_up=Linear(gate_up, dtype, int4),
                     down=Linear(get(p + "mlp.down_proj.weight"), dtype, int4),
                 )
             )
-        shape = (c.num_layers, slots, c.num_kv_heads, self.context_length, c.head_dim)  # (L, S, K, P, D)
-        # Attention runs in float32 whatever the weights: torch's CPU attention took 18 us a layer in float32
-        # and 90 us in bfloat16 here (one decode row, 120 positions), and float32 keys are more exact too.
-        self.k_cache = torch.zeros(shape, dtype=torch.float32)
-        self.v_cache = torch.zeros(shape, dtype=torch.float32)
+        # Keys and values of every layer, slot and position: (L, 2, S, K, P, D). Attention (and rotation)
+        # run in float32 whatever the weights: torch's CPU attention took 18 us a layer in float32 and 90 us
+        # in bfloat16 here (one decode row, 120 positions), and float32 keys are more exact too.
+        shape = (c.num_layers, 2, slots, c.num_kv_heads, self.context_length, c.head_dim)
+        # Keys outside the slot axis: slots 0..B-1 of one layer's keys then fold into one batch axis for
+        # the attention matmuls without a copy.
+        self.kv_cache = torch.zeros(shape, dtype=torch.float32)
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
         angles = torch.outer(torch.arange(self.context_length, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (P, D), the non-interleaved (rotate-half) layout
-        self.cos, self.sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        self.cos, self.sin = angles.cos(), angles.sin()  # float32
 
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
         """Run token_ids for one sequence at positions start.. in its slot; the last position's logits."""
-        tokens = torch.tensor([token_ids])  # (1, T)
-        positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)  # (1, T)
-        end = start + len(token_ids)
-        keys = torch.arange(end)
-        mask = additive((keys[None, :] <= positions[0][:, None]).view(1, 1, len(token_ids), end))  # causal
-        logits = self._forward(tokens, positions, slice(slot, slot + 1), end, mask)
-        return logits[0].float().numpy()
+        t, end = len(token_ids), start + len(token_ids)
+        positions = torch.arange(start, end)  # (T,)
+        mask = additive((torch.arange(end)[None, :] <= positions[:, None]).view(1, 1, t, end))  # causal
+        return self._forward(torch.tensor(token_ids), positions, end, mask, slot)[0].float().numpy()
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], positions: list[int]) -> np.ndarray:
         """One token for each sequence in slots 0..B-1 at its position; logits (B, vocab) float32."""
-        b = len(token_ids)
-        tokens = torch.tensor(token_ids).view(b, 1)
-        pos = torch.tensor(positions).view(b, 1)
-        end = max(positions) + 1
-        mask = additive((torch.arange(end)[None, :] <= pos).view(b, 1, 1, end))  # each sees its own prefix
-        return self._forward(tokens, pos, slice(0, b), end, mask).float().numpy()
+        b, end = len(token_ids), max(positions) + 1
+        pos = torch.tensor(positions)  # (B,)
+        mask = additive((torch.arange(end)[None, :] <= pos[:, None]).view(b, 1, 1, end))  # each its own prefix
+        return self._forward(torch.tensor(token_ids), pos, end, mask, None).float().numpy()
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's cache to another slot (the engine compacts its running set)."""
-        self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
-        self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
+        self.kv_cache[:, :, dst, :, :length] = self.kv_cache[:, :, src, :, :length]
 
     def _forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slots: slice, end: int, mask: torch.Tensor
+        self, tokens: torch.Tensor, positions: torch.Tensor, end: int, mask: torch.Tensor, slot: int | None
     ) -> torch.Tensor:
+        """Logits for N new tokens: one per sequence in slots 0..N-1 (slot None, decode), or N of one slot.
+
+        Every per-token step works on (N, features) rows, so a decode step runs ~30 torch ops a layer: at
+        one row each op costs 2-5 us of dispatch, about as much as the int4 matmuls themselves. The residual
+        stream, norms, rotation and attention are float32 whatever the weights; only matmul inputs are cast.
+        """
         c = self.config
-        b, t = tokens.shape
-        x = F.embedding(tokens, self.embed)  # (B, T, C)
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (B, 1, T, D)
+        n = tokens.shape[0]
+        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        rope = q_width + kv_width  # queries and keys, rotated together
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (N, 1, D)
+        rows = torch.arange(n)
+        x = F.embedding(tokens, self.embed).float()  # (N, C)
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, c.rms_norm_eps)
-            qkv = layer.qkv(h)
-            kv_width = c.num_kv_heads * c.head_dim
-            q, k, v = qkv.split([c.num_heads * c.head_dim, kv_width, kv_width], -1)
-            q = rotate(q.view(b, t, c.num_heads, c.head_dim).transpose(1, 2), cos, sin).float()  # (B, H, T, D)
-            k = rotate(k.view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2), cos, sin).float()  # (B, K, T, D)
-            v = v.view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2).float()
-            k_cache, v_cache = self.k_cache[i, slots], self.v_cache[i, slots]  # views, (B, K, P, D)
-            if t == 1:
-                rows = torch.arange(b)
-                k_cache[rows, :, positions[:, 0]] = k[:, :, 0]
-                v_cache[rows, :, positions[:, 0]] = v[:, :, 0]
+            qkv = layer.qkv(F.rms_norm(x, x.shape[-1:], layer.attn_norm, c.rms_norm_eps)).float()  # (N, Q+2KV)
+            qk = qkv[:, :rope].view(n, c.num_heads + c.num_kv_heads, c.head_dim)
+            qkv[:, :rope] = rotate(qk, cos, sin).view(n, rope)
+            kv = qkv[:, q_width:].view(n, 2, c.num_kv_heads, c.head_dim)  # (N, 2, K, D)
+            cache = self.kv_cache[i]  # (2, S, K, P, D)
+            if slot is None:
+                cache[:, rows, :, positions] = kv
+                q = qkv[:, :q_width].view(n, c.num_heads, 1, c.head_dim)  # (B, H, 1, D)
+                k, v = cache[0, :n, :, :end], cache[1, :n, :, :end]  # (B, K, P, D)
             else:
-                start = int(positions[0, 0])
-                k_cache[:, :, start : start + t] = k
-                v_cache[:, :, start : start + t] = v
-            if t == 1 and b >= 8:
-                attn = decode_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], mask)
+                cache[:, slot, :, end - n : end] = kv.permute(1, 2, 0, 3)  # (2, K, T, D)
+                q = qkv[:, :q_width].view(1, n, c.num_heads, c.head_dim).transpose(1, 2)  # (1, H, T, D)
+                k, v = cache[0, slot : slot + 1, :, :end], cache[1, slot : slot + 1, :, :end]  # (1, K, P, D)
+            if slot is None and n >= 8:
+                attn = decode_attention(q, k, v, mask)
             else:
-                attn = F.scaled_dot_product_attention(
-                    q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask, enable_gqa=True
-                )  # (B, H, T, D)
-            x = x + layer.o(attn.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim).to(x.dtype))
-            h = rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, T, D)
+            x = x + layer.o(attn.transpose(1, 2).reshape(n, q_width))  # bfloat16 outputs add as float32
+            gate, up = layer.gate_up(F.rms_norm(x, x.shape[-1:], layer.mlp_norm, c.rms_norm_eps)).chunk(2, -1)
             x = x + layer.down(F.silu(gate) * up)
-        x = rms_norm(x[:, -1], self.norm, c.rms_norm_eps)  # (B, C): only the last position is sampled
-        return self.lm_head(x.to(self.lm_head.weight.dtype) if not self.lm_head.int4 else x)  # (B, vocab)
+        if slot is not None:
+            x = x[-1:]  # a prefill samples its last position only
+        x = F.rms_norm(x, x.shape[-1:], self.norm, c.rms_norm_eps)
+        return self.lm_head(x)  # (B, vocab)
