@@ -88,10 +88,13 @@ class Linear:
         return F.linear(x, self.weight)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half layout: x * cos + (-x2, x1) * sin, as (x2, x1) * (-sin, sin).
+
+    Rolling by half the head swaps the halves in one op; the sign lives in the table. Bit for bit the same
+    as the usual slice, negate and concatenate (negation is exact), in 4 ops instead of 7.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 def additive(visible: torch.Tensor) -> torch.Tensor:
@@ -176,7 +179,8 @@ class LlamaRunner:
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
         angles = torch.outer(torch.arange(self.context_length, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (P, D), the non-interleaved (rotate-half) layout
-        self.cos, self.sin = angles.cos(), angles.sin()  # float32
+        half = c.head_dim // 2
+        self.cos, self.sin = angles.cos(), torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], -1)
 
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
