@@ -75,6 +75,12 @@ class Engine:
         self.prefixes = PrefixCache([])
         self._queue: queue.Queue[_Slot] = queue.Queue(maxsize=max_queue)
         self._running: list[_Slot] = []
+        # Outputs of the current step, handed to their event loops together when it ends: one wake-up of
+        # a loop per step rather than one per sequence, since every wake-up contends for the GIL and the
+        # cores the model runs on.
+        self._outbox: list[
+            tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any], StepOutput | BaseException, Sequence]
+        ] = []
         self._wake = threading.Event()
         self._closed = False
         self._stats = EngineStats(0, 0, 0, 0, 0, 0)
@@ -121,11 +127,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
 
-        def emit(item: StepOutput | BaseException) -> None:
-            try:
-                loop.call_soon_threadsafe(outputs.put_nowait, item)
-            except RuntimeError:  # the caller's event loop is gone: nobody will read this sequence
-                seq.cancelled.set()
+        def emit(item: StepOutput | BaseException) -> None:  # on the engine's thread, which flushes each step
+            self._outbox.append((loop, outputs, item, seq))
 
         self.submit(seq, emit)
         try:
@@ -177,10 +180,25 @@ class Engine:
                 continue
             if self.batch_runner is not None:
                 self._batch_step(self.batch_runner)
+                self._flush()
             else:
                 assert self.seq_runner is not None
                 for slot in list(self._running):
                     self._step(self.seq_runner, slot)
+                    self._flush()
+
+    def _flush(self) -> None:
+        """Deliver this step's outputs: one call per event loop that has readers waiting."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any, Sequence]]] = {}
+        for loop, outputs, item, seq in self._outbox:
+            by_loop.setdefault(loop, []).append((outputs, item, seq))
+        self._outbox.clear()
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is gone: nobody will read these sequences
+                for _, _, seq in items:
+                    seq.cancelled.set()
 
     def _batch_step(self, runner: BatchRunner) -> None:
         """One prefill chunk, then one decode step for every sequence that has a token to feed."""
@@ -288,3 +306,8 @@ class Engine:
             self._running.remove(slot)
             self._stats.completed += 1
         slot.emit(out)
+
+
+def _deliver(items: list[tuple[asyncio.Queue[Any], Any, Sequence]]) -> None:
+    for outputs, item, _ in items:
+        outputs.put_nowait(item)
