@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import httpx
@@ -29,8 +29,10 @@ SERVER_LOGS: list[Path] = []  # the session server's log, shown under any test t
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
-    report: pytest.TestReport = yield
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
     if report.failed and "server_url" in getattr(item, "fixturenames", ()) and SERVER_LOGS:
         tail = SERVER_LOGS[0].read_text(errors="replace")[-6000:]
         report.sections.append(("fnserve server log (last 6000 characters)", tail))
