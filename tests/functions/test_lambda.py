@@ -110,11 +110,11 @@ def test_embeddings_handler_answers_api_gateway_v2() -> None:
 
 
 class RuntimeAPI(BaseHTTPRequestHandler):
-    """A stand-in for the Lambda Runtime API: hands out queued events, records responses."""
+    """A stand-in for the Lambda Runtime API: hands out queued events, records the answers."""
 
     protocol_version = "HTTP/1.1"
     events: list[dict[str, Any]] = []
-    responses: dict[str, Any] = {}
+    answers: dict[str, Any] = {}
     done = threading.Event()
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server API
@@ -140,7 +140,7 @@ class RuntimeAPI(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         length = int(self.headers.get("Content-Length", 0))
         payload = self.rfile.read(length) if length else b""
-        self.responses[self.path] = json.loads(payload) if payload else None
+        self.answers[self.path] = json.loads(payload) if payload else None
         self.send_response(202)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -151,7 +151,7 @@ class RuntimeAPI(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def runtime_api() -> Iterator[tuple[str, type[RuntimeAPI]]]:
-    RuntimeAPI.events, RuntimeAPI.responses = [], {}
+    RuntimeAPI.events, RuntimeAPI.answers = [], {}
     RuntimeAPI.done.clear()
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), RuntimeAPI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -175,15 +175,15 @@ def test_awslambdaric_runs_the_models_function_as_a_real_process(runtime_api: tu
     )
     try:
         deadline = time.monotonic() + 120
-        while len(api.responses) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        while len(api.answers) < 2 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
     finally:
         api.done.set()
         proc.kill()
         output = proc.communicate(timeout=30)[0]
-    first = api.responses.get("/2018-06-01/runtime/invocation/inv-1/response")
+    first = api.answers.get("/2018-06-01/runtime/invocation/inv-1/response")
     assert first is not None, f"no response from the runtime process:\n{output}"
     assert first["statusCode"] == 200
     assert [m["id"] for m in json.loads(first["body"])["data"]][0] == "smollm2-135m-instruct"
-    second = api.responses["/2018-06-01/runtime/invocation/inv-2/response"]
+    second = api.answers["/2018-06-01/runtime/invocation/inv-2/response"]
     assert json.loads(second["body"])["id"] == "smollm2-135m-instruct"

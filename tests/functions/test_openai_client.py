@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
-CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+CAPITAL: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +20,10 @@ def client(server_url: str) -> Iterator[OpenAI]:
 
 
 def test_chat_streamed_text_equals_plain_text_for_greedy(client: OpenAI) -> None:
-    plain = client.chat.completions.create(model="default", messages=CAPITAL, temperature=0)  # type: ignore[arg-type]
+    plain = client.chat.completions.create(model="default", messages=CAPITAL, temperature=0)
     stream = client.chat.completions.create(
         model="default",
-        messages=CAPITAL,  # type: ignore[arg-type]
+        messages=CAPITAL,
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
@@ -37,7 +38,7 @@ def test_chat_streamed_text_equals_plain_text_for_greedy(client: OpenAI) -> None
 
 
 def test_chat_n_two_seeded_choices_are_reproducible(client: OpenAI) -> None:
-    messages = [{"role": "user", "content": "Invent a name for a cat."}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Invent a name for a cat."}]
 
     def ask() -> list[str]:
         reply = client.chat.completions.create(
@@ -46,7 +47,7 @@ def test_chat_n_two_seeded_choices_are_reproducible(client: OpenAI) -> None:
             n=2,
             seed=11,
             temperature=1.0,
-            max_tokens=12,  # type: ignore[arg-type]
+            max_tokens=12,
         )
         assert [c.index for c in reply.choices] == [0, 1]
         assert 2 <= reply.usage.completion_tokens <= 24  # type: ignore[union-attr]  # both choices counted
@@ -58,11 +59,11 @@ def test_chat_n_two_seeded_choices_are_reproducible(client: OpenAI) -> None:
 
 
 def test_chat_stop_and_max_tokens(client: OpenAI) -> None:
-    full = client.chat.completions.create(model="default", messages=CAPITAL, temperature=0).choices[0]  # type: ignore[arg-type]
+    full = client.chat.completions.create(model="default", messages=CAPITAL, temperature=0).choices[0]
     assert full.message.content and " is " in full.message.content
-    cut = client.chat.completions.create(model="default", messages=CAPITAL, temperature=0, stop=[" is "]).choices[0]  # type: ignore[arg-type]
+    cut = client.chat.completions.create(model="default", messages=CAPITAL, temperature=0, stop=[" is "]).choices[0]
     assert cut.message.content == full.message.content.split(" is ")[0] and cut.finish_reason == "stop"
-    short = client.chat.completions.create(model="default", messages=CAPITAL, temperature=0, max_tokens=2)  # type: ignore[arg-type]
+    short = client.chat.completions.create(model="default", messages=CAPITAL, temperature=0, max_tokens=2)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2  # type: ignore[union-attr]
 
 
@@ -73,7 +74,7 @@ def test_chat_logprobs(client: OpenAI) -> None:
         temperature=0,
         max_tokens=4,
         logprobs=True,
-        top_logprobs=2,  # type: ignore[arg-type]
+        top_logprobs=2,
     )
     content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content is not None and len(content) == 4

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Literal, cast
 
 import numpy as np
 import pytest
@@ -31,18 +32,20 @@ Runner = ModelRunner | BatchRunner
 
 def greedy(runner: Runner, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
     if hasattr(runner, "decode"):  # a batch runner, driven for one sequence in slot 0
-        logits, position = runner.prefill(0, prompt, 0), len(prompt)
+        batch = cast(BatchRunner, runner)
+        logits, position = batch.prefill(0, prompt, 0), len(prompt)
 
         def step(token: int) -> np.ndarray:
             nonlocal position
             position += 1
-            return runner.decode([token], [position - 1])[0]
+            return batch.decode([token], [position - 1])[0]
     else:
-        cache = runner.new_cache()
-        logits = runner.forward(cache, prompt)
+        single = runner
+        cache = single.new_cache()
+        logits = single.forward(cache, prompt)
 
         def step(token: int) -> np.ndarray:
-            return runner.forward(cache, [token])
+            return single.forward(cache, [token])
 
     tokens, all_logits = [], []
     for _ in range(n):
@@ -58,7 +61,7 @@ def reference(catalog: ModelCatalog) -> ModelRunner:
     """transformers' own Llama on torch CPU, float32: what every other path must reproduce."""
     runner = select_backend(Settings(backend="cpu", engine="simple")).load(model_dir(catalog))
     assert not hasattr(runner, "decode")
-    return runner  # type: ignore[return-value]
+    return runner
 
 
 def assert_conforms(reference: Runner, other: Runner, smol: GenerationModel) -> None:
@@ -109,7 +112,11 @@ FAST_NEAR_TIE = 0.5  # the stated tolerance of bfloat16 and int4 against float32
     ("engine", "quantization"), [("simple", "none"), ("batched", "none"), ("batched", "int4")], ids=str
 )
 def test_bfloat16_and_int4_stay_within_the_stated_tolerance(
-    catalog: ModelCatalog, reference: ModelRunner, smol: GenerationModel, engine: str, quantization: str
+    catalog: ModelCatalog,
+    reference: ModelRunner,
+    smol: GenerationModel,
+    engine: Literal["batched", "simple"],
+    quantization: Literal["none", "int4"],
 ) -> None:
     """bfloat16 and int4 give float32's greedy tokens until a step where float32's top two are within 0.5."""
     settings = Settings(backend="cpu", dtype="bfloat16", engine=engine, quantization=quantization, max_model_len=512)
