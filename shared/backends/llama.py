@@ -169,18 +169,18 @@ class LlamaRunner:
                     down=Linear(get(p + "mlp.down_proj.weight"), dtype, int4),
                 )
             )
-        # Keys and values of every layer, slot and position: (L, 2, S, K, P, D). Attention (and rotation)
-        # run in float32 whatever the weights: torch's CPU attention took 18 us a layer in float32 and 90 us
-        # in bfloat16 here (one decode row, 120 positions), and float32 keys are more exact too.
+        # Keys and values of every layer, slot and position: (L, 2, S, K, P, D), float32 whatever the weights
+        # (torch's CPU attention took 18 us a layer in float32 and 90 us in bfloat16 for one decode row, and
+        # float32 keys are more exact too). Keys and values sit outside the slot axis, so one layer's slots
+        # 0..B-1 fold into one batch axis for the attention matmuls without a copy.
         shape = (c.num_layers, 2, slots, c.num_kv_heads, self.context_length, c.head_dim)
-        # Keys outside the slot axis: slots 0..B-1 of one layer's keys then fold into one batch axis for
-        # the attention matmuls without a copy.
         self.kv_cache = torch.zeros(shape, dtype=torch.float32)
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
         angles = torch.outer(torch.arange(self.context_length, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (P, D), the non-interleaved (rotate-half) layout
         half = c.head_dim // 2
-        self.cos, self.sin = angles.cos(), torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], -1)
+        self.cos = angles.cos()
+        self.signed_sin = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], -1)  # see rotate()
 
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
@@ -215,7 +215,7 @@ class LlamaRunner:
         n = tokens.shape[0]
         q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         rope = q_width + kv_width  # queries and keys, rotated together
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (N, 1, D)
+        cos, sin = self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)  # (N, 1, D)
         rows = torch.arange(n)
         x = F.embedding(tokens, self.embed).float()  # (N, C)
         for i, layer in enumerate(self.layers):
