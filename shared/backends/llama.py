@@ -195,7 +195,8 @@ class LlamaRunner:
         """One token for each sequence in slots 0..B-1 at its position; logits (B, vocab) float32."""
         b, end = len(token_ids), max(positions) + 1
         pos = torch.tensor(positions)  # (B,)
-        mask = additive((torch.arange(end)[None, :] <= pos[:, None]).view(b, 1, 1, end))  # each its own prefix
+        # Each row sees its own prefix; a lone row sees every position up to `end`, so it needs no mask.
+        mask = additive((torch.arange(end)[None, :] <= pos[:, None]).view(b, 1, 1, end)) if b > 1 else None
         return self._forward(torch.tensor(token_ids), pos, end, mask, None).float().numpy()
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
@@ -203,7 +204,7 @@ class LlamaRunner:
         self.kv_cache[:, :, dst, :, :length] = self.kv_cache[:, :, src, :, :length]
 
     def _forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, end: int, mask: torch.Tensor, slot: int | None
+        self, tokens: torch.Tensor, positions: torch.Tensor, end: int, mask: torch.Tensor | None, slot: int | None
     ) -> torch.Tensor:
         """Logits for N new tokens: one per sequence in slots 0..N-1 (slot None, decode), or N of one slot.
 
@@ -232,7 +233,7 @@ class LlamaRunner:
                 cache[:, slot, :, end - n : end] = kv.permute(1, 2, 0, 3)  # (2, K, T, D)
                 q = qkv[:, :q_width].view(1, n, c.num_heads, c.head_dim).transpose(1, 2)  # (1, H, T, D)
                 k, v = cache[0, slot : slot + 1, :, :end], cache[1, slot : slot + 1, :, :end]  # (1, K, P, D)
-            if slot is None and n >= 8:
+            if slot is None and n >= 8 and mask is not None:
                 attn = decode_attention(q, k, v, mask)
             else:
                 attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, T, D)
