@@ -50,15 +50,13 @@ class TorchBackend:
         self._dtype = dtype
         self.dtype = str(dtype).removeprefix("torch.")
         self.settings = settings
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
 
     def load(self, model_dir: Path) -> TorchRunner | LlamaRunner:
         """The batched Llama runner where it applies (CPU, Llama family), else transformers' own model."""
-        if self.settings.threads:
-            torch.set_num_threads(self.settings.threads)  # per thread under OpenMP: set it where the model runs
-        config = LlamaConfig.from_dir(model_dir)
         s = self.settings
+        if s.threads:
+            torch.set_num_threads(s.threads)  # per thread under OpenMP: set here, on the thread the model runs on
+        config = LlamaConfig.from_dir(model_dir)
         if config is not None and s.engine == "batched" and self.device.type == "cpu":
             return LlamaRunner(
                 model_dir,

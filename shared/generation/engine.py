@@ -252,7 +252,7 @@ class Engine:
             log.exception("generation failed in model %r", self.name)
             slot.seq.finished = True
             done.append(index)
-            slot.emit(exc if isinstance(exc, FnserveError) else FnserveError(f"generation failed: {exc}"))
+            slot.emit(_as_error(exc))
             return
         self._stats.generated_tokens += 1
         if slot.seq.finished:
@@ -261,7 +261,7 @@ class Engine:
 
     def _fail(self, indices: list[int], exc: Exception) -> None:
         log.exception("generation failed in model %r", self.name, exc_info=exc)
-        error = exc if isinstance(exc, FnserveError) else FnserveError(f"generation failed: {exc}")
+        error = _as_error(exc)
         for i in indices:
             self._running[i].emit(error)
             self._running[i].seq.finished = True
@@ -299,7 +299,7 @@ class Engine:
         except Exception as exc:
             log.exception("generation failed in model %r", self.name)
             self._running.remove(slot)
-            slot.emit(exc if isinstance(exc, FnserveError) else FnserveError(f"generation failed: {exc}"))
+            slot.emit(_as_error(exc))
             return
         self._stats.generated_tokens += 1
         if seq.finished:
@@ -311,3 +311,8 @@ class Engine:
 def _deliver(items: list[tuple[asyncio.Queue[Any], Any, Sequence]]) -> None:
     for outputs, item, _ in items:
         outputs.put_nowait(item)
+
+
+def _as_error(exc: Exception) -> FnserveError:
+    """What a sequence's reader gets when its step failed: the error itself if it is an API error."""
+    return exc if isinstance(exc, FnserveError) else FnserveError(f"generation failed: {exc}")
