@@ -82,7 +82,7 @@ class Settings(BaseSettings):
         description="batched: continuous batching over a static KV cache (Llama-family models on torch CPU); "
         "simple: one transformers forward per sequence and step (every architecture)",
     )
-    quantization: Literal["none", "int4"] = Field(
+    quantization: Literal["none", "int4", "int8"] = Field(
         default="none", description="int4: 4-bit weights (groups of 32) with bfloat16 activations, batched CPU engine"
     )
     max_model_len: int | None = Field(

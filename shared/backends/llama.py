@@ -12,13 +12,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from shared.backends.attention import decode_attention
+
 INT4_GROUP = 32
+_U8_ZERO = torch.tensor(128.0)
+Quantization = Literal["none", "int4", "int8"]
 
 
 @dataclass(frozen=True)
@@ -59,14 +64,22 @@ class LlamaConfig:
 
 
 class Linear:
-    """y = x @ W.T, with W dense (float32/bfloat16) or packed to int4 (groups of 32 along the input)."""
+    """y = x @ W.T, with W dense (float32/bfloat16), packed to int4, or int8 with int8 activations.
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, int4: bool) -> None:
+    - none: W in the model dtype, inputs cast to it.
+    - int4: asymmetric 4-bit weights in groups of 32 along the input, bfloat16 activations (torch's int4pack
+      kernel; fast with bfloat16 inputs only, 40x slower with float32).
+    - int8: symmetric 8-bit weights per output channel, and each input row quantized to 8 bits with its own
+      scale when it arrives; an integer matmul (VNNI) accumulates in int32, which is exact, so a row's result
+      does not depend on the other rows in the batch.
+    """
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, quantization: Quantization) -> None:
         self.out_features, self.in_features = weight.shape
-        self.int4 = int4 and self.in_features % INT4_GROUP == 0
-        # The int4 kernel is fast with bfloat16 activations only (40x slower with float32).
-        self.dtype = torch.bfloat16 if self.int4 else dtype  # what inputs are cast to, and outputs come in
-        if self.int4:
+        self.quantization = quantization
+        if quantization == "int4" and self.in_features % INT4_GROUP:
+            self.quantization = "none"
+        if self.quantization == "int4":
             # Asymmetric 4-bit per group: w = (q - 8) * scale + zero, q in 0..15 (torch's int4pack layout).
             w = weight.float().reshape(self.out_features, -1, INT4_GROUP)  # (N, K/G, G)
             lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
@@ -76,14 +89,29 @@ class Linear:
             zero = lo + 8 * scale
             sz = torch.cat([scale, zero], dim=-1).transpose(0, 1)  # (K/G, N, 2)
             self.scales_zeros = sz.contiguous().to(torch.bfloat16)
+            self.dtype = torch.bfloat16
+        elif self.quantization == "int8":
+            w = weight.float()
+            self.scale = w.abs().amax(1).clamp(min=1e-8) / 127  # (N,)
+            self.packed = torch.ops.onednn.qlinear_prepack((w / self.scale[:, None]).round().to(torch.int8), None)
+            self.zero_points = torch.zeros(self.out_features, dtype=torch.long)
+            self.dtype = torch.float32
         else:
             self.weight = weight.to(dtype).contiguous()
+            self.dtype = dtype  # what inputs are cast to, and outputs come in
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) in any float dtype; the result (N, out) in self.dtype."""
+        if self.quantization == "int8":
+            s = x.abs().amax(-1, keepdim=True).mul_(1 / 127).clamp_(min=1e-10)  # (N, 1)
+            q = torch.addcdiv(_U8_ZERO, x, s).round_().to(torch.uint8)  # (N, in): 128 + round(x / s), 1..255
+            y = torch.ops.onednn.qlinear_pointwise(
+                q, 1.0, 128, self.packed, self.scale, self.zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+            )
+            return y.mul_(s)
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
-        if self.int4:
+        if self.quantization == "int4":
             return torch._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scales_zeros)
         return F.linear(x, self.weight)
 
@@ -100,22 +128,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
 def additive(visible: torch.Tensor) -> torch.Tensor:
     """A boolean attention mask as the float32 one added to the scores: 0 where visible, -inf elsewhere."""
     return torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token per sequence, (B, H, 1, D), over its cached keys and values (B, K, P, D).
-
-    The mask is additive: 0 where a sequence sees a position, -inf past its own length.
-
-    Two batched matmuls with each kv head's query group as the rows. Against scaled_dot_product_attention's
-    CPU kernel here (200-400 positions): 320 vs 417 us a layer at 16 rows, 134 vs 146 at 8, but 38 vs 25 at
-    1 row, so the engine uses it from 8 rows up.
-    """
-    b, heads, _, d = q.shape
-    kv_heads = k.shape[1]
-    q = q.reshape(b, kv_heads, heads // kv_heads, d)  # (B, K, G, D): query head h reads kv head h // G
-    scores = torch.matmul(q, k.transpose(-1, -2)) * d**-0.5 + mask  # (B, K, G, P); mask (B, 1, 1, P)
-    return torch.matmul(scores.softmax(-1), v).view(b, heads, 1, d)
 
 
 @dataclass
@@ -137,7 +149,7 @@ class LlamaRunner:
         config: LlamaConfig,
         *,
         dtype: torch.dtype,
-        int4: bool,
+        quantization: Quantization,
         slots: int,
         max_len: int,
     ) -> None:
@@ -152,7 +164,7 @@ class LlamaRunner:
 
         self.embed = get("embed_tokens.weight").to(dtype)
         head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in w else w["lm_head.weight"]
-        self.lm_head = Linear(head, dtype, int4)
+        self.lm_head = Linear(head, dtype, quantization)
         self.norm = get("norm.weight").float()
         self.layers = []
         for i in range(c.num_layers):
@@ -162,11 +174,11 @@ class LlamaRunner:
             self.layers.append(
                 Layer(
                     attn_norm=get(p + "input_layernorm.weight").float(),
-                    qkv=Linear(qkv, dtype, int4),
-                    o=Linear(get(p + "self_attn.o_proj.weight"), dtype, int4),
+                    qkv=Linear(qkv, dtype, quantization),
+                    o=Linear(get(p + "self_attn.o_proj.weight"), dtype, quantization),
                     mlp_norm=get(p + "post_attention_layernorm.weight").float(),
-                    gate_up=Linear(gate_up, dtype, int4),
-                    down=Linear(get(p + "mlp.down_proj.weight"), dtype, int4),
+                    gate_up=Linear(gate_up, dtype, quantization),
+                    down=Linear(get(p + "mlp.down_proj.weight"), dtype, quantization),
                 )
             )
         # Keys and values of every layer, slot and position: (L, 2, S, K, P, D), float32 whatever the weights
@@ -175,6 +187,7 @@ class LlamaRunner:
         # 0..B-1 fold into one batch axis for the attention matmuls without a copy.
         shape = (c.num_layers, 2, slots, c.num_kv_heads, self.context_length, c.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=torch.float32)
+        self._kv_arrays = self.kv_cache.numpy()  # the same memory, for the decode attention kernel
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
         angles = torch.outer(torch.arange(self.context_length, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (P, D), the non-interleaved (rotate-half) layout
@@ -193,11 +206,8 @@ class LlamaRunner:
     @torch.inference_mode()
     def decode(self, token_ids: list[int], positions: list[int]) -> np.ndarray:
         """One token for each sequence in slots 0..B-1 at its position; logits (B, vocab) float32."""
-        b, end = len(token_ids), max(positions) + 1
         pos = torch.tensor(positions)  # (B,)
-        # Each row sees its own prefix; a lone row sees every position up to `end`, so it needs no mask.
-        mask = additive((torch.arange(end)[None, :] <= pos[:, None]).view(b, 1, 1, end)) if b > 1 else None
-        return self._forward(torch.tensor(token_ids), pos, end, mask, None).float().numpy()
+        return self._forward(torch.tensor(token_ids), pos, max(positions) + 1, None, None).float().numpy()
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's cache to another slot (the engine compacts its running set)."""
@@ -218,6 +228,8 @@ class LlamaRunner:
         rope = q_width + kv_width  # queries and keys, rotated together
         cos, sin = self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)  # (N, 1, D)
         rows = torch.arange(n)
+        lengths = positions.numpy() + 1  # decode: how many cached positions each row attends to
+        scale = np.float32(c.head_dim**-0.5)
         x = F.embedding(tokens, self.embed).float()  # (N, C)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(F.rms_norm(x, x.shape[-1:], layer.attn_norm, c.rms_norm_eps)).float()  # (N, Q+2KV)
@@ -227,17 +239,23 @@ class LlamaRunner:
             cache = self.kv_cache[i]  # (2, S, K, P, D)
             if slot is None:
                 cache[:, rows, :, positions] = kv
-                q = qkv[:, :q_width].view(n, c.num_heads, 1, c.head_dim)  # (B, H, 1, D)
-                k, v = cache[0, :n, :, :end], cache[1, :n, :, :end]  # (B, K, P, D)
+                q = qkv[:, :q_width].contiguous()  # (B, H * D)
+                attn = torch.empty_like(q)
+                decode_attention(
+                    q.numpy().reshape(n, c.num_kv_heads, -1, c.head_dim),  # (B, K, G, D), head h reads kv h // G
+                    self._kv_arrays[i, 0],
+                    self._kv_arrays[i, 1],
+                    lengths,
+                    attn.numpy().reshape(n, c.num_kv_heads, -1, c.head_dim),
+                    scale,
+                )
             else:
                 cache[:, slot, :, end - n : end] = kv.permute(1, 2, 0, 3)  # (2, K, T, D)
                 q = qkv[:, :q_width].view(1, n, c.num_heads, c.head_dim).transpose(1, 2)  # (1, H, T, D)
                 k, v = cache[0, slot : slot + 1, :, :end], cache[1, slot : slot + 1, :, :end]  # (1, K, P, D)
-            if slot is None and n >= 8 and mask is not None:
-                attn = decode_attention(q, k, v, mask)
-            else:
-                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, T, D)
-            x = x + layer.o(attn.transpose(1, 2).reshape(n, q_width))  # bfloat16 outputs add as float32
+                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (1, H, T, D)
+                attn = attn.transpose(1, 2).reshape(n, q_width)
+            x = x + layer.o(attn)  # bfloat16 outputs add as float32
             gate, up = layer.gate_up(F.rms_norm(x, x.shape[-1:], layer.mlp_norm, c.rms_norm_eps)).chunk(2, -1)
             x = x + layer.down(F.silu(gate) * up)
         if slot is not None:

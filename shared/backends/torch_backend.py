@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -56,13 +57,14 @@ class TorchBackend:
         s = self.settings
         if s.threads:
             torch.set_num_threads(s.threads)  # per thread under OpenMP: set here, on the thread the model runs on
+            numba.set_num_threads(min(s.threads, numba.get_num_threads()))  # the attention kernel's
         config = LlamaConfig.from_dir(model_dir)
         if config is not None and s.engine == "batched" and self.device.type == "cpu":
             return LlamaRunner(
                 model_dir,
                 config,
                 dtype=self._dtype,
-                int4=s.quantization == "int4",
+                quantization=s.quantization,
                 slots=s.max_running + s.prefix_cache_slots,
                 max_len=s.max_model_len or min(2048, config.max_position_embeddings),
             )
