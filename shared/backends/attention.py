@@ -1,7 +1,8 @@
 """Decode attention on CPU: one new query token per sequence over its own cached keys and values.
 
 A numba kernel, compiled on first use and cached on disk. Each (sequence, kv head) pair is one parallel task
-that streams that sequence's keys and values once, for all the query heads that share them, and reads only
+that rotates and stores its new key and value, then streams that sequence's keys and values once, for all
+the query heads that share them, and reads only
 the positions the sequence has (no padding to the longest sequence in the batch, no mask). Measured here
 against torch's batched matmuls over the padded cache (16 rows, 40-270 positions, 30 layers, cold cache):
 262 against 677 us a layer; one row: 6.4 against 22.3 us for scaled_dot_product_attention. A row's result
@@ -18,23 +19,53 @@ from numba import njit, prange
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def decode_attention(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray, out: np.ndarray, scale: np.float32
+    qkv: np.ndarray,
+    cos: np.ndarray,
+    signed_sin: np.ndarray,
+    positions: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    scale: np.float32,
 ) -> None:
-    """out[b, h, g] = softmax(q[b, h, g] . k[b, h, :n] * scale) @ v[b, h, :n], n = lengths[b].
+    """Rotary embedding, the cache write and attention of one decode step, for every row, in one call.
 
-    q, out: (B, K, G, D), the G query heads that read kv head K; k, v: (S >= B, K, P, D), float32.
+    qkv: (B, (H + 2K) * D), each row's projections as the qkv matmul gives them: H query heads, then K key
+    heads, then K value heads. Row b is the sequence in cache slot b at position positions[b]. Its key and value
+    are rotated and stored at that position of k, v: (S >= B, K, P, D), one layer's cache; then its query
+    heads attend over positions 0..positions[b]. out: (B, H * D). Query head h reads kv head h // (H / K).
+    cos, signed_sin: (P, D), the rotate-half tables (see llama.rotate).
     """
-    batch, kv_heads, group, dim = q.shape
+    batch = qkv.shape[0]
+    kv_heads, dim = k.shape[1], k.shape[3]
+    heads = out.shape[1] // dim
+    group = heads // kv_heads
+    half = dim // 2
     for task in prange(batch * kv_heads):
         b = task // kv_heads
         h = task - b * kv_heads
-        n = lengths[b]
+        pos = positions[b]
+        n = pos + 1
+        key, value = (heads + h) * dim, (heads + kv_heads + h) * dim
+        for d in range(half):
+            k[b, h, pos, d] = qkv[b, key + d] * cos[pos, d] + qkv[b, key + d + half] * signed_sin[pos, d]
+        for d in range(half, dim):
+            k[b, h, pos, d] = qkv[b, key + d] * cos[pos, d] + qkv[b, key + d - half] * signed_sin[pos, d]
+        for d in range(dim):
+            v[b, h, pos, d] = qkv[b, value + d]
+        q = np.empty((group, dim), np.float32)
+        for g in range(group):
+            query = (h * group + g) * dim
+            for d in range(half):
+                q[g, d] = qkv[b, query + d] * cos[pos, d] + qkv[b, query + d + half] * signed_sin[pos, d]
+            for d in range(half, dim):
+                q[g, d] = qkv[b, query + d] * cos[pos, d] + qkv[b, query + d - half] * signed_sin[pos, d]
         scores = np.empty((group, n), np.float32)
         for p in range(n):
             for g in range(group):
                 acc = np.float32(0.0)
                 for d in range(dim):
-                    acc += q[b, h, g, d] * k[b, h, p, d]
+                    acc += q[g, d] * k[b, h, p, d]
                 scores[g, p] = acc * scale
         for g in range(group):
             top = scores[g, 0]
@@ -53,4 +84,7 @@ def decode_attention(
                 w = scores[g, p]
                 for d in range(dim):
                     acc_out[g, d] += w * v[b, h, p, d]
-        out[b, h] = acc_out
+        for g in range(group):
+            query = (h * group + g) * dim
+            for d in range(dim):
+                out[b, query + d] = acc_out[g, d]

@@ -194,6 +194,7 @@ class LlamaRunner:
         half = c.head_dim // 2
         self.cos = angles.cos()
         self.signed_sin = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], -1)  # see rotate()
+        self._cos, self._sin = self.cos.numpy(), self.signed_sin.numpy()  # the same tables for decode_attention
 
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
@@ -218,38 +219,30 @@ class LlamaRunner:
     ) -> torch.Tensor:
         """Logits for N new tokens: one per sequence in slots 0..N-1 (slot None, decode), or N of one slot.
 
-        Every per-token step works on (N, features) rows, so a decode step runs ~30 torch ops a layer: at
-        one row each op costs 2-5 us of dispatch, about as much as the int4 matmuls themselves. The residual
-        stream, norms, rotation and attention are float32 whatever the weights; only matmul inputs are cast.
+        Every per-token step works on (N, features) rows. A decode step runs ~15 ops a layer (rotation, cache
+        write and attention are one numba call): at one row each op costs 2-5 us of dispatch, about as much as
+        the int4 matmuls themselves. The residual stream, norms, rotation and attention are float32 whatever
+        the weights; only matmul inputs are cast.
         """
         c = self.config
         n = tokens.shape[0]
         q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         rope = q_width + kv_width  # queries and keys, rotated together
-        cos, sin = self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)  # (N, 1, D)
-        rows = torch.arange(n)
-        lengths = positions.numpy() + 1  # decode: how many cached positions each row attends to
-        scale = np.float32(c.head_dim**-0.5)
+        pos, scale = positions.numpy(), np.float32(c.head_dim**-0.5)
+        if slot is not None:
+            cos, sin = self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)  # (N, 1, D)
         x = F.embedding(tokens, self.embed).float()  # (N, C)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(F.rms_norm(x, x.shape[-1:], layer.attn_norm, c.rms_norm_eps)).float()  # (N, Q+2KV)
-            qk = qkv[:, :rope].view(n, c.num_heads + c.num_kv_heads, c.head_dim)
-            qkv[:, :rope] = rotate(qk, cos, sin).view(n, rope)
-            kv = qkv[:, q_width:].view(n, 2, c.num_kv_heads, c.head_dim)  # (N, 2, K, D)
-            cache = self.kv_cache[i]  # (2, S, K, P, D)
-            if slot is None:
-                cache[:, rows, :, positions] = kv
-                q = qkv[:, :q_width].contiguous()  # (B, H * D)
-                attn = torch.empty_like(q)
-                decode_attention(
-                    q.numpy().reshape(n, c.num_kv_heads, -1, c.head_dim),  # (B, K, G, D), head h reads kv h // G
-                    self._kv_arrays[i, 0],
-                    self._kv_arrays[i, 1],
-                    lengths,
-                    attn.numpy().reshape(n, c.num_kv_heads, -1, c.head_dim),
-                    scale,
-                )
+            if slot is None:  # rotation, cache write and attention in one kernel call
+                attn = torch.empty(n, q_width)
+                cache_k, cache_v = self._kv_arrays[i]
+                decode_attention(qkv.numpy(), self._cos, self._sin, pos, cache_k, cache_v, attn.numpy(), scale)
             else:
+                qk = qkv[:, :rope].view(n, c.num_heads + c.num_kv_heads, c.head_dim)
+                qkv[:, :rope] = rotate(qk, cos, sin).view(n, rope)
+                kv = qkv[:, q_width:].view(n, 2, c.num_kv_heads, c.head_dim)  # (N, 2, K, D)
+                cache = self.kv_cache[i]  # (2, S, K, P, D)
                 cache[:, slot, :, end - n : end] = kv.permute(1, 2, 0, 3)  # (2, K, T, D)
                 q = qkv[:, :q_width].view(1, n, c.num_heads, c.head_dim).transpose(1, 2)  # (1, H, T, D)
                 k, v = cache[0, slot : slot + 1, :, :end], cache[1, slot : slot + 1, :, :end]  # (1, K, P, D)
