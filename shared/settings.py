@@ -82,8 +82,13 @@ class Settings(BaseSettings):
         description="batched: continuous batching over a static KV cache (Llama-family models on torch CPU); "
         "simple: one transformers forward per sequence and step (every architecture)",
     )
-    quantization: Literal["none", "int4", "int8"] = Field(
-        default="none", description="int4: 4-bit weights (groups of 32) with bfloat16 activations, batched CPU engine"
+    quantization: Literal["none", "int4", "int8", "mixed"] = Field(
+        default="none",
+        description=(
+            "batched CPU engine only. int4: 4-bit weights (groups of 32), bfloat16 activations; int8: 8-bit weights"
+            " and 8-bit activations (integer matmuls); mixed: int4 for decode steps of a few rows, int8 for larger"
+            " steps and prefill (fastest under load, ~200 MB of weights)"
+        ),
     )
     max_model_len: int | None = Field(
         default=None, ge=16, description="cap on a model's context length (batched engine: 2048 unless set)"

@@ -1,0 +1,35 @@
+"""The batched Llama runner on the embedded SmolLM2: what batching does and does not change."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pytest
+import torch
+
+from shared.backends.llama import LlamaConfig, LlamaRunner
+from shared.catalog import ModelCatalog
+from tests.shared.backends.test_conformance import model_dir
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_quantized_logits_of_a_row_do_not_depend_on_its_batch(
+    catalog: ModelCatalog, quantization: Literal["int4", "int8"]
+) -> None:
+    """int4 and int8 decode a sequence to the same bits alone and as one of 16 rows of different lengths."""
+    path = model_dir(catalog)
+    config = LlamaConfig.from_dir(path)
+    assert config is not None
+    runner = LlamaRunner(path, config, dtype=torch.bfloat16, quantization=quantization, slots=17, max_len=256)
+    lengths = [20 + 7 * i for i in range(16)]
+    for slot, length in enumerate(lengths):
+        runner.prefill(slot, list(range(100 + slot, 100 + slot + length)), 0)
+    tokens = [7 + i for i in range(16)]
+    batched = runner.decode(tokens, lengths)
+
+    runner.move_slot(5, 0, lengths[5])  # sequence 5, alone in slot 0 (its prefix; the batch step's write is redone)
+    alone = runner.decode([tokens[5]], [lengths[5]])
+
+    assert np.array_equal(alone[0], batched[5])
+    assert not np.array_equal(batched[5], batched[4])  # the rows are different sequences
