@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--configs", nargs="+", default=["float32", "bfloat16", "bfloat16+int4"], help="dtype, +int4 for 4-bit weights"
+        "--configs",
+        nargs="+",
+        default=["float32", "bfloat16", "bfloat16+int4"],
+        help="dtype, then +int4, +int8 or +mixed for quantized weights",
     )
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)

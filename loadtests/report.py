@@ -40,27 +40,38 @@ def _tokens_in(sample: dict[str, Any], t0: float, t1: float) -> float:
 
 def summarise(header: dict[str, Any], samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per step of the shape."""
-    rows, t0 = [], header["time"]
-    for index, step in enumerate(header["steps"]):
-        t1 = t0 + step["seconds"]
-        mine = [s for s in samples if s["step"] == index]
+    return summarise_rounds([(header, samples)])
+
+
+def summarise_rounds(rounds: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """One row per step, pooling the samples of several runs of the same shape (rounds against one server)."""
+    rows = []
+    starts = [header["time"] for header, _ in rounds]
+    for index, step in enumerate(rounds[0][0]["steps"]):
+        mine: list[dict[str, Any]] = []
+        tokens = 0.0
+        for r, (_, samples) in enumerate(rounds):
+            t0 = starts[r]
+            t1 = starts[r] = t0 + step["seconds"]
+            mine += [s for s in samples if s["step"] == index]
+            tokens += sum(_tokens_in(s, t0, t1) for s in samples if s["ok"])
+        seconds = step["seconds"] * len(rounds)
         ok = [s for s in mine if s["ok"]]
         streamed = [s for s in ok if s["kind"] == "stream_chat"]
         e2e = [s["end"] - s["start"] for s in ok]
         itl = [gap for s in streamed for gap in s.get("itl", [])]
         tpot = [s["tpot"] for s in streamed if s.get("tpot") is not None]
         ttft = [s["ttft"] for s in streamed]
-        tokens = sum(_tokens_in(s, t0, t1) for s in samples if s["ok"])
         rows.append(
             {
                 "users": step["users"],
-                "seconds": step["seconds"],
+                "seconds": seconds,
                 "requests": len(mine),
                 "completed": len(ok),
                 "failures": sum(1 for s in mine if not s["ok"] and s["status"] not in REJECTED),
                 "rejected": sum(1 for s in mine if not s["ok"] and s["status"] in REJECTED),
-                "output_tokens_per_s": tokens / step["seconds"],
-                "request_throughput": len(ok) / step["seconds"],
+                "output_tokens_per_s": tokens / seconds,
+                "request_throughput": len(ok) / seconds,
                 "ttft_p50": _pct(ttft, 50),
                 "ttft_p95": _pct(ttft, 95),
                 "tpot_p50": _pct(tpot, 50),
@@ -70,7 +81,6 @@ def summarise(header: dict[str, Any], samples: list[dict[str, Any]]) -> list[dic
                 "e2e_p95": _pct(e2e, 95),
             }
         )
-        t0 = t1
     return rows
 
 

@@ -4,10 +4,10 @@
     fnserve loadtest --url http://127.0.0.1:8000 --scenario smoke --compare http://127.0.0.1:8080
 
 Writes into --out (default loadtests/results/<time>/): for each target, Locust's CSV files and HTML report
-and the raw per-request samples (samples.jsonl); then summary.json (per step: users, requests, failures,
-rejected, output tokens/s, TTFT p50/p95, TPOT p50, ITL p50/p95, E2E p50/p95) and plot.png (throughput and
-TTFT against users). Exits 1 when the share of failed requests (429/503 included) passes --max-failure-rate,
-so it can gate a deploy.
+and the raw per-request samples (samples.jsonl; a folder per round with --rounds); then summary.json (per
+step: users, requests, failures, rejected, output tokens/s, TTFT p50/p95, TPOT p50, ITL p50/p95, E2E p50/p95,
+every round's samples pooled) and plot.png (throughput and TTFT against users). Exits 1 when the share of
+failed requests (429/503 included) passes --max-failure-rate, so it can gate a deploy.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 PROG = "fnserve loadtest"
 
 
-def run_target(name: str, url: str, model: str, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
-    """One Locust run against one server; its per-step summary."""
-    folder = out / name
+def run_target(
+    name: str, url: str, model: str, args: argparse.Namespace, folder: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One Locust run against one server: its header and per-request samples (also kept in `folder`)."""
     folder.mkdir(parents=True, exist_ok=True)
     samples = folder / "samples.jsonl"
     samples.unlink(missing_ok=True)
@@ -61,9 +62,8 @@ def run_target(name: str, url: str, model: str, args: argparse.Namespace, out: P
     if not samples.exists():
         raise SystemExit(f"locust wrote no samples for {name} ({url}); is the server up?")
     header, rows = report.load_samples(samples)
-    summary = report.summarise(header, rows)
-    print(report.table(summary, f"{name} ({time.perf_counter() - started:.0f} s)"), flush=True)
-    return summary
+    print(report.table(report.summarise(header, rows), f"{name} ({time.perf_counter() - started:.0f} s)"), flush=True)
+    return header, rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", metavar="URL2", help="run the same scenario against a second server")
     parser.add_argument("--compare-model", default="default")
     parser.add_argument("--names", default="fnserve,peer", help="labels of the two targets")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="with --compare: run the scenario this many times on each, alternating"
+    )
     parser.add_argument("--max-failure-rate", type=float, default=0.01)
     parser.add_argument("--stop-timeout", type=float, default=30, help="seconds running requests get to finish")
     parser.add_argument("--out", type=Path, default=None)
@@ -94,9 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("loadtests/results") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     names = args.names.split(",")
-    runs = {names[0]: run_target(names[0], args.url, args.model, args, out)}
+    targets = [(names[0], args.url, args.model)]
     if args.compare:
-        runs[names[1]] = run_target(names[1], args.compare, args.compare_model, args, out)
+        targets.append((names[1], args.compare, args.compare_model))
+    rounds = max(1, args.rounds) if args.compare else 1
+    # Rounds alternate between the servers, so a slow spell of a shared machine falls on both alike.
+    samples: dict[str, list[tuple[dict[str, Any], list[dict[str, Any]]]]] = {name: [] for name, _, _ in targets}
+    for r in range(rounds):
+        for name, url, model in targets:
+            folder = out / name if rounds == 1 else out / name / f"round-{r + 1}"
+            samples[name].append(run_target(name, url, model, args, folder))
+    runs = {name: report.summarise_rounds(pooled) for name, pooled in samples.items()}
+    if args.compare:
+        if rounds > 1:
+            for name in names[:2]:
+                print("\n" + report.table(runs[name], f"{name}, {rounds} rounds pooled"))
         print("\n" + report.comparison(runs[names[0]], runs[names[1]], (names[0], names[1])))
     (out / "summary.json").write_text(json.dumps({"scenario": args.scenario, "runs": runs}, indent=2))
     report.plot(runs, out / "plot.png")

@@ -47,3 +47,17 @@ def test_comparison_prints_ratios() -> None:
     peer = report.summarise(HEADER, [sample(0, 101.0, 101.4, 103.0, 41)])
     text = report.comparison(ours, peer, ("fnserve", "peer"))
     assert "0.50" in text  # TTFT p95 ratio: 200 ms against 400 ms
+
+
+def test_rounds_pool_their_samples_step_by_step() -> None:
+    """Two runs of the same shape at different times: tokens over both runs' seconds, latencies pooled."""
+    later = {**HEADER, "time": 500.0}
+    rounds = [
+        (HEADER, [sample(0, 101.0, 101.5, 105.5, 41), sample(1, 111.0, 112.0, 114.0, 21)]),
+        (later, [sample(0, 501.0, 502.5, 506.5, 81), sample(1, 511.0, 511.5, 512.5, 11)]),
+    ]
+    first, second = report.summarise_rounds(rounds)
+    assert (first["requests"], first["seconds"]) == (2, 20)
+    assert first["output_tokens_per_s"] == pytest.approx((41 + 81) / 20)
+    assert first["ttft_p50"] == pytest.approx(1.0)  # 0.5 s and 1.5 s
+    assert second["output_tokens_per_s"] == pytest.approx((21 + 11) / 20)
