@@ -34,6 +34,15 @@ class ModelRunner(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt tokens of the sequence in `slot`, at positions start.."""
+
+    slot: int
+    token_ids: list[int]
+    start: int
+
+
 class BatchRunner(Protocol):
     """A model that steps many sequences together over a KV cache of fixed slots it owns.
 
@@ -42,6 +51,12 @@ class BatchRunner(Protocol):
 
     context_length: int
     slots: int
+
+    def step(
+        self, token_ids: list[int], positions: list[int], chunk: Chunk | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """decode and prefill in one pass over the weights: (decode logits, the chunk's last logits or None)."""
+        ...
 
     def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
         """Run token_ids of one sequence at positions start..; the last position's logits, (vocab,)."""

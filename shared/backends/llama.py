@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from shared.backends import Chunk
 from shared.backends.attention import decode_attention
 
 INT4_GROUP = 32
@@ -217,62 +218,82 @@ class LlamaRunner:
         self.signed_sin = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], -1)  # see rotate()
         self._cos, self._sin = self.cos.numpy(), self.signed_sin.numpy()  # the same tables for decode_attention
 
-    @torch.inference_mode()
     def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
         """Run token_ids for one sequence at positions start.. in its slot; the last position's logits."""
-        t, end = len(token_ids), start + len(token_ids)
-        positions = torch.arange(start, end)  # (T,)
-        mask = additive((torch.arange(end)[None, :] <= positions[:, None]).view(1, 1, t, end))  # causal
-        return self._forward(torch.tensor(token_ids), positions, end, mask, slot)[0].float().numpy()
+        logits = self.step([], [], Chunk(slot, token_ids, start))[1]
+        assert logits is not None
+        return logits
 
-    @torch.inference_mode()
     def decode(self, token_ids: list[int], positions: list[int]) -> np.ndarray:
         """One token for each sequence in slots 0..B-1 at its position; logits (B, vocab) float32."""
-        pos = torch.tensor(positions)  # (B,)
-        return self._forward(torch.tensor(token_ids), pos, max(positions) + 1, None, None).float().numpy()
+        return self.step(token_ids, positions, None)[0]
+
+    @torch.inference_mode()
+    def step(
+        self, token_ids: list[int], positions: list[int], chunk: Chunk | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A decode token for each of slots 0..B-1 and a prompt chunk of one slot, in one pass over the weights.
+
+        Returns the decode rows' logits (B, vocab) and the chunk's last position's logits (vocab,), or None.
+        A few decode rows read every weight anyway, so a chunk that rides along costs little more than the
+        rows it adds (and with `mixed`, from 8 rows the whole step uses the faster int8 matmuls).
+        """
+        if max(positions, default=0) >= self.context_length or (
+            chunk and chunk.start + len(chunk.token_ids) > self.context_length
+        ):
+            raise ValueError(f"positions past the KV cache's {self.context_length}")
+        b = len(token_ids)
+        logits = self._forward(token_ids, np.asarray(positions, dtype=np.int64), chunk).float().numpy()
+        return logits[:b], (logits[b] if chunk else None)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's cache to another slot (the engine compacts its running set)."""
         self.kv_cache[:, :, dst, :, :length] = self.kv_cache[:, :, src, :, :length]
 
-    def _forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, end: int, mask: torch.Tensor | None, slot: int | None
-    ) -> torch.Tensor:
-        """Logits for N new tokens: one per sequence in slots 0..N-1 (slot None, decode), or N of one slot.
+    def _forward(self, token_ids: list[int], positions: np.ndarray, chunk: Chunk | None) -> torch.Tensor:
+        """Logits for B decode rows (slots 0..B-1, one token each) and the last token of a prompt chunk.
 
-        Every per-token step works on (N, features) rows. A decode step runs ~15 ops a layer (rotation, cache
-        write and attention are one numba call): at one row each op costs 2-5 us of dispatch, about as much as
-        the int4 matmuls themselves. The residual stream, norms, rotation and attention are float32 whatever
-        the weights; only matmul inputs are cast.
+        Every per-token step works on (N, features) rows, decode rows first, then the chunk's. A decode step
+        runs ~15 ops a layer (rotation, cache write and attention are one numba call): at one row each op
+        costs 2-5 us of dispatch, about as much as the int4 matmuls themselves. The residual stream, norms,
+        rotation and attention are float32 whatever the weights; only matmul inputs are cast.
         """
         c = self.config
-        n = tokens.shape[0]
-        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        rope = q_width + kv_width  # queries and keys, rotated together
-        pos, scale = positions.numpy(), np.float32(c.head_dim**-0.5)
-        if slot is not None:
-            cos, sin = self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)  # (N, 1, D)
-        x = F.embedding(tokens, self.embed).float()  # (N, C)
+        b, t = len(token_ids), len(chunk.token_ids) if chunk else 0
+        q_width, scale = c.num_heads * c.head_dim, np.float32(c.head_dim**-0.5)
+        x = F.embedding(torch.tensor(token_ids + (chunk.token_ids if chunk else [])), self.embed).float()
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(F.rms_norm(x, x.shape[-1:], layer.attn_norm, c.rms_norm_eps)).float()  # (N, Q+2KV)
-            if slot is None:  # rotation, cache write and attention in one kernel call
-                attn = torch.empty(n, q_width)
+            attn = torch.empty(b + t, q_width)
+            if b:  # rotation, cache write and attention of the decode rows in one kernel call
                 cache_k, cache_v = self._kv_arrays[i]
-                decode_attention(qkv.numpy(), self._cos, self._sin, pos, cache_k, cache_v, attn.numpy(), scale)
-            else:
-                qk = qkv[:, :rope].view(n, c.num_heads + c.num_kv_heads, c.head_dim)
-                qkv[:, :rope] = rotate(qk, cos, sin).view(n, rope)
-                kv = qkv[:, q_width:].view(n, 2, c.num_kv_heads, c.head_dim)  # (N, 2, K, D)
-                cache = self.kv_cache[i]  # (2, S, K, P, D)
-                cache[:, slot, :, end - n : end] = kv.permute(1, 2, 0, 3)  # (2, K, T, D)
-                q = qkv[:, :q_width].view(1, n, c.num_heads, c.head_dim).transpose(1, 2)  # (1, H, T, D)
-                k, v = cache[0, slot : slot + 1, :, :end], cache[1, slot : slot + 1, :, :end]  # (1, K, P, D)
-                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (1, H, T, D)
-                attn = attn.transpose(1, 2).reshape(n, q_width)
+                decode_attention(
+                    qkv[:b].numpy(), self._cos, self._sin, positions, cache_k, cache_v, attn[:b].numpy(), scale
+                )
+            if chunk:  # after the decode rows: a placeholder row of the chunk's slot never overwrites it
+                attn[b:] = self._attend_chunk(i, qkv[b:], chunk)
             x = x + layer.o(attn)  # bfloat16 outputs add as float32
             gate, up = layer.gate_up(F.rms_norm(x, x.shape[-1:], layer.mlp_norm, c.rms_norm_eps)).chunk(2, -1)
             x = x + layer.down(F.silu(gate) * up)
-        if slot is not None:
-            x = x[-1:]  # a prefill samples its last position only
+        if chunk:
+            x = torch.cat([x[:b], x[-1:]])  # a chunk samples its last position only
         x = F.rms_norm(x, x.shape[-1:], self.norm, c.rms_norm_eps)
         return self.lm_head(x)  # (B, vocab)
+
+    def _attend_chunk(self, layer: int, qkv: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        """Causal attention of a prompt chunk, (T, Q+2KV) -> (T, Q), after writing its keys and values."""
+        c = self.config
+        t, start = qkv.shape[0], chunk.start
+        end = start + t
+        q_width, rope = c.num_heads * c.head_dim, (c.num_heads + c.num_kv_heads) * c.head_dim
+        positions = torch.arange(start, end)  # (T,)
+        cos, sin = self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)  # (T, 1, D)
+        qkv[:, :rope] = rotate(qkv[:, :rope].view(t, -1, c.head_dim), cos, sin).view(t, rope)  # queries and keys
+        kv = qkv[:, q_width:].view(t, 2, c.num_kv_heads, c.head_dim)  # (T, 2, K, D)
+        cache = self.kv_cache[layer]  # (2, S, K, P, D)
+        cache[:, chunk.slot, :, start:end] = kv.permute(1, 2, 0, 3)  # (2, K, T, D)
+        q = qkv[:, :q_width].view(1, t, c.num_heads, c.head_dim).transpose(1, 2)  # (1, H, T, D)
+        k, v = cache[0, chunk.slot : chunk.slot + 1, :, :end], cache[1, chunk.slot : chunk.slot + 1, :, :end]
+        mask = additive((torch.arange(end)[None, :] <= positions[:, None]).view(1, 1, t, end))  # causal
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (1, H, T, D)
+        return attn.transpose(1, 2).reshape(t, q_width)

@@ -1,11 +1,12 @@
 """The engine: an admission queue and a scheduler thread that runs the model for every running sequence.
 
-With a BatchRunner it batches continuously: each step runs one prefill chunk (so a long prompt never stalls
-the others for long) and one decode step for every running sequence together; new requests join between steps
-and finished ones leave. Other runners (transformers' models for other architectures, MLX) step each running
-sequence in turn. Model compute runs on the engine's own thread, never on the event loop, so health checks and
-new connections are answered while the model works. Callers consume an async iterator of StepOutput; closing
-it cancels the sequence, which leaves the running set before the next step.
+With a BatchRunner it batches continuously: each step is one forward pass that runs a decode token for every
+running sequence together with one prompt chunk (so a long prompt never stalls the others for long, and the
+chunk shares the pass over the weights); new requests join between steps and finished ones leave. Other
+runners (transformers' models for other architectures, MLX) step each running sequence in turn. Model compute
+runs on the engine's own thread, never on the event loop, so health checks and new connections are answered
+while the model works. Callers consume an async iterator of StepOutput; closing it cancels the sequence,
+which leaves the running set before the next step.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shared.backends import BatchRunner, ModelRunner
+from shared.backends import BatchRunner, Chunk, ModelRunner
 from shared.errors import FnserveError, OverloadedError
 from shared.generation.prefix_cache import PrefixCache
 from shared.generation.sequence import Sequence, StepOutput
@@ -201,10 +202,11 @@ class Engine:
                     seq.cancelled.set()
 
     def _batch_step(self, runner: BatchRunner) -> None:
-        """One prefill chunk, then one decode step for every sequence that has a token to feed."""
+        """One forward pass: a decode token for every sequence that has one, and one prompt chunk."""
         running = self._running
         self._remove([i for i, s in enumerate(running) if s.seq.cancelled.is_set()], cancelled=True)
         done: list[int] = []
+        chunk: Chunk | None = None
         pending = next((i for i, s in enumerate(running) if s.prefilled < len(s.seq.prompt_ids)), None)
         if pending is not None:
             slot = running[pending]
@@ -215,34 +217,32 @@ class Engine:
                 slot.prefilled = slot.length = reuse
                 self._stats.prefix_hits += 1
                 self._stats.prefix_tokens += reuse
-            chunk = prompt[slot.prefilled : slot.prefilled + self.prefill_chunk]
-            try:
-                logits = runner.prefill(pending, chunk, slot.prefilled)
-            except Exception as exc:
-                self._fail([pending], exc)
-                return
-            slot.prefilled += len(chunk)
-            slot.length = slot.prefilled
-            self._stats.prompt_tokens += len(chunk)
-            if slot.prefilled == len(prompt):
-                if (keep := self.prefixes.store(prompt)) is not None:
-                    runner.move_slot(pending, keep, len(prompt))
-                self._emit(slot, logits, pending, done)
-        ready = [i for i, s in enumerate(running) if s.seq.output_ids and i not in done]
-        if ready:
-            n = ready[-1] + 1
-            # Rows of sequences still in prefill are placeholders: their cache entry at `length` is written
-            # again by their next prefill chunk, and their logits are ignored.
-            tokens = [s.seq.output_ids[-1] if s.seq.output_ids else 0 for s in running[:n]]
-            positions = [s.length for s in running[:n]]
-            try:
-                logits = runner.decode(tokens, positions)
-            except Exception as exc:
-                self._fail(ready, exc)
-                return
-            for i in ready:
-                running[i].length += 1
-                self._emit(running[i], logits[i], i, done)
+            chunk = Chunk(pending, prompt[slot.prefilled : slot.prefilled + self.prefill_chunk], slot.prefilled)
+        ready = [i for i, s in enumerate(running) if s.seq.output_ids]
+        n = ready[-1] + 1 if ready else 0
+        # Rows of sequences still in prefill are placeholders: their logits are ignored, and the cache entry
+        # they write, just past what their prompt has filled (this step's chunk included), is written again
+        # by their next chunk.
+        tokens = [s.seq.output_ids[-1] if s.seq.output_ids else 0 for s in running[:n]]
+        positions = [s.length for s in running[:n]]
+        if chunk is not None and pending is not None and pending < n:
+            positions[pending] += len(chunk.token_ids)
+        try:
+            logits, chunk_logits = runner.step(tokens, positions, chunk)
+        except Exception as exc:
+            self._fail(ready + ([pending] if pending is not None else []), exc)
+            return
+        if chunk is not None and pending is not None:
+            slot = running[pending]
+            slot.prefilled = slot.length = chunk.start + len(chunk.token_ids)
+            self._stats.prompt_tokens += len(chunk.token_ids)
+            if slot.prefilled == len(slot.seq.prompt_ids):
+                if (keep := self.prefixes.store(slot.seq.prompt_ids)) is not None:
+                    runner.move_slot(pending, keep, slot.prefilled)
+                self._emit(slot, chunk_logits, pending, done)
+        for i in ready:
+            running[i].length += 1
+            self._emit(running[i], logits[i], i, done)
         self._remove(done, cancelled=False)
 
     def _emit(self, slot: _Slot, logits: Any, index: int, done: list[int]) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from shared.backends import Chunk
 from shared.backends.llama import LlamaConfig, LlamaRunner
 from shared.catalog import ModelCatalog
 from tests.shared.backends.test_conformance import model_dir
@@ -33,3 +34,27 @@ def test_quantized_logits_of_a_row_do_not_depend_on_its_batch(
 
     assert np.array_equal(alone[0], batched[5])
     assert not np.array_equal(batched[5], batched[4])  # the rows are different sequences
+
+
+def test_a_prompt_chunk_riding_along_a_decode_step_changes_nothing(catalog: ModelCatalog) -> None:
+    """int8: one pass with 4 decode rows and a 30-token chunk gives the bits of the two passes apart."""
+    path = model_dir(catalog)
+    config = LlamaConfig.from_dir(path)
+    assert config is not None
+    runner = LlamaRunner(path, config, dtype=torch.float32, quantization="int8", slots=6, max_len=256)
+    lengths = [12, 40, 25, 33]
+    for slot, length in enumerate(lengths):
+        runner.prefill(slot, list(range(200 + slot, 200 + slot + length)), 0)
+    tokens, prompt = [11, 12, 13, 14], list(range(300, 330))
+
+    decoded, chunk_logits = runner.step(tokens, lengths, Chunk(4, prompt, 0))
+    apart_chunk = runner.prefill(5, prompt, 0)
+    apart_decoded = runner.decode(tokens, lengths)  # rewrites the same cache entries with the same values
+
+    assert chunk_logits is not None
+    assert np.array_equal(decoded, apart_decoded)
+    assert np.array_equal(chunk_logits, apart_chunk)
+    # The chunk filled slot 4's cache as the prefill apart filled slot 5: both continue alike.
+    token = int(np.argmax(chunk_logits))
+    after = runner.decode([*tokens, token, token], [n + 1 for n in lengths] + [len(prompt)] * 2)
+    assert np.array_equal(after[4], after[5])
