@@ -217,6 +217,7 @@ class LlamaRunner:
         self.cos = angles.cos()
         self.signed_sin = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], -1)  # see rotate()
         self._cos, self._sin = self.cos.numpy(), self.signed_sin.numpy()  # the same tables for decode_attention
+        self.decode([0], [0])  # compiles the attention kernel now (or loads it from numba's cache), not on a request
 
     def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
         """Run token_ids for one sequence at positions start.. in its slot; the last position's logits."""
