@@ -1,12 +1,14 @@
-"""Decode attention on CPU: one new query token per sequence over its own cached keys and values.
+"""numba kernels of the batched Llama runner on CPU, compiled on first use and cached on disk.
 
-A numba kernel, compiled on first use and cached on disk. Each (sequence, kv head) pair is one parallel task
-that rotates and stores its new key and value, then streams that sequence's keys and values once, for all
-the query heads that share them, and reads only
-the positions the sequence has (no padding to the longest sequence in the batch, no mask). Measured here
-against torch's batched matmuls over the padded cache (16 rows, 40-270 positions, 30 layers, cold cache):
-262 against 677 us a layer; one row: 6.4 against 22.3 us for scaled_dot_product_attention. A row's result
-depends on its own inputs only, so batching does not change it.
+decode_attention: one new query token per sequence over its own cached keys and values. Each (sequence, kv
+head) pair is one parallel task that rotates and stores its new key and value, then streams that sequence's
+keys and values once, for all the query heads that share them, and reads only the positions the sequence has
+(no padding to the longest sequence in the batch, no mask). Measured here against torch's batched matmuls over
+the padded cache (16 rows, 40-270 positions, 30 layers, cold cache): 262 against 677 us a layer; one row: 6.4
+against 22.3 us for scaled_dot_product_attention. A row's result depends on its own inputs only, so batching
+does not change it.
+
+quantize_rows: the int8 matmuls' inputs, row by row.
 """
 
 from __future__ import annotations
@@ -88,3 +90,26 @@ def decode_attention(
             query = (h * group + g) * dim
             for d in range(dim):
                 out[b, query + d] = acc_out[g, d]
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of x (N, K) float32 to 8 bits with its own scale: (128 + round(x / s) as uint8, s (N, 1)).
+
+    s = max |x| / 127 over the row, so |round(x / s)| <= 127. One call instead of the seven torch ops it takes
+    (abs, amax, scale, clamp, divide and shift, round, cast): 7.6 against 24.5 us for 16 x 576 here, which at
+    four matmul inputs a layer is ~2 ms of a 16-row decode step.
+    """
+    n, k = x.shape
+    q = np.empty((n, k), np.uint8)
+    s = np.empty((n, 1), np.float32)
+    for i in range(n):
+        top = np.float32(0.0)
+        for j in range(k):
+            top = max(top, abs(x[i, j]))
+        scale = max(top / np.float32(127.0), np.float32(1e-10))
+        inv = np.float32(1.0) / scale
+        for j in range(k):
+            q[i, j] = np.uint8(np.int32(np.rint(x[i, j] * inv)) + 128)
+        s[i, 0] = scale
+    return q, s

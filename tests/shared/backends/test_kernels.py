@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.backends.attention import decode_attention
+from shared.backends.kernels import decode_attention, quantize_rows
 from shared.backends.llama import rotate
 
 HEADS, KV_HEADS, DIM, SLOTS, MAX_LEN = 9, 3, 64, 6, 64
@@ -53,3 +53,15 @@ def test_each_row_attends_over_its_own_positions_with_its_kv_heads() -> None:
     torch.testing.assert_close(k_cache, want_k, atol=1e-6, rtol=1e-6)  # written at each row's position only
     assert torch.equal(v_cache, want_v)
     assert torch.equal(k_cache[rows:], want_k[rows:])  # slots past the batch are untouched
+
+
+def test_rows_quantize_to_8_bits_each_with_its_own_scale() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 96)).astype(np.float32) * np.array([[1], [10], [0.01], [3], [0]], dtype=np.float32)
+    q, s = quantize_rows(x)
+    assert q.dtype == np.uint8 and s.shape == (5, 1)
+    values = q.astype(np.int32) - 128
+    np.testing.assert_allclose(s[:4, 0], np.abs(x[:4]).max(axis=1) / 127, rtol=1e-6)
+    assert (np.abs(values[:4]).max(axis=1) == 127).all()  # each row uses the whole range
+    assert (np.abs(values * s - x) <= s * 0.5001).all()  # within half a step of its own row's scale
+    assert (values[4] == 0).all()  # a row of zeros stays zeros (no division by zero)
