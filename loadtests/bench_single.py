@@ -1,6 +1,6 @@
 """Single-stream decode speed and cold start, fnserve against llama.cpp's llama-server on the same GGUF.
 
-    python -m loadtests.bench_single [--configs float32 bfloat16 bfloat16+int4] [--tokens 128] [--runs 3]
+    python -m loadtests.bench_single [--configs float32 bfloat16+int4 bfloat16+mixed] [--tokens 128] [--runs 3]
 
 Starts each server as a real process on 127.0.0.1 and measures:
 - cold start: process start -> first streamed token of the first request, and resident memory after it
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--configs",
         nargs="+",
-        default=["float32", "bfloat16", "bfloat16+int4"],
+        default=["float32", "bfloat16+int4", "bfloat16+mixed"],
         help="dtype, then +int4, +int8 or +mixed for quantized weights",
     )
     parser.add_argument("--tokens", type=int, default=128)
