@@ -94,6 +94,8 @@ class Linear:
         elif self.quantization == "int8":
             w = weight.float()
             self.scale = w.abs().amax(1).clamp(min=1e-8) / 127  # (N,)
+            if not hasattr(torch.ops.onednn, "qlinear_prepack"):  # e.g. a torch build without oneDNN
+                raise RuntimeError("int8 and mixed quantization need torch's oneDNN int8 kernels (x86 builds)")
             self.packed = torch.ops.onednn.qlinear_prepack((w / self.scale[:, None]).round().to(torch.int8), None)
             self.zero_points = torch.zeros(self.out_features, dtype=torch.long)
             self.dtype = torch.float32
