@@ -9,6 +9,8 @@ against 22.3 us for scaled_dot_product_attention. A row's result depends on its 
 does not change it.
 
 quantize_rows: the int8 matmuls' inputs, row by row.
+
+rms_norm: RMSNorm of rows, one call instead of the composite of ~6 ops torch runs on CPU.
 """
 
 from __future__ import annotations
@@ -113,3 +115,21 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             q[i, j] = np.uint8(np.int32(np.rint(x[i, j] * inv)) + 128)
         s[i, 0] = scale
     return q, s
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
+    """weight * x / sqrt(mean(x ** 2) + eps) for each row of x (N, C), float32, as Llama's RMSNorm.
+
+    torch's CPU rms_norm is a composite of ~6 ops, 17 us a call at one row here: 1 ms of a 5.5 ms int4 step.
+    """
+    n, c = x.shape
+    out = np.empty((n, c), np.float32)
+    for i in range(n):
+        acc = np.float32(0.0)
+        for j in range(c):
+            acc += x[i, j] * x[i, j]
+        inv = np.float32(1.0) / np.sqrt(acc / np.float32(c) + eps)
+        for j in range(c):
+            out[i, j] = weight[j] * (x[i, j] * inv)
+    return out

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from shared.backends import Chunk
-from shared.backends.kernels import decode_attention, quantize_rows
+from shared.backends.kernels import decode_attention, quantize_rows, rms_norm
 
 INT4_GROUP = 32
 Quantization = Literal["none", "int4", "int8", "mixed"]
@@ -155,10 +155,10 @@ def additive(visible: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Layer:
-    attn_norm: torch.Tensor
+    attn_norm: np.ndarray
     qkv: Linear | MixedLinear
     o: Linear | MixedLinear
-    mlp_norm: torch.Tensor
+    mlp_norm: np.ndarray
     gate_up: Linear | MixedLinear
     down: Linear | MixedLinear
 
@@ -188,7 +188,8 @@ class LlamaRunner:
         self.embed = get("embed_tokens.weight").to(dtype)
         head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in w else w["lm_head.weight"]
         self.lm_head = linear(head, dtype, quantization)
-        self.norm = get("norm.weight").float()
+        self.norm = get("norm.weight").float().numpy()
+        self._eps = np.float32(c.rms_norm_eps)
         self.layers = []
         for i in range(c.num_layers):
             p = f"layers.{i}."
@@ -196,10 +197,10 @@ class LlamaRunner:
             gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
             self.layers.append(
                 Layer(
-                    attn_norm=get(p + "input_layernorm.weight").float(),
+                    attn_norm=get(p + "input_layernorm.weight").float().numpy(),
                     qkv=linear(qkv, dtype, quantization),
                     o=linear(get(p + "self_attn.o_proj.weight"), dtype, quantization),
-                    mlp_norm=get(p + "post_attention_layernorm.weight").float(),
+                    mlp_norm=get(p + "post_attention_layernorm.weight").float().numpy(),
                     gate_up=linear(gate_up, dtype, quantization),
                     down=linear(get(p + "mlp.down_proj.weight"), dtype, quantization),
                 )
@@ -265,7 +266,7 @@ class LlamaRunner:
         q_width, scale = c.num_heads * c.head_dim, np.float32(c.head_dim**-0.5)
         x = F.embedding(torch.tensor(token_ids + (chunk.token_ids if chunk else [])), self.embed).float()
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(F.rms_norm(x, x.shape[-1:], layer.attn_norm, c.rms_norm_eps)).float()  # (N, Q+2KV)
+            qkv = layer.qkv(self._norm(x, layer.attn_norm)).float()  # (N, Q+2KV)
             attn = torch.empty(b + t, q_width)
             if b:  # rotation, cache write and attention of the decode rows in one kernel call
                 cache_k, cache_v = self._kv_arrays[i]
@@ -275,12 +276,15 @@ class LlamaRunner:
             if chunk:  # after the decode rows: a placeholder row of the chunk's slot never overwrites it
                 attn[b:] = self._attend_chunk(i, qkv[b:], chunk)
             x = x + layer.o(attn)  # bfloat16 outputs add as float32
-            gate, up = layer.gate_up(F.rms_norm(x, x.shape[-1:], layer.mlp_norm, c.rms_norm_eps)).chunk(2, -1)
+            gate, up = layer.gate_up(self._norm(x, layer.mlp_norm)).chunk(2, -1)
             x = x + layer.down(F.silu(gate) * up)
         if chunk:
             x = torch.cat([x[:b], x[-1:]])  # a chunk samples its last position only
-        x = F.rms_norm(x, x.shape[-1:], self.norm, c.rms_norm_eps)
-        return self.lm_head(x)  # (B, vocab)
+        return self.lm_head(self._norm(x, self.norm))  # (B, vocab)
+
+    def _norm(self, x: torch.Tensor, weight: np.ndarray) -> torch.Tensor:
+        """RMSNorm of float32 rows (N, C)."""
+        return torch.from_numpy(rms_norm(x.contiguous().numpy(), weight, self._eps))
 
     def _attend_chunk(self, layer: int, qkv: torch.Tensor, chunk: Chunk) -> torch.Tensor:
         """Causal attention of a prompt chunk, (T, Q+2KV) -> (T, Q), after writing its keys and values."""

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.backends.kernels import decode_attention, quantize_rows
+from shared.backends.kernels import decode_attention, quantize_rows, rms_norm
 from shared.backends.llama import rotate
 
 HEADS, KV_HEADS, DIM, SLOTS, MAX_LEN = 9, 3, 64, 6, 64
@@ -65,3 +65,10 @@ def test_rows_quantize_to_8_bits_each_with_its_own_scale() -> None:
     assert (np.abs(values[:4]).max(axis=1) == 127).all()  # each row uses the whole range
     assert (np.abs(values * s - x) <= s * 0.5001).all()  # within half a step of its own row's scale
     assert (values[4] == 0).all()  # a row of zeros stays zeros (no division by zero)
+
+
+def test_rms_norm_matches_torch() -> None:
+    torch.manual_seed(0)
+    x, weight = torch.randn(7, 576) * 3, torch.rand(576) + 0.5
+    got = rms_norm(x.numpy(), weight.numpy(), np.float32(1e-5))
+    torch.testing.assert_close(torch.from_numpy(got), F.rms_norm(x, (576,), weight, 1e-5), atol=1e-5, rtol=1e-5)
