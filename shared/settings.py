@@ -19,6 +19,7 @@ from pydantic_settings import (
 BackendName = Literal["auto", "mlx", "cuda", "cpu"]
 DType = Literal["auto", "float32", "bfloat16"]
 ModelKind = Literal["generate", "embedding"]
+Quantization = Literal["none", "int4", "int8", "mixed"]
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -82,7 +83,7 @@ class Settings(BaseSettings):
         description="batched: continuous batching over a static KV cache (Llama-family models on torch CPU); "
         "simple: one transformers forward per sequence and step (every architecture)",
     )
-    quantization: Literal["none", "int4", "int8", "mixed"] = Field(
+    quantization: Quantization = Field(
         default="none",
         description=(
             "batched CPU engine only. int4: 4-bit weights (groups of 32), bfloat16 activations; int8: 8-bit weights"

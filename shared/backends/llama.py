@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 
 from shared.backends import Chunk
 from shared.backends.kernels import decode_attention, quantize_rows, rms_norm
+from shared.settings import Quantization
 
 INT4_GROUP = 32
-Quantization = Literal["none", "int4", "int8", "mixed"]
 MIXED_ROWS = 8  # mixed: from this many rows int8 beats int4 here (16.3 vs 16.0 ms a step at 8, 22 vs 28 at 16)
 
 
@@ -206,9 +206,7 @@ class LlamaRunner:
                 )
             )
         # Keys and values of every layer, slot and position: (L, 2, S, K, P, D), float32 whatever the weights
-        # (torch's CPU attention took 18 us a layer in float32 and 90 us in bfloat16 for one decode row, and
-        # float32 keys are more exact too). Keys and values sit outside the slot axis, so one layer's slots
-        # 0..B-1 fold into one batch axis for the attention matmuls without a copy.
+        # (more exact; a bfloat16 cache read through the decode kernel was no faster, see docs/engine.md).
         shape = (c.num_layers, 2, slots, c.num_kv_heads, self.context_length, c.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=torch.float32)
         self._kv_arrays = self.kv_cache.numpy()  # the same memory, for the decode attention kernel
@@ -265,6 +263,7 @@ class LlamaRunner:
         b, t = len(token_ids), len(chunk.token_ids) if chunk else 0
         q_width, scale = c.num_heads * c.head_dim, np.float32(c.head_dim**-0.5)
         x = F.embedding(torch.tensor(token_ids + (chunk.token_ids if chunk else [])), self.embed).float()
+        rope = self._chunk_rope(chunk) if chunk else None  # the same for every layer
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(self._norm(x, layer.attn_norm)).float()  # (N, Q+2KV)
             attn = torch.empty(b + t, q_width)
@@ -273,8 +272,8 @@ class LlamaRunner:
                 decode_attention(
                     qkv[:b].numpy(), self._cos, self._sin, positions, cache_k, cache_v, attn[:b].numpy(), scale
                 )
-            if chunk:  # after the decode rows: a placeholder row of the chunk's slot never overwrites it
-                attn[b:] = self._attend_chunk(i, qkv[b:], chunk)
+            if chunk and rope:  # after the decode rows: a placeholder row of the chunk's slot never overwrites it
+                attn[b:] = self._attend_chunk(i, qkv[b:], chunk, *rope)
             x = x + layer.o(attn)  # bfloat16 outputs add as float32
             gate, up = layer.gate_up(self._norm(x, layer.mlp_norm)).chunk(2, -1)
             x = x + layer.down(F.silu(gate) * up)
@@ -286,20 +285,27 @@ class LlamaRunner:
         """RMSNorm of float32 rows (N, C)."""
         return torch.from_numpy(rms_norm(x.contiguous().numpy(), weight, self._eps))
 
-    def _attend_chunk(self, layer: int, qkv: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    def _chunk_rope(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A prompt chunk's rotary tables (T, 1, D) and causal mask (1, 1, T, P), shared by every layer."""
+        t, end = len(chunk.token_ids), chunk.start + len(chunk.token_ids)
+        positions = torch.arange(chunk.start, end)  # (T,)
+        cos, sin = self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
+        mask = additive((torch.arange(end)[None, :] <= positions[:, None]).view(1, 1, t, end))
+        return cos, sin, mask
+
+    def _attend_chunk(
+        self, layer: int, qkv: torch.Tensor, chunk: Chunk, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """Causal attention of a prompt chunk, (T, Q+2KV) -> (T, Q), after writing its keys and values."""
         c = self.config
         t, start = qkv.shape[0], chunk.start
         end = start + t
         q_width, rope = c.num_heads * c.head_dim, (c.num_heads + c.num_kv_heads) * c.head_dim
-        positions = torch.arange(start, end)  # (T,)
-        cos, sin = self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)  # (T, 1, D)
         qkv[:, :rope] = rotate(qkv[:, :rope].view(t, -1, c.head_dim), cos, sin).view(t, rope)  # queries and keys
         kv = qkv[:, q_width:].view(t, 2, c.num_kv_heads, c.head_dim)  # (T, 2, K, D)
         cache = self.kv_cache[layer]  # (2, S, K, P, D)
         cache[:, chunk.slot, :, start:end] = kv.permute(1, 2, 0, 3)  # (2, K, T, D)
         q = qkv[:, :q_width].view(1, t, c.num_heads, c.head_dim).transpose(1, 2)  # (1, H, T, D)
         k, v = cache[0, chunk.slot : chunk.slot + 1, :, :end], cache[1, chunk.slot : chunk.slot + 1, :, :end]
-        mask = additive((torch.arange(end)[None, :] <= positions[:, None]).view(1, 1, t, end))  # causal
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (1, H, T, D)
         return attn.transpose(1, 2).reshape(t, q_width)

@@ -225,21 +225,21 @@ class Engine:
         # by their next chunk.
         tokens = [s.seq.output_ids[-1] if s.seq.output_ids else 0 for s in running[:n]]
         positions = [s.length for s in running[:n]]
-        if chunk is not None and pending is not None and pending < n:
-            positions[pending] += len(chunk.token_ids)
+        if chunk is not None and chunk.slot < n:
+            positions[chunk.slot] += len(chunk.token_ids)
         try:
             logits, chunk_logits = runner.step(tokens, positions, chunk)
         except Exception as exc:
-            self._fail(ready + ([pending] if pending is not None else []), exc)
+            self._fail(ready + ([chunk.slot] if chunk else []), exc)
             return
-        if chunk is not None and pending is not None:
-            slot = running[pending]
+        if chunk is not None:
+            slot = running[chunk.slot]
             slot.prefilled = slot.length = chunk.start + len(chunk.token_ids)
             self._stats.prompt_tokens += len(chunk.token_ids)
             if slot.prefilled == len(slot.seq.prompt_ids):
                 if (keep := self.prefixes.store(slot.seq.prompt_ids)) is not None:
-                    runner.move_slot(pending, keep, slot.prefilled)
-                self._emit(slot, chunk_logits, pending, done)
+                    runner.move_slot(chunk.slot, keep, slot.prefilled)
+                self._emit(slot, chunk_logits, chunk.slot, done)
         for i in ready:
             running[i].length += 1
             self._emit(running[i], logits[i], i, done)
