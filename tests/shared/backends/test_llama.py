@@ -58,3 +58,38 @@ def test_a_prompt_chunk_riding_along_a_decode_step_changes_nothing(catalog: Mode
     token = int(np.argmax(chunk_logits))
     after = runner.decode([*tokens, token, token], [n + 1 for n in lengths] + [len(prompt)] * 2)
     assert np.array_equal(after[4], after[5])
+
+
+def test_mixed_runs_int4_for_a_few_rows_and_int8_from_eight(catalog: ModelCatalog) -> None:
+    """Over the same cache, mixed gives int4's bits for one decode row and int8's for a step of 16 rows."""
+    path = model_dir(catalog)
+    config = LlamaConfig.from_dir(path)
+    assert config is not None
+    lengths, tokens = [20 + 7 * i for i in range(16)], [7 + i for i in range(16)]
+    runners = {
+        q: LlamaRunner(path, config, dtype=torch.bfloat16, quantization=q, slots=16, max_len=256)
+        for q in ("int4", "int8", "mixed")
+    }
+    for slot, length in enumerate(lengths):
+        runners["int8"].prefill(slot, list(range(100 + slot, 100 + slot + length)), 0)
+    cache = runners["int8"].kv_cache.clone()
+    out = {}
+    for q, runner in runners.items():
+        runner.kv_cache.copy_(cache)
+        one = runner.decode(tokens[:1], lengths[:1])
+        runner.kv_cache.copy_(cache)
+        out[q] = one, runner.decode(tokens, lengths)
+    assert np.array_equal(out["mixed"][0], out["int4"][0])
+    assert np.array_equal(out["mixed"][1], out["int8"][1])
+    assert not np.array_equal(out["int4"][1], out["int8"][1])
+
+
+def test_a_step_past_the_cache_is_refused(catalog: ModelCatalog) -> None:
+    path = model_dir(catalog)
+    config = LlamaConfig.from_dir(path)
+    assert config is not None
+    runner = LlamaRunner(path, config, dtype=torch.float32, quantization="none", slots=2, max_len=64)
+    with pytest.raises(ValueError, match="past the KV cache"):
+        runner.decode([5], [64])
+    with pytest.raises(ValueError, match="past the KV cache"):
+        runner.prefill(1, list(range(10)), 60)
