@@ -24,6 +24,7 @@ import random
 import time
 from typing import Any
 
+from gevent import GreenletExit
 from locust import HttpUser, between, constant, events, task
 from locust.env import Environment
 
@@ -141,14 +142,39 @@ class StreamingChatUser(OpenAIUser):
         body = _sampling() | {"messages": [{"role": "user", "content": random.choice(prompts.ALL)}], "stream": True}
         started = time.time()
         stamps: list[float] = []
-        status, ok, error = 0, False, ""
+        status: list[int] = [0]
+        try:
+            error = self._stream(body, stamps, status)
+        except GreenletExit:  # the run ended, or the shape took this user away, mid-stream
+            # Tokens that already arrived were served inside the run: they count toward the throughput.
+            first = stamps[0] if stamps else None
+            self.done("stream_chat", started, False, status[0], len(stamps), interrupted=True, first=first)
+            raise
+        if error is None:
+            ttft = stamps[0] - started
+            gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+            tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
+            self.fire("TTFT", ttft * 1000)
+            for gap in gaps:
+                self.fire("ITL", gap * 1000)
+            if tpot is not None:
+                self.fire("TPOT", tpot * 1000)
+            self.fire("output tokens", len(stamps))  # a count, in Locust's response-time column
+            self.done(
+                "stream_chat", started, True, status[0], len(stamps), ttft=ttft, tpot=tpot, itl=gaps, first=stamps[0]
+            )
+        else:
+            self.done("stream_chat", started, False, status[0], 0, error=error)
+
+    def _stream(self, body: dict[str, Any], stamps: list[float], status: list[int]) -> str | None:
+        """Send a streaming chat request and read it to the end, stamping each text chunk. None, or the error."""
         with self.client.post(
             "/v1/chat/completions", json=body, stream=True, catch_response=True, name="chat stream"
         ) as r:
-            status = r.status_code
+            status[0] = r.status_code
             try:
-                if status != 200:
-                    raise InvalidResponse(f"HTTP {status}: {r.text[:200]}")
+                if r.status_code != 200:
+                    raise InvalidResponse(f"HTTP {r.status_code}: {r.text[:200]}")
                 done = finished = False
                 for line in r.iter_lines(decode_unicode=True):
                     if not line or not line.startswith("data: "):
@@ -169,25 +195,10 @@ class StreamingChatUser(OpenAIUser):
                 if not (done and finished and stamps):
                     raise InvalidResponse("the stream ended without text, finish_reason or [DONE]")
                 r.success()
-                ok = True
+                return None
             except (InvalidResponse, ValueError, KeyError) as exc:
-                error = str(exc)
-                r.failure(error)
-        if ok:
-            ttft = stamps[0] - started
-            gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-            tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
-            self.fire("TTFT", ttft * 1000)
-            for gap in gaps:
-                self.fire("ITL", gap * 1000)
-            if tpot is not None:
-                self.fire("TPOT", tpot * 1000)
-            self.fire("output tokens", len(stamps))  # a count, in Locust's response-time column
-            self.done(
-                "stream_chat", started, True, status, len(stamps), ttft=ttft, tpot=tpot, itl=gaps, first=stamps[0]
-            )
-        else:
-            self.done("stream_chat", started, False, status, 0, error=error)
+                r.failure(str(exc))
+                return str(exc)
 
 
 class ChatUser(OpenAIUser):

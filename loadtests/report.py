@@ -3,7 +3,9 @@
 Definitions follow vLLM's `bench serve`: TTFT is send -> first streamed token; TPOT per request is
 (latency - TTFT) / (output tokens - 1); ITL pools every gap between chunks; E2E is send -> end. Output
 throughput spreads each request's tokens evenly between its first token and its end, and counts the ones that
-fall inside the step. 429 and 503 answers are counted as `rejected`, apart from other failures.
+fall inside the step; a stream cut off by the end of the run (or of a step that takes users away) counts the
+tokens that had arrived, and is `interrupted`, not a failure. 429 and 503 answers are counted as `rejected`,
+apart from other failures.
 """
 
 from __future__ import annotations
@@ -50,11 +52,13 @@ def summarise_rounds(rounds: list[tuple[dict[str, Any], list[dict[str, Any]]]]) 
     for index, step in enumerate(rounds[0][0]["steps"]):
         mine: list[dict[str, Any]] = []
         tokens = 0.0
+        cut = 0
         for r, (_, samples) in enumerate(rounds):
             t0 = starts[r]
             t1 = starts[r] = t0 + step["seconds"]
-            mine += [s for s in samples if s["step"] == index]
-            tokens += sum(_tokens_in(s, t0, t1) for s in samples if s["ok"])
+            mine += [s for s in samples if s["step"] == index and not s.get("interrupted")]
+            cut += sum(1 for s in samples if s["step"] == index and s.get("interrupted"))
+            tokens += sum(_tokens_in(s, t0, t1) for s in samples if s["ok"] or s.get("interrupted"))
         seconds = step["seconds"] * len(rounds)
         ok = [s for s in mine if s["ok"]]
         streamed = [s for s in ok if s["kind"] == "stream_chat"]
@@ -70,6 +74,7 @@ def summarise_rounds(rounds: list[tuple[dict[str, Any], list[dict[str, Any]]]]) 
                 "completed": len(ok),
                 "failures": sum(1 for s in mine if not s["ok"] and s["status"] not in REJECTED),
                 "rejected": sum(1 for s in mine if not s["ok"] and s["status"] in REJECTED),
+                "interrupted": cut,
                 "output_tokens_per_s": tokens / seconds,
                 "request_throughput": len(ok) / seconds,
                 "ttft_p50": _pct(ttft, 50),
@@ -89,12 +94,14 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def table(rows: list[dict[str, Any]], title: str) -> str:
-    head = f"{title}\n{'users':>6}{'reqs':>6}{'fail':>6}{'429/503':>8}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p95':>10}"
-    head += f"{'TPOT p50':>10}{'ITL p50':>9}{'ITL p95':>9}{'E2E p50':>9}{'E2E p95':>9}   (latencies in ms)"
+    head = f"{title}\n{'users':>6}{'reqs':>6}{'fail':>6}{'429/503':>8}{'cut':>5}{'out tok/s':>11}{'TTFT p50':>10}"
+    head += f"{'TTFT p95':>10}{'TPOT p50':>10}{'ITL p50':>9}{'ITL p95':>9}{'E2E p50':>9}{'E2E p95':>9}"
+    head += "   (latencies in ms)"
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r['users']:>6}{r['requests']:>6}{r['failures']:>6}{r['rejected']:>8}{r['output_tokens_per_s']:>11.1f}"
+            f"{r['users']:>6}{r['requests']:>6}{r['failures']:>6}{r['rejected']:>8}{r['interrupted']:>5}"
+            f"{r['output_tokens_per_s']:>11.1f}"
             f"{_fmt(r['ttft_p50'], 1000, 0):>10}{_fmt(r['ttft_p95'], 1000, 0):>10}{_fmt(r['tpot_p50'], 1000):>10}"
             f"{_fmt(r['itl_p50'], 1000):>9}{_fmt(r['itl_p95'], 1000):>9}{_fmt(r['e2e_p50'], 1000, 0):>9}"
             f"{_fmt(r['e2e_p95'], 1000, 0):>9}"

@@ -61,3 +61,12 @@ def test_rounds_pool_their_samples_step_by_step() -> None:
     assert first["output_tokens_per_s"] == pytest.approx((41 + 81) / 20)
     assert first["ttft_p50"] == pytest.approx(1.0)  # 0.5 s and 1.5 s
     assert second["output_tokens_per_s"] == pytest.approx((21 + 11) / 20)
+
+
+def test_a_stream_cut_off_at_the_end_keeps_its_tokens_and_is_no_failure() -> None:
+    """The run stops mid-stream: the 30 tokens that arrived in the last step count; the request is no failure."""
+    cut = sample(1, 115.0, 116.0, 119.0, 30, ok=False, status=200, interrupted=True)
+    first, second = report.summarise(HEADER, [sample(1, 111.0, 112.0, 114.0, 21), cut])
+    assert second["output_tokens_per_s"] == pytest.approx((21 + 30) / 10)
+    assert (second["requests"], second["failures"], second["interrupted"]) == (1, 0, 1)
+    assert second["ttft_p50"] == pytest.approx(1.0)  # the cut stream's latencies are not pooled
