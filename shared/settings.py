@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(
         default=None, ge=16, description="cap on a model's context length (batched engine: 2048 unless set)"
     )
-    max_running: int = Field(default=16, ge=1, le=1024, description="sequences a model's engine runs together")
+    max_running: int = Field(default=32, ge=1, le=1024, description="sequences a model's engine runs together")
     prefill_chunk: int = Field(default=256, ge=16, description="prompt tokens prefilled per engine step")
     prefix_cache_slots: int = Field(default=4, ge=0, description="prompts kept for prefix reuse (batched engine)")
     max_queue: int = Field(default=256, ge=1, description="requests waiting per model before 503")

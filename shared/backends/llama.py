@@ -10,6 +10,8 @@ Shapes: B batch, T new tokens, S slots, H query heads, K kv heads, D head dim, C
 from __future__ import annotations
 
 import json
+import math
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -207,9 +209,14 @@ class LlamaRunner:
             )
         # Keys and values of every layer, slot and position: (L, 2, S, K, P, D), float32 whatever the weights
         # (more exact; a bfloat16 cache read through the decode kernel was no faster, see docs/engine.md).
+        # An anonymous mapping reads as zeros and gets memory page by page as positions are first written, so
+        # the cache holds memory for the positions sequences reach, not every slot's full context (torch.zeros
+        # writes every page at once: 94 MB a slot for SmolLM2 at 2048 positions; numpy's zeros ask for huge
+        # pages, 2 MB of which span several slots' whole contexts).
         shape = (c.num_layers, 2, slots, c.num_kv_heads, self.context_length, c.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=torch.float32)
-        self._kv_arrays = self.kv_cache.numpy()  # the same memory, for the decode attention kernel
+        pages = mmap.mmap(-1, math.prod(shape) * 4)
+        self._kv_arrays = np.frombuffer(pages, dtype=np.float32).reshape(shape)  # for the decode attention kernel
+        self.kv_cache = torch.from_numpy(self._kv_arrays)  # the same memory
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
         angles = torch.outer(torch.arange(self.context_length, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (P, D), the non-interleaved (rotate-half) layout

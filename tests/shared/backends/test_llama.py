@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import numpy as np
@@ -93,3 +94,34 @@ def test_a_step_past_the_cache_is_refused(catalog: ModelCatalog) -> None:
         runner.decode([5], [64])
     with pytest.raises(ValueError, match="past the KV cache"):
         runner.prefill(1, list(range(10)), 60)
+
+
+def _resident_bytes(address: int) -> int:
+    """Resident memory of the mapping that holds this address, from /proc/self/smaps."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(x, 16) for x in head.split("-"))
+            inside = low <= address < high
+        elif inside and head == "Rss:":
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no mapping holds the KV cache")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_the_kv_cache_takes_memory_only_for_positions_in_use(catalog: ModelCatalog) -> None:
+    """32 slots of 2048 positions are 2.8 GiB of address space; one 100-token prompt makes a few MB of it resident."""
+    path = model_dir(catalog)
+    config = LlamaConfig.from_dir(path)
+    assert config is not None
+    runner = LlamaRunner(path, config, dtype=torch.bfloat16, quantization="int4", slots=32, max_len=2048)
+    runner.prefill(3, list(range(100, 200)), 0)
+    cache = runner.kv_cache
+    size = cache.numel() * cache.element_size()
+    resident = _resident_bytes(cache.data_ptr())
+    per_position = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
+    assert size > 2 * 2**30
+    assert 100 * per_position <= resident < 4 * 100 * per_position + (1 << 20)  # pages round each (layer, head) up
+    assert np.abs(cache[:, :, 3, :, :100]).sum() > 0
+    assert not cache[:, :, 3, :, 100:].any()  # past the prompt the slot still reads as zeros
