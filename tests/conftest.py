@@ -41,7 +41,7 @@ def pytest_runtest_makereport(
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:
-    return Settings(preload=[], max_running=8, max_model_len=2048)
+    return Settings(preload=[], max_running=16, max_model_len=2048)
 
 
 @pytest.fixture(scope="session")

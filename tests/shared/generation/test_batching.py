@@ -28,7 +28,7 @@ PROMPTS = [
     "Suggest a name for a bakery.",
     "How many legs does a spider have?",
 ]
-assert len(PROMPTS) == 16  # a full batch of the default engine
+assert len(PROMPTS) == 16  # a full batch of the test engine (max_running=16 in conftest)
 
 
 def text(steps: list) -> str:
