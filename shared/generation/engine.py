@@ -179,14 +179,18 @@ class Engine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            if self.batch_runner is not None:
-                self._batch_step(self.batch_runner)
-                self._flush()
-            else:
-                assert self.seq_runner is not None
-                for slot in list(self._running):
-                    self._step(self.seq_runner, slot)
+            try:
+                if self.batch_runner is not None:
+                    self._batch_step(self.batch_runner)
                     self._flush()
+                else:
+                    assert self.seq_runner is not None
+                    for slot in list(self._running):
+                        self._step(self.seq_runner, slot)
+                        self._flush()
+            except Exception as exc:  # a bug in the engine itself: what it ran gets the error, the queue is served
+                self._fail(list(range(len(self._running))), exc)
+                self._flush()
 
     def _flush(self) -> None:
         """Deliver this step's outputs: one call per event loop that has readers waiting."""
@@ -238,7 +242,11 @@ class Engine:
             self._stats.prompt_tokens += len(chunk.token_ids)
             if slot.prefilled == len(slot.seq.prompt_ids):
                 if (keep := self.prefixes.store(slot.seq.prompt_ids)) is not None:
-                    runner.move_slot(chunk.slot, keep, slot.prefilled)
+                    try:
+                        runner.move_slot(chunk.slot, keep, slot.prefilled)
+                    except Exception:
+                        self.prefixes.forget(keep)  # else a later prompt would reuse what was never copied
+                        raise
                 self._emit(slot, chunk_logits, chunk.slot, done)
         for i in ready:
             running[i].length += 1
@@ -271,10 +279,11 @@ class Engine:
         """Drop these running sequences, moving the last one into each hole so slots stay 0..n-1."""
         running = self._running
         for i in sorted(set(indices), reverse=True):
+            end = len(running) - 1
+            if i < end and self.batch_runner is not None:  # before the list changes, in case the copy fails
+                self.batch_runner.move_slot(end, i, running[end].length)
             last = running.pop()
-            if i < len(running):
-                if self.batch_runner is not None:
-                    self.batch_runner.move_slot(len(running), i, last.length)
+            if i < end:
                 running[i] = last
             if count:
                 if cancelled:

@@ -1,14 +1,28 @@
-"""The engine runs model compute on its own thread, one per model: the server stays responsive while it works."""
+"""The engine runs model compute on its own thread, one per model: the server stays responsive while it works,
+and a failure ends the requests it hit with an error, never a silent hang, while the engine goes on serving."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any, cast
 
 import httpx
+import pytest
+import torch
+
+from shared.backends import BatchRunner
+from shared.backends.llama import LlamaConfig, LlamaRunner
+from shared.catalog import ModelCatalog
+from shared.errors import FnserveError
+from shared.generation.engine import Engine
+from shared.generation.model import GenerationModel
+from shared.generation.params import SamplingParams
+from tests.shared.backends.test_conformance import model_dir
 
 LONG = {
     "messages": [{"role": "user", "content": "Tell me a very long story."}],
@@ -71,3 +85,76 @@ def test_a_second_model_answers_while_the_first_is_busy(server_url: str) -> None
                 other.json()["usage"]["completion_tokens"] == 8 or other.json()["choices"][0]["finish_reason"] == "stop"
             )
             next(frames)  # the first model's 1500 tokens are still streaming: Gemma did not wait for them
+
+
+class Faulty:
+    """The real batched runner, with a fault injected on demand into one of its methods."""
+
+    def __init__(self, runner: LlamaRunner) -> None:
+        self.runner = runner
+        self.broken: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.runner, name)
+        if name != self.broken:
+            return method
+
+        def broken(*args: Any) -> Any:
+            raise RuntimeError(f"injected fault in {name}")
+
+        return broken
+
+
+@pytest.fixture
+def faulty(catalog: ModelCatalog) -> Iterator[tuple[Engine, Faulty]]:
+    """A fresh engine (empty prefix cache) on its own float32 runner: 4 running slots and 2 for prefixes."""
+    path = model_dir(catalog)
+    config = LlamaConfig.from_dir(path)
+    assert config is not None
+    runner = Faulty(LlamaRunner(path, config, dtype=torch.float32, quantization="none", slots=6, max_len=256))
+    engine = Engine(lambda: cast(BatchRunner, runner), max_running=4, name="faulty")
+    yield engine, runner
+    engine.close()
+
+
+PROMPTS = ["Name a colour.", "What is the capital of France?", "Who wrote Hamlet?"]
+
+
+def _run(engine: Engine, smol: GenerationModel, prompts: list[str]) -> list[str | FnserveError]:
+    """Each prompt's greedy text, or the error its stream ended with; a hang fails the test."""
+
+    async def one(prompt: str) -> str | FnserveError:
+        prompt_ids = smol.encode_chat([{"role": "user", "content": prompt}])
+        seq = smol.sequence(prompt_ids, SamplingParams(max_tokens=12, temperature=0))
+        try:
+            return "".join([out.text async for out in engine.generate(seq)])
+        except FnserveError as exc:
+            return exc
+
+    async def all_of() -> list[str | FnserveError]:
+        return list(await asyncio.wait_for(asyncio.gather(*(one(p) for p in prompts)), timeout=60))
+
+    return asyncio.run(all_of())
+
+
+@pytest.mark.parametrize("fault", ["step", "move_slot"])
+def test_a_fault_ends_its_requests_with_an_error_and_the_engine_serves_on(
+    faulty: tuple[Engine, Faulty], smol: GenerationModel, fault: str
+) -> None:
+    """A failed forward pass, or a failed copy between slots (the engine's own bookkeeping, run between
+    steps: a finished sequence's hole, the prefix cache), ends the requests it hit with an API error. It
+    used to end the engine's thread on a failed copy, leaving every waiting request hanging; and a failed
+    copy into the prefix cache left an entry that later prompts would have reused."""
+    engine, runner = faulty
+    want = _run(smol.engine, smol, PROMPTS)  # the session's own engine, same weights and precision
+    assert all(isinstance(text, str) and text for text in want)
+
+    runner.broken = fault
+    failed = _run(engine, smol, PROMPTS)
+    assert all(isinstance(e, FnserveError) and f"injected fault in {fault}" in str(e) for e in failed), failed
+    assert engine.stats.running == 0
+
+    runner.broken = None
+    assert _run(engine, smol, PROMPTS) == want  # nothing of the failure stayed behind
+    assert _run(engine, smol, PROMPTS) == want  # and now with the prefix cache's copies
+    assert engine.stats.prefix_hits > 0
