@@ -157,9 +157,12 @@ class Engine:
         self._wake.set()
 
     def close(self) -> None:
+        """Stop after the current step; running and queued requests end with a 503 (shutting down)."""
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._drain()  # a request that joined the queue as the engine's thread was leaving
 
     def _admit(self) -> None:
         while len(self._running) < self.max_running:
@@ -171,6 +174,19 @@ class Engine:
                 self._stats.cancelled += 1
                 continue
             self._running.append(slot)
+
+    def _drain(self) -> None:
+        """The engine is closing: every sequence it runs or has queued ends with an error, none waits forever."""
+        error = OverloadedError("the engine is shutting down", headers={"Retry-After": "1"})
+        while True:
+            try:
+                self._running.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for slot in self._running:
+            slot.emit(error)
+        self._running.clear()
+        self._flush()
 
     def _loop(self) -> None:
         while not self._closed:
@@ -191,6 +207,7 @@ class Engine:
             except Exception as exc:  # a bug in the engine itself: what it ran gets the error, the queue is served
                 self._fail(list(range(len(self._running))), exc)
                 self._flush()
+        self._drain()
 
     def _flush(self) -> None:
         """Deliver this step's outputs: one call per event loop that has readers waiting."""

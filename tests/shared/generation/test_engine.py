@@ -18,7 +18,7 @@ import torch
 from shared.backends import BatchRunner
 from shared.backends.llama import LlamaConfig, LlamaRunner
 from shared.catalog import ModelCatalog
-from shared.errors import FnserveError
+from shared.errors import FnserveError, OverloadedError
 from shared.generation.engine import Engine
 from shared.generation.model import GenerationModel
 from shared.generation.params import SamplingParams
@@ -158,3 +158,36 @@ def test_a_fault_ends_its_requests_with_an_error_and_the_engine_serves_on(
     assert _run(engine, smol, PROMPTS) == want  # nothing of the failure stayed behind
     assert _run(engine, smol, PROMPTS) == want  # and now with the prefix cache's copies
     assert engine.stats.prefix_hits > 0
+
+
+def test_closing_the_engine_ends_running_and_queued_requests_with_a_503(
+    faulty: tuple[Engine, Faulty], smol: GenerationModel
+) -> None:
+    """Shutting down mid-generation: 4 running and 2 queued requests all end at once with "shutting down",
+    none waits forever; a request after that is refused at once."""
+    engine, _ = faulty
+    prompt_ids = smol.encode_chat([{"role": "user", "content": "Tell me a long story."}])
+    params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0)
+
+    async def one() -> int | OverloadedError:
+        received = 0
+        try:
+            async for _ in engine.generate(smol.sequence(prompt_ids, params)):
+                received += 1
+        except OverloadedError as exc:
+            return exc
+        return received
+
+    async def main() -> list[int | OverloadedError]:
+        tasks = [asyncio.create_task(one()) for _ in range(6)]
+        for _ in range(3000):
+            if engine.stats.running == 4 and engine.stats.queued == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert (engine.stats.running, engine.stats.queued) == (4, 2)
+        await asyncio.to_thread(engine.close)
+        return list(await asyncio.wait_for(asyncio.gather(*tasks), timeout=30))
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, OverloadedError) and "shutting down" in str(r) for r in results), results
+    assert isinstance(_run(engine, smol, PROMPTS[:1])[0], OverloadedError)
