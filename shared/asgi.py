@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request, Response
 from mangum import Mangum
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from shared import metrics
 from shared.catalog import ModelCatalog
 from shared.http import BodySizeLimit, CatalogDep, install_error_handlers
 from shared.settings import Settings, get_settings
@@ -37,6 +39,12 @@ async def get_health(catalog: CatalogDep) -> dict[str, Any]:
     return {"status": "ok", "backend": catalog.backend_name, "models": models}
 
 
+@health.get("/metrics", response_class=Response)
+async def get_metrics(request: Request) -> Response:
+    """Prometheus text format: each loaded model's engine counters (prefix-cache hits among them)."""
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+
 def create_app(*routers: APIRouter, settings: Settings | None = None, title: str = "fnserve") -> FastAPI:
     """An app serving the given routers. The catalog is made here, empty: models load on first use.
 
@@ -59,6 +67,7 @@ def create_app(*routers: APIRouter, settings: Settings | None = None, title: str
         lifespan=lifespan,
     )
     app.state.catalog = catalog
+    app.state.metrics = metrics.registry(catalog)
     app.state.settings = settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
