@@ -8,9 +8,9 @@ from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
 from shared.asgi import create_app, lambda_handler
+from shared.generation.engine import Stream
 from shared.generation.model import GenerationModel
 from shared.generation.params import SamplingParams
-from shared.generation.sequence import Sequence
 from shared.http import CatalogDep, generation_model, sse_frames
 from shared.protocol.chat import (
     ChatCompletionChoice,
@@ -23,7 +23,7 @@ from shared.protocol.chat import (
     ResponseMessage,
 )
 from shared.protocol.common import SYSTEM_FINGERPRINT, UsageInfo, now, random_id
-from shared.serving import collect_jobs, expand, stream_jobs, token_logprob
+from shared.serving import collect_jobs, expand, stream_jobs, submit, token_logprob
 
 router = APIRouter(tags=["chat"])
 
@@ -36,12 +36,12 @@ async def create_chat_completion(
     params = request.to_sampling_params()
     model = await generation_model(catalog, request.model)
     prompt_ids = model.encode_chat(request.template_messages())
-    sequences = expand(model, [prompt_ids], params, request.n or 1)
+    streams = submit(model, expand(model, [prompt_ids], params, request.n or 1))  # a full queue: 503 here
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return EventSourceResponse(sse_frames(_chunks(model, sequences, params, include_usage)))
+        return EventSourceResponse(sse_frames(_chunks(model, streams, params, include_usage)))
 
-    choices = await collect_jobs(model, sequences, http.is_disconnected)
+    choices = await collect_jobs(model, streams, http.is_disconnected)
     completion_tokens = sum(len(c.token_ids) for c in choices)
     return ChatCompletionResponse(
         id=random_id("chatcmpl"),
@@ -62,7 +62,7 @@ async def create_chat_completion(
 
 
 async def _chunks(
-    model: GenerationModel, sequences: list[Sequence], params: SamplingParams, include_usage: bool
+    model: GenerationModel, streams: list[Stream], params: SamplingParams, include_usage: bool
 ) -> AsyncIterator[ChatCompletionChunk]:
     completion_id, created = random_id("chatcmpl"), now()
 
@@ -77,10 +77,10 @@ async def _chunks(
         )
 
     completion_tokens = 0
-    for i in range(len(sequences)):
+    for i in range(len(streams)):
         choice = ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
         yield chunk([choice])
-    async for index, step in stream_jobs(model, sequences):
+    async for index, step in stream_jobs(streams):
         completion_tokens += step.token_id is not None
         finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
         if not step.text and finish is None and not params.logprobs:
@@ -92,7 +92,7 @@ async def _chunks(
         # With include_usage, OpenAI sends "usage": null on every chunk but the last.
         yield chunk([choice])
     if include_usage:
-        yield chunk([], UsageInfo.of(len(sequences[0].prompt_ids), completion_tokens))
+        yield chunk([], UsageInfo.of(len(streams[0].seq.prompt_ids), completion_tokens))
 
 
 app = create_app(router, title="fnserve chat")

@@ -16,7 +16,7 @@ from shared.errors import FnserveError
 from shared.http import CatalogDep, generation_model
 from shared.protocol.chat import ChatCompletionRequest, ChatMessage
 from shared.protocol.completions import CompletionRequest
-from shared.serving import expand, stream_jobs
+from shared.serving import expand, stream_jobs, submit
 
 router = APIRouter()
 
@@ -91,11 +91,11 @@ async def generate_stream(request: GenerateRequest, catalog: CatalogDep) -> Even
     params = completion.to_sampling_params()
     model = await generation_model(catalog, request.model)
     prompt = model.encode(request.prompt)
-    sequences = expand(model, [prompt], params, 1, param="prompt")
+    streams = submit(model, expand(model, [prompt], params, 1, param="prompt"))  # a full queue: 503 here
 
     async def frames() -> AsyncIterator[dict[str, str]]:
         try:
-            async for _, step in stream_jobs(model, sequences):
+            async for _, step in stream_jobs(streams):
                 if step.text:
                     yield {"data": json.dumps({"text": step.text})}
                 if step.finish_reason:

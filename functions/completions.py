@@ -9,13 +9,13 @@ from sse_starlette import EventSourceResponse
 
 from shared.asgi import create_app, lambda_handler
 from shared.errors import InvalidRequestError
+from shared.generation.engine import Stream
 from shared.generation.model import GenerationModel
 from shared.generation.params import SamplingParams
-from shared.generation.sequence import Sequence
 from shared.http import CatalogDep, generation_model, sse_frames
 from shared.protocol.common import SYSTEM_FINGERPRINT, UsageInfo, now, random_id
 from shared.protocol.completions import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from shared.serving import Choice, collect_jobs, expand, stream_jobs, token_logprob
+from shared.serving import Choice, collect_jobs, expand, stream_jobs, submit, token_logprob
 
 router = APIRouter(tags=["completions"])
 
@@ -52,12 +52,12 @@ async def create_completion(
     params = request.to_sampling_params()
     model = await generation_model(catalog, request.model)
     prompts = _prompt_ids(model, request)
-    sequences = expand(model, prompts, params, request.n or 1, param="prompt")
+    streams = submit(model, expand(model, prompts, params, request.n or 1, param="prompt"))  # a full queue: 503
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return EventSourceResponse(sse_frames(_chunks(model, prompts, sequences, params, request, include_usage)))
+        return EventSourceResponse(sse_frames(_chunks(model, prompts, streams, params, request, include_usage)))
 
-    choices = await collect_jobs(model, sequences, http.is_disconnected)
+    choices = await collect_jobs(model, streams, http.is_disconnected)
     n = request.n or 1
     echoed = [model.decode(p) if request.echo else "" for p in prompts]
     prompt_tokens = sum(len(p) for p in prompts)
@@ -83,7 +83,7 @@ async def create_completion(
 async def _chunks(
     model: GenerationModel,
     prompts: list[list[int]],
-    sequences: list[Sequence],
+    streams: list[Stream],
     params: SamplingParams,
     request: CompletionRequest,
     include_usage: bool,
@@ -105,7 +105,7 @@ async def _chunks(
         for i in range(len(prompts) * n):
             yield chunk([CompletionChoice(index=i, text=model.decode(prompts[i // n]))])
     completion_tokens = 0
-    async for index, step in stream_jobs(model, sequences):
+    async for index, step in stream_jobs(streams):
         completion_tokens += step.token_id is not None
         finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
         if not step.text and finish is None and not params.logprobs:

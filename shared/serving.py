@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+from shared.generation.engine import Stream
 from shared.generation.model import GenerationModel
 from shared.generation.params import SamplingParams
 from shared.generation.sequence import FinishReason, Sequence, StepOutput
@@ -39,24 +40,40 @@ def expand(
     return [model.sequence(prompt, choice_params(params, j), param) for prompt in prompts for j in range(n)]
 
 
-async def stream_jobs(model: GenerationModel, sequences: list[Sequence]) -> AsyncIterator[tuple[int, StepOutput]]:
-    """Steps of every sequence as they come, tagged with its index. Closing it cancels every sequence."""
-    if len(sequences) == 1:
-        async for step in model.engine.generate(sequences[0]):
-            yield 0, step
+def submit(model: GenerationModel, sequences: list[Sequence]) -> list[Stream]:
+    """Queue every sequence now, or none: a full queue raises OverloadedError (503) before a response starts."""
+    streams: list[Stream] = []
+    try:
+        for seq in sequences:
+            streams.append(model.engine.generate(seq))
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise
+    return streams
+
+
+async def stream_jobs(streams: list[Stream]) -> AsyncIterator[tuple[int, StepOutput]]:
+    """Steps of every stream as they come, tagged with its index. Closing it cancels every sequence."""
+    if len(streams) == 1:
+        try:
+            async for step in streams[0]:
+                yield 0, step
+        finally:
+            streams[0].close()
         return
     merged: asyncio.Queue[tuple[int, StepOutput] | BaseException | None] = asyncio.Queue()
 
     async def pump(index: int) -> None:
         try:
-            async for step in model.engine.generate(sequences[index]):
+            async for step in streams[index]:
                 await merged.put((index, step))
         except Exception as exc:  # delivered to the consumer, which re-raises it
             await merged.put(exc)
         finally:
             await merged.put(None)
 
-    tasks = [asyncio.create_task(pump(i)) for i in range(len(sequences))]
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(streams))]
     try:
         done = 0
         while done < len(tasks):
@@ -70,16 +87,18 @@ async def stream_jobs(model: GenerationModel, sequences: list[Sequence]) -> Asyn
     finally:
         for task in tasks:
             task.cancel()
+        for stream in streams:
+            stream.close()
 
 
 async def collect_jobs(
-    model: GenerationModel, sequences: list[Sequence], disconnected: Callable[[], Awaitable[bool]] | None = None
+    model: GenerationModel, streams: list[Stream], disconnected: Callable[[], Awaitable[bool]] | None = None
 ) -> list[Choice]:
-    """Every sequence's whole output. When `disconnected` says the client has gone, they are cancelled."""
-    choices = [Choice() for _ in sequences]
+    """Every stream's whole output. When `disconnected` says the client has gone, they are cancelled."""
+    choices = [Choice() for _ in streams]
 
     async def consume() -> None:
-        async for index, step in stream_jobs(model, sequences):
+        async for index, step in stream_jobs(streams):
             add_step(model, choices[index], step)
 
     task = asyncio.create_task(consume())

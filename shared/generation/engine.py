@@ -15,7 +15,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,8 +123,12 @@ class Engine:
             prefix_tokens=self._stats.prefix_tokens,
         )
 
-    async def generate(self, seq: Sequence) -> AsyncIterator[StepOutput]:
-        """Stream the sequence's steps. Raises OverloadedError at once when the queue is full."""
+    def generate(self, seq: Sequence) -> Stream:
+        """Queue the sequence now, raising OverloadedError at once when the queue is full; its steps to come.
+
+        Queueing happens here, not when the stream is first read, so a handler learns of a full queue before
+        it starts a response (a streamed one included) and can answer 503.
+        """
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
 
@@ -132,17 +136,7 @@ class Engine:
             self._outbox.append((loop, outputs, item, seq))
 
         self.submit(seq, emit)
-        try:
-            while True:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            seq.cancelled.set()  # no-op when finished; frees the slot when the caller went away
-            self._wake.set()
+        return Stream(self, seq, outputs)
 
     def submit(self, seq: Sequence, emit: Emit) -> None:
         if self._closed:
@@ -332,6 +326,47 @@ class Engine:
             self._running.remove(slot)
             self._stats.completed += 1
         slot.emit(out)
+
+
+class Stream:
+    """One queued sequence's steps, as an async iterator. Closing it, or dropping it unread, cancels the sequence
+    (a no-op once it has finished), which frees its place before the engine's next step."""
+
+    def __init__(self, engine: Engine, seq: Sequence, outputs: asyncio.Queue[StepOutput | BaseException]) -> None:
+        self.seq = seq
+        self._engine = engine
+        self._outputs = outputs
+        self._ended = False
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            item = await self._outputs.get()
+        except BaseException:  # the reader was cancelled while it waited
+            self.close()
+            raise
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        if item.finish_reason is not None:
+            self.close()
+        return item
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.seq.cancelled.set()
+            self._engine._wake.set()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _deliver(items: list[tuple[asyncio.Queue[Any], Any, Sequence]]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +10,9 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 
 from shared.backends import BatchRunner, ModelRunner
 from shared.errors import ContextLengthExceededError, InvalidRequestError
-from shared.generation.engine import Engine
+from shared.generation.engine import Engine, Stream
 from shared.generation.params import SamplingParams
-from shared.generation.sequence import Sequence, StepOutput
+from shared.generation.sequence import Sequence
 
 Message = dict[str, Any]
 
@@ -88,7 +88,8 @@ class GenerationModel:
             )
         return Sequence(prompt_ids, params, max_tokens, self.tokenizer, self.eos_ids)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Stream:
+        """Queue a generation now (OverloadedError at once when the queue is full); its steps to come."""
         return self.engine.generate(self.sequence(prompt_ids, params))
 
     def close(self) -> None:

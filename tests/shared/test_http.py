@@ -33,7 +33,7 @@ async def test_an_error_mid_stream_becomes_an_sse_error_frame_without_done() -> 
     assert "[DONE]" not in frames
 
 
-async def test_a_full_queue_answers_503_with_retry_after_and_the_server_recovers() -> None:
+async def test_a_full_queue_answers_503_with_retry_after_streamed_or_not_and_the_server_recovers() -> None:
     app = build(Settings(preload=[], max_running=1, max_queue=1))
     transport = httpx.ASGITransport(app=app)
     long = {"messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 150, "ignore_eos": True}
@@ -56,6 +56,19 @@ async def test_a_full_queue_answers_503_with_retry_after_and_the_server_recovers
             assert refused.status_code == 503
             assert refused.headers["retry-after"] == "1"
             assert refused.json()["error"]["code"] == "server_overloaded"
+            # A streamed request too gets the 503 itself, not a 200 whose stream then carries the error.
+            for path, body in (
+                ("/v1/chat/completions", {**long, "stream": True}),
+                ("/v1/completions", {"prompt": "Once", "max_tokens": 5, "stream": True}),
+                ("/api/generate/stream", {"prompt": "Once", "max_tokens": 5}),
+            ):
+                streamed = await client.post(path, json=body)
+                assert streamed.status_code == 503, (path, streamed.text)
+                assert streamed.headers["retry-after"] == "1"
+                assert streamed.json()["error"]["code"] == "server_overloaded"
+            # n=2 with room for neither: refused whole, nothing of it left queued or running.
+            assert (await client.post("/v1/chat/completions", json={**long, "n": 2})).status_code == 503
+            assert (engine.stats.running, engine.stats.queued) == (1, 1)
             assert (await running).status_code == 200 and (await queued).status_code == 200  # accepted work is kept
             again = await client.post("/v1/chat/completions", json={**long, "max_tokens": 2})
             assert again.status_code == 200

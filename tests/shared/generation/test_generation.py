@@ -143,7 +143,7 @@ def test_closing_the_stream_cancels_the_generation(smol: GenerationModel) -> Non
             seen += 1
             if seen == 3:
                 break
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
 
     before = smol.engine.stats.cancelled
     asyncio.run(take_three())
