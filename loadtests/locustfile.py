@@ -142,13 +142,12 @@ class StreamingChatUser(OpenAIUser):
         body = _sampling() | {"messages": [{"role": "user", "content": random.choice(prompts.ALL)}], "stream": True}
         started = time.time()
         stamps: list[float] = []
-        status: list[int] = [0]
         try:
-            error = self._stream(body, stamps, status)
+            status, error = self._stream(body, stamps)
         except GreenletExit:  # the run ended, or the shape took this user away, mid-stream
             # Tokens that already arrived were served inside the run: they count toward the throughput.
             first = stamps[0] if stamps else None
-            self.done("stream_chat", started, False, status[0], len(stamps), interrupted=True, first=first)
+            self.done("stream_chat", started, False, 0, len(stamps), interrupted=True, first=first)
             raise
         if error is None:
             ttft = stamps[0] - started
@@ -161,17 +160,16 @@ class StreamingChatUser(OpenAIUser):
                 self.fire("TPOT", tpot * 1000)
             self.fire("output tokens", len(stamps))  # a count, in Locust's response-time column
             self.done(
-                "stream_chat", started, True, status[0], len(stamps), ttft=ttft, tpot=tpot, itl=gaps, first=stamps[0]
+                "stream_chat", started, True, status, len(stamps), ttft=ttft, tpot=tpot, itl=gaps, first=stamps[0]
             )
         else:
-            self.done("stream_chat", started, False, status[0], 0, error=error)
+            self.done("stream_chat", started, False, status, 0, error=error)
 
-    def _stream(self, body: dict[str, Any], stamps: list[float], status: list[int]) -> str | None:
-        """Send a streaming chat request and read it to the end, stamping each text chunk. None, or the error."""
+    def _stream(self, body: dict[str, Any], stamps: list[float]) -> tuple[int, str | None]:
+        """Send a streaming chat request and read it to the end, stamping each text chunk: (status, error)."""
         with self.client.post(
             "/v1/chat/completions", json=body, stream=True, catch_response=True, name="chat stream"
         ) as r:
-            status[0] = r.status_code
             try:
                 if r.status_code != 200:
                     raise InvalidResponse(f"HTTP {r.status_code}: {r.text[:200]}")
@@ -195,10 +193,10 @@ class StreamingChatUser(OpenAIUser):
                 if not (done and finished and stamps):
                     raise InvalidResponse("the stream ended without text, finish_reason or [DONE]")
                 r.success()
-                return None
+                return r.status_code, None
             except (InvalidResponse, ValueError, KeyError) as exc:
                 r.failure(str(exc))
-                return str(exc)
+                return r.status_code, str(exc)
 
 
 class ChatUser(OpenAIUser):

@@ -136,7 +136,7 @@ class Engine:
             self._outbox.append((loop, outputs, item, seq))
 
         self.submit(seq, emit)
-        return Stream(self, seq, outputs)
+        return Stream(seq, outputs, self._wake)
 
     def submit(self, seq: Sequence, emit: Emit) -> None:
         if self._closed:
@@ -332,10 +332,12 @@ class Stream:
     """One queued sequence's steps, as an async iterator. Closing it, or dropping it unread, cancels the sequence
     (a no-op once it has finished), which frees its place before the engine's next step."""
 
-    def __init__(self, engine: Engine, seq: Sequence, outputs: asyncio.Queue[StepOutput | BaseException]) -> None:
+    def __init__(
+        self, seq: Sequence, outputs: asyncio.Queue[StepOutput | BaseException], wake: threading.Event
+    ) -> None:
         self.seq = seq
-        self._engine = engine
         self._outputs = outputs
+        self._wake = wake  # the engine's: a cancelled sequence leaves before its next step
         self._ended = False
 
     def __aiter__(self) -> Stream:
@@ -363,7 +365,7 @@ class Stream:
         if not self._ended:
             self._ended = True
             self.seq.cancelled.set()
-            self._engine._wake.set()
+            self._wake.set()
 
     def __del__(self) -> None:
         self.close()

@@ -16,7 +16,7 @@ import pytest
 from shared.backends import BatchRunner, ModelRunner, select_backend
 from shared.catalog import ModelCatalog
 from shared.generation.model import GenerationModel
-from shared.settings import Settings
+from shared.settings import Quantization, Settings
 
 NEAR_TIE = 0.05  # logits; a divergence is allowed only where the reference's top two are this close
 TOKENS = 24
@@ -118,7 +118,7 @@ def test_reduced_precisions_stay_within_the_stated_tolerance(
     reference: ModelRunner,
     smol: GenerationModel,
     engine: Literal["batched", "simple"],
-    quantization: Literal["none", "int4", "int8", "mixed"],
+    quantization: Quantization,
 ) -> None:
     """bfloat16 and each quantization give float32's greedy tokens until float32's top two are within 0.5."""
     settings = Settings(backend="cpu", dtype="bfloat16", engine=engine, quantization=quantization, max_model_len=512)
