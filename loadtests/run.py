@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=1, help="with --compare: run the scenario this many times on each, alternating"
     )
     parser.add_argument("--max-failure-rate", type=float, default=0.01)
-    parser.add_argument("--stop-timeout", type=float, default=30, help="seconds running requests get to finish")
+    parser.add_argument("--stop-timeout", type=int, default=30, help="whole seconds running requests get to finish")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -120,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     gate = runs[names[0]]
     requests = sum(r["requests"] for r in gate)
     failed = sum(r["failures"] + r["rejected"] for r in gate)
-    rate = failed / requests if requests else 1.0
-    if rate > args.max_failure_rate or requests == 0:
+    if requests == 0:
+        print("FAILED: no request ended within the run (streams cut off at its end are not counted)")
+        return 1
+    rate = failed / requests
+    if rate > args.max_failure_rate:
         print(f"FAILED: {failed} of {requests} requests failed ({rate:.1%} > {args.max_failure_rate:.1%})")
         return 1
     return 0

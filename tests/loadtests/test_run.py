@@ -10,7 +10,8 @@ from loadtests.run import main
 
 def test_smoke_run_has_no_failures_and_sane_figures(server_url: str, tmp_path: Path) -> None:
     args = ["--url", server_url, "--scenario", "smoke", "--users", "3", "--duration", "20", "--max-tokens", "24"]
-    args += ["--mix", "stream_chat=1,chat=1,embeddings=1", "--think", "0.2-0.5", "--out", str(tmp_path)]
+    args += ["--mix", "stream_chat=1,chat=1,embeddings=1", "--think", "0.2-0.5", "--stop-timeout", "5"]
+    args += ["--out", str(tmp_path)]
     assert main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     (step,) = summary["runs"]["fnserve"]
