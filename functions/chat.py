@@ -23,7 +23,7 @@ from shared.protocol.chat import (
     ResponseMessage,
 )
 from shared.protocol.common import SYSTEM_FINGERPRINT, UsageInfo, now, random_id
-from shared.serving import collect_jobs, expand, stream_jobs, submit, token_logprob
+from shared.serving import Tracker, collect_jobs, expand, stream_jobs, submit, token_logprob
 
 router = APIRouter(tags=["chat"])
 
@@ -33,15 +33,16 @@ async def create_chat_completion(
     request: ChatCompletionRequest, catalog: CatalogDep, http: Request
 ) -> ChatCompletionResponse | EventSourceResponse:
     """Create a model response for the given chat conversation."""
-    params = request.to_sampling_params()
+    params = request.to_sampling_params(catalog.settings)
     model = await generation_model(catalog, request.model)
     prompt_ids = model.encode_chat(request.template_messages())
     streams = submit(model, expand(model, [prompt_ids], params, request.n or 1))  # a full queue: 503 here
+    tracker = Tracker.of(http, model)
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return EventSourceResponse(sse_frames(_chunks(model, streams, params, include_usage)))
+        return EventSourceResponse(sse_frames(_chunks(model, streams, params, include_usage, tracker)))
 
-    choices = await collect_jobs(model, streams, http.is_disconnected)
+    choices = await collect_jobs(model, streams, http.is_disconnected, tracker)
     completion_tokens = sum(len(c.token_ids) for c in choices)
     return ChatCompletionResponse(
         id=random_id("chatcmpl"),
@@ -62,7 +63,7 @@ async def create_chat_completion(
 
 
 async def _chunks(
-    model: GenerationModel, streams: list[Stream], params: SamplingParams, include_usage: bool
+    model: GenerationModel, streams: list[Stream], params: SamplingParams, include_usage: bool, tracker: Tracker
 ) -> AsyncIterator[ChatCompletionChunk]:
     completion_id, created = random_id("chatcmpl"), now()
 
@@ -80,7 +81,7 @@ async def _chunks(
     for i in range(len(streams)):
         choice = ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
         yield chunk([choice])
-    async for index, step in stream_jobs(streams):
+    async for index, step in stream_jobs(streams, tracker):
         completion_tokens += step.token_id is not None
         finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
         if not step.text and finish is None and not params.logprobs:

@@ -16,7 +16,7 @@ from shared.errors import FnserveError
 from shared.http import CatalogDep, generation_model
 from shared.protocol.chat import ChatCompletionRequest, ChatMessage
 from shared.protocol.completions import CompletionRequest
-from shared.serving import expand, stream_jobs, submit
+from shared.serving import Tracker, expand, stream_jobs, submit
 
 router = APIRouter()
 
@@ -85,17 +85,18 @@ async def generate(request: GenerateRequest, catalog: CatalogDep, http: Request)
 
 
 @router.post("/api/generate/stream", tags=["compat"])
-async def generate_stream(request: GenerateRequest, catalog: CatalogDep) -> EventSourceResponse:
+async def generate_stream(request: GenerateRequest, catalog: CatalogDep, http: Request) -> EventSourceResponse:
     """Continue a prompt, streamed as server-sent events of {"text": delta}, then a final frame and [DONE]."""
     completion = CompletionRequest(prompt=request.prompt, **_sampling(request))
-    params = completion.to_sampling_params()
+    params = completion.to_sampling_params(catalog.settings)
     model = await generation_model(catalog, request.model)
     prompt = model.encode(request.prompt)
     streams = submit(model, expand(model, [prompt], params, 1, param="prompt"))  # a full queue: 503 here
+    tracker = Tracker.of(http, model)
 
     async def frames() -> AsyncIterator[dict[str, str]]:
         try:
-            async for _, step in stream_jobs(streams):
+            async for _, step in stream_jobs(streams, tracker):
                 if step.text:
                     yield {"data": json.dumps({"text": step.text})}
                 if step.finish_reason:

@@ -15,7 +15,7 @@ from shared.generation.params import SamplingParams
 from shared.http import CatalogDep, generation_model, sse_frames
 from shared.protocol.common import SYSTEM_FINGERPRINT, UsageInfo, now, random_id
 from shared.protocol.completions import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from shared.serving import Choice, collect_jobs, expand, stream_jobs, submit, token_logprob
+from shared.serving import Choice, Tracker, collect_jobs, expand, stream_jobs, submit, token_logprob
 
 router = APIRouter(tags=["completions"])
 
@@ -49,15 +49,17 @@ async def create_completion(
     request: CompletionRequest, catalog: CatalogDep, http: Request
 ) -> CompletionResponse | EventSourceResponse:
     """Create a completion for the given prompt, or for each prompt of a batch."""
-    params = request.to_sampling_params()
+    params = request.to_sampling_params(catalog.settings)
     model = await generation_model(catalog, request.model)
     prompts = _prompt_ids(model, request)
     streams = submit(model, expand(model, prompts, params, request.n or 1, param="prompt"))  # a full queue: 503
+    tracker = Tracker.of(http, model)
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return EventSourceResponse(sse_frames(_chunks(model, prompts, streams, params, request, include_usage)))
+        chunks = _chunks(model, prompts, streams, params, request, include_usage, tracker)
+        return EventSourceResponse(sse_frames(chunks))
 
-    choices = await collect_jobs(model, streams, http.is_disconnected)
+    choices = await collect_jobs(model, streams, http.is_disconnected, tracker)
     n = request.n or 1
     echoed = [model.decode(p) if request.echo else "" for p in prompts]
     prompt_tokens = sum(len(p) for p in prompts)
@@ -87,6 +89,7 @@ async def _chunks(
     params: SamplingParams,
     request: CompletionRequest,
     include_usage: bool,
+    tracker: Tracker,
 ) -> AsyncIterator[CompletionResponse]:
     n = request.n or 1
     completion_id, created = random_id("cmpl"), now()
@@ -105,7 +108,7 @@ async def _chunks(
         for i in range(len(prompts) * n):
             yield chunk([CompletionChoice(index=i, text=model.decode(prompts[i // n]))])
     completion_tokens = 0
-    async for index, step in stream_jobs(streams):
+    async for index, step in stream_jobs(streams, tracker):
         completion_tokens += step.token_id is not None
         finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
         if not step.text and finish is None and not params.logprobs:

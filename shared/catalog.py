@@ -27,10 +27,11 @@ class ModelCatalog:
     def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
         self.settings = settings
         self._backend = backend
-        self._configs = {m.id: m for m in settings.all_models}
+        self._configs = {m.id: m for m in settings.served_models}
         self._generation: dict[str, GenerationModel] = {}
         self._embedding: dict[str, EmbeddingModel] = {}
         self._locks = {model_id: threading.Lock() for model_id in self._configs}
+        self.load_seconds: dict[str, float] = {}  # each loaded model's load time
         self._backend_lock = threading.Lock()
 
     @property
@@ -92,11 +93,14 @@ class ModelCatalog:
                     model_dir,
                     lambda: backend.load(model_dir),
                     max_model_len=self.settings.max_model_len,
+                    max_prompt_tokens=self.settings.max_prompt_tokens,
+                    max_completion_tokens=self.settings.max_completion_tokens,
                     max_running=self.settings.max_running,
                     prefill_chunk=self.settings.prefill_chunk,
                     max_queue=self.settings.max_queue,
                 )
-                log.info("loaded %s in %.1f s", config.id, time.perf_counter() - started)
+                self.load_seconds[config.id] = time.perf_counter() - started
+                log.info("loaded %s in %.1f s", config.id, self.load_seconds[config.id])
             return self._generation[config.id]
 
     def embedding(self, name: str) -> EmbeddingModel:
@@ -108,8 +112,10 @@ class ModelCatalog:
             if config.id not in self._embedding:
                 from shared.embeddings import EmbeddingModel
 
+                started = time.perf_counter()
                 model_dir = resolve_embedding_model(config, self.settings.cache_dir)
                 self._embedding[config.id] = EmbeddingModel(config.id, model_dir, self.settings.threads)
+                self.load_seconds[config.id] = time.perf_counter() - started
             return self._embedding[config.id]
 
     def preload(self) -> None:

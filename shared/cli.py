@@ -7,26 +7,41 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from shared.errors import FnserveError
-from shared.settings import Settings
+from shared.guards.keys import KeysFileError
+from shared.settings import Settings, SettingsError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from functions.app import build
+    from shared.logs import configure_logging
+    from shared.server import serve
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = (
+        ("host", args.host),
+        ("port", args.port),
+        ("ssl_certfile", args.ssl_certfile),
+        ("ssl_keyfile", args.ssl_keyfile),
+    )
+    settings = Settings(**{k: v for k, v in flags if v is not None})
+    configure_logging(settings)
     app = build(settings)
     app.state.catalog.backend  # noqa: B018 - a named backend that cannot run fails here, at start-up
-    # A stop waits at most 10 s for requests in flight, then drops them rather than hanging on.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=10)
+    serve(settings, app)
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from shared.guards.keys import create_key
+
+    key = create_key(Path(args.file), args.name, args.requests_per_minute, args.tokens_per_minute)
+    print(key)
+    print(f"(key {args.name!r} added to {args.file}; it is shown only this once)", file=sys.stderr)
     return 0
 
 
@@ -99,7 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the HTTP server (all functions in one process)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1, or FNSERVE_HOST)")
     serve.add_argument("--port", type=int, help="port (default 8000, or FNSERVE_PORT)")
+    serve.add_argument("--ssl-certfile", help="TLS certificate (PEM): serve HTTPS (or FNSERVE_SSL_CERTFILE)")
+    serve.add_argument("--ssl-keyfile", help="its private key (PEM) (or FNSERVE_SSL_KEYFILE)")
     serve.set_defaults(run=_serve)
+    keys = commands.add_parser("keys", help="manage API keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_commands.add_parser("create", help="make a key, append its hash to a keys file, print the key")
+    create.add_argument("name", help="a name for the key (it appears in logs, never the key)")
+    create.add_argument("--file", required=True, help="the keys file (FNSERVE_API_KEYS_FILE of the server)")
+    create.add_argument("--requests-per-minute", type=int, help="this key's own request limit")
+    create.add_argument("--tokens-per-minute", type=int, help="this key's own token limit")
+    create.set_defaults(run=_keys)
     prepare = commands.add_parser("prepare", help="convert and cache model weights now, not on first use")
     prepare.add_argument("models", nargs="*", help="model ids (default: the embedded models)")
     prepare.set_defaults(run=_prepare)
@@ -130,8 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args))
     except ValidationError as exc:
         print(f"fnserve: invalid settings:\n{exc}", file=sys.stderr)
+    except SettingsError as exc:
+        print(f"fnserve: invalid settings: {exc}", file=sys.stderr)
     except FnserveError as exc:
         print(f"fnserve: {exc.message}", file=sys.stderr)
+    except KeysFileError as exc:
+        print(f"fnserve: {exc}", file=sys.stderr)
     except Exception as exc:
         if type(exc).__module__.startswith("openai"):  # the server's answer, or no server at all
             print(f"fnserve: {exc}", file=sys.stderr)

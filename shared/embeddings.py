@@ -27,12 +27,19 @@ class EmbeddingModel:
         self.max_tokens = 512
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self._tokenizer.no_padding()
+        self._counter = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._counter.no_padding()
+        self._counter.no_truncation()
         self._tokenizer.enable_truncation(self.max_tokens)
         self.dimensions = int(self.embed(["dimension probe"]).shape[1])
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """(len(texts), dimensions) float32, each row of unit length."""
         return np.asarray(list(self._model.embed(texts, batch_size=batch_size)), dtype=np.float32)
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Each text's length in tokens before truncation (special tokens included)."""
+        return [len(e.ids) for e in self._counter.encode_batch(texts)]
 
     def count_tokens(self, texts: list[str]) -> int:
         """Tokens the model reads for these texts (special tokens included, truncated as the model truncates)."""

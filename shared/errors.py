@@ -26,16 +26,17 @@ class FnserveError(Exception):
         self.code = code or self.default_code
         self.headers = headers or {}
 
-    def to_dict(self) -> dict[str, Any]:
-        """OpenAI's error envelope."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
+    def to_dict(self, request_id: str | None = None) -> dict[str, Any]:
+        """OpenAI's error envelope (with the request's id, which the X-Request-ID header carries too)."""
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.error_type,
+            "param": self.param,
+            "code": self.code,
         }
+        if request_id is not None:
+            error["request_id"] = request_id
+        return {"error": error}
 
 
 class InvalidRequestError(FnserveError):
@@ -51,6 +52,12 @@ class AuthenticationError(FnserveError):
     status_code = 401
     error_type = "authentication_error"
     default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(FnserveError):
+    status_code = 403
+    error_type = "permission_error"
+    default_code = "permission_denied"
 
 
 class ModelNotFoundError(FnserveError):

@@ -24,8 +24,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def error_response(error: FnserveError) -> JSONResponse:
-    return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
+def error_response(error: FnserveError, request_id: str | None = None) -> JSONResponse:
+    return JSONResponse(error.to_dict(request_id), status_code=error.status_code, headers=error.headers)
+
+
+def _request_id(request: Request) -> str | None:
+    ctx = getattr(request.state, "fnserve", None)
+    return getattr(ctx, "request_id", None)
 
 
 def _validation_error(exc: RequestValidationError) -> FnserveError:
@@ -65,11 +70,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(FnserveError)
     async def _fnserve(request: Request, exc: FnserveError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, _request_id(request))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_error(exc))
+        return error_response(_validation_error(exc), _request_id(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -79,12 +84,16 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             error.message = f"Unknown request URL: {request.method} {request.url.path}."
             error.code = "unknown_url"
-        return error_response(error)
+        elif exc.status_code == 413:  # the framework's body limit (FastAPI's max_body_size)
+            limit = request.app.max_body_size
+            error = RequestTooLargeError(f"request body is larger than the limit of {limit} bytes (max_body_bytes)")
+        return error_response(error, _request_id(request))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(FnserveError("The server had an error while processing your request."))
+        error = FnserveError("The server had an error while processing your request.")
+        return error_response(error, _request_id(request))
 
 
 def get_catalog(request: Request) -> ModelCatalog:
@@ -119,36 +128,3 @@ async def sse_frames(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[dict[str
         yield {"data": json.dumps(FnserveError("The server had an error while streaming.").to_dict())}
         return
     yield {"data": "[DONE]"}
-
-
-class BodySizeLimit:
-    """ASGI middleware: a request body over max_bytes gets 413 in the error envelope, read or declared."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            error = self._too_large() if declared.isdigit() else InvalidRequestError("invalid Content-Length header")
-            await error_response(error)(scope, receive, send)
-            return
-        received = 0
-
-        async def limited_receive() -> Any:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._too_large()  # turned into the envelope by the app's handler
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    def _too_large(self) -> RequestTooLargeError:
-        return RequestTooLargeError(f"request body is larger than the limit of {self.max_bytes} bytes")

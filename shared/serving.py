@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+
+from starlette.requests import HTTPConnection
 
 from shared.generation.engine import Stream
 from shared.generation.model import GenerationModel
 from shared.generation.params import SamplingParams
 from shared.generation.sequence import FinishReason, Sequence, StepOutput
+from shared.guards.access import RequestContext, request_context
+from shared.metrics import Metrics
 from shared.protocol.common import TokenLogprob, TopLogprob
 
 
@@ -53,8 +58,68 @@ def submit(model: GenerationModel, sequences: list[Sequence]) -> list[Stream]:
     return streams
 
 
-async def stream_jobs(streams: list[Stream]) -> AsyncIterator[tuple[int, StepOutput]]:
+@dataclass
+class Tracker:
+    """One request's timings and counts, for the per-model metrics, its log line and its token charge."""
+
+    model: str
+    metrics: Metrics
+    ctx: RequestContext
+    log_content: bool = False
+    _last: dict[int, float] = field(default_factory=dict)
+    _texts: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, connection: HTTPConnection, model: GenerationModel) -> Tracker:
+        ctx = request_context(connection)
+        ctx.model = model.id
+        state = connection.app.state
+        return cls(model.id, state.metrics, ctx, state.settings.log_content)
+
+    def started(self, streams: list[Stream]) -> None:
+        prompts = {id(s.seq.prompt_ids): len(s.seq.prompt_ids) for s in streams}  # n choices share a prompt
+        self.ctx.prompt_tokens = sum(prompts.values())
+
+    def step(self, index: int, step: StepOutput, seq: Sequence) -> None:
+        now = time.perf_counter()
+        if index not in self._last and seq.admitted_at is not None:
+            self.metrics.queue_wait.labels(self.model).observe(max(seq.admitted_at - self.ctx.started, 0.0))
+        if step.token_id is not None:
+            self.ctx.completion_tokens += 1
+            if self.ctx.first_token is None:
+                self.ctx.first_token = now
+                self.metrics.time_to_first_token.labels(self.model).observe(now - self.ctx.started)
+            elif index in self._last:
+                self.metrics.inter_token_latency.labels(self.model).observe(now - self._last[index])
+            self._last[index] = now
+        if self.log_content:
+            self._texts[index] = self._texts.get(index, "") + step.text
+
+    def ended(self) -> None:
+        if self.ctx.first_token is None:
+            return  # nothing was generated: failed or cancelled before its first token
+        self.metrics.e2e_latency.labels(self.model).observe(time.perf_counter() - self.ctx.started)
+        self.metrics.request_prompt_tokens.labels(self.model).inc(self.ctx.prompt_tokens)
+        self.metrics.request_generation_tokens.labels(self.model).inc(self.ctx.completion_tokens)
+        if self.log_content:
+            self.ctx.content["completion"] = [self._texts[i] for i in sorted(self._texts)]
+
+
+async def stream_jobs(streams: list[Stream], tracker: Tracker | None = None) -> AsyncIterator[tuple[int, StepOutput]]:
     """Steps of every stream as they come, tagged with its index. Closing it cancels every sequence."""
+    if tracker is not None:
+        tracker.started(streams)
+    try:
+        async for index, step in _merged(streams):
+            if tracker is not None:
+                tracker.step(index, step, streams[index].seq)
+            yield index, step
+    finally:
+        if tracker is not None:
+            tracker.ended()
+
+
+async def _merged(streams: list[Stream]) -> AsyncIterator[tuple[int, StepOutput]]:
     if len(streams) == 1:
         try:
             async for step in streams[0]:
@@ -92,24 +157,33 @@ async def stream_jobs(streams: list[Stream]) -> AsyncIterator[tuple[int, StepOut
 
 
 async def collect_jobs(
-    model: GenerationModel, streams: list[Stream], disconnected: Callable[[], Awaitable[bool]] | None = None
+    model: GenerationModel,
+    streams: list[Stream],
+    disconnected: Callable[[], Awaitable[bool]] | None = None,
+    tracker: Tracker | None = None,
 ) -> list[Choice]:
-    """Every stream's whole output. When `disconnected` says the client has gone, they are cancelled."""
+    """Every stream's whole output. When `disconnected` says the client has gone, or this coroutine itself is
+    cancelled (a Lambda timeout, a server shutting down), the sequences are cancelled too."""
     choices = [Choice() for _ in streams]
 
     async def consume() -> None:
-        async for index, step in stream_jobs(streams):
+        async for index, step in stream_jobs(streams, tracker):
             add_step(model, choices[index], step)
 
     task = asyncio.create_task(consume())
-    while disconnected is not None and not task.done():
-        await asyncio.wait({task}, timeout=0.25)
-        if not task.done() and await disconnected():
-            task.cancel()  # closes the streams, which frees the engine's slots
-            break
     try:
+        while disconnected is not None and not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await disconnected():
+                task.cancel()  # closes the streams, which frees the engine's slots
+                break
         await task
     except asyncio.CancelledError:
+        if not task.done():  # we were cancelled ourselves, not the task by us: it must not run on
+            task.cancel()
+            for stream in streams:
+                stream.close()
+            raise
         if not task.cancelled():
             raise
     return choices

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import re
 from functools import lru_cache
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +25,10 @@ Quantization = Literal["none", "int4", "int8", "mixed"]
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
+class SettingsError(ValueError):
+    """Settings that cannot be read at all (a missing config file, an unknown variable): start-up stops."""
+
+
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "fnserve"
@@ -32,11 +37,12 @@ def _default_cache_dir() -> Path:
 class ModelConfig(BaseModel):
     """One servable model: an id clients use, where its weights come from, and what it does."""
 
+    model_config = ConfigDict(extra="forbid")
+
     id: str
     source: str = Field(description="'embedded:<name>', a local GGUF file, a local Hugging Face directory, or a hub id")
     kind: ModelKind = "generate"
     gguf_file: str | None = Field(default=None, description="GGUF file name inside a hub repo or directory")
-    tokenizer: str | None = Field(default=None, description="where to take the tokenizer from, if elsewhere")
     owned_by: str = "fnserve"
 
     @field_validator("id")
@@ -62,11 +68,16 @@ EMBEDDED_MODELS: tuple[ModelConfig, ...] = (
 class Settings(BaseSettings):
     """Everything fnserve can be told. Env: FNSERVE_<FIELD>; TOML: the file named by FNSERVE_CONFIG."""
 
-    model_config = SettingsConfigDict(env_prefix="FNSERVE_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="FNSERVE_", env_nested_delimiter="__", extra="forbid")
 
+    # --- server ---
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    ssl_certfile: Path | None = Field(default=None, description="TLS certificate (PEM): serve HTTPS")
+    ssl_keyfile: Path | None = Field(default=None, description="its private key (PEM)")
+    drain_seconds: float = Field(
+        default=30.0, ge=0, le=3600, description="on SIGTERM, how long running requests may take to finish"
+    )
 
     backend: BackendName = Field(default="auto", description="auto picks MLX on Apple Silicon, CUDA, then CPU")
     dtype: DType = Field(default="auto", description="auto: bfloat16 on CUDA, float32 elsewhere")
@@ -98,7 +109,58 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(default=256, ge=16, description="prompt tokens prefilled per engine step")
     prefix_cache_slots: int = Field(default=4, ge=0, description="prompts kept for prefix reuse (batched engine)")
     max_queue: int = Field(default=256, ge=1, description="requests waiting per model before 503")
+    allowed_models: list[str] | None = Field(
+        default=None, description="serve only these model ids (the defaults must be among them); None: all"
+    )
+
+    # --- request limits (each violation is a 400 or 413 that names the limit) ---
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    max_prompt_tokens: int | None = Field(default=None, ge=1, description="prompt tokens; None: the context")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="cap on max_tokens; None: the context")
+    max_n: int = Field(default=16, ge=1, le=128, description="choices per request")
+    max_messages: int = Field(default=1024, ge=1, description="messages per chat request")
+    max_stop: int = Field(default=16, ge=0, description="stop strings per request")
+    max_logit_bias: int = Field(default=300, ge=0, description="logit_bias entries per request")
+    max_embedding_inputs: int = Field(default=2048, ge=1, description="inputs per embedding request")
+    max_embedding_input_tokens: int = Field(
+        default=8192, ge=1, description="tokens per embedding input (longer inputs than the model reads are truncated)"
+    )
+    max_embedding_concurrency: int = Field(default=4, ge=1, description="embedding requests computed at once")
+    max_embedding_queue: int = Field(default=64, ge=0, description="embedding requests waiting before 503")
+
+    # --- security ---
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="accepted API keys (plain; hashed when read); none and no file: no auth"
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="TOML file of [[keys]] (name, sha256, enabled, limits): `fnserve keys create`"
+    )
+    metrics_token: SecretStr | None = Field(default=None, description="bearer token /metrics asks for; None: open")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call from a browser")
+    cors_methods: list[str] = Field(default_factory=lambda: ["GET", "POST"])
+    cors_headers: list[str] = Field(
+        default_factory=lambda: ["Authorization", "Content-Type", "api-key", "X-Request-ID"]
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses or networks whose X-Forwarded-For is believed"
+    )
+    rate_limit_requests: int | None = Field(default=None, ge=1, description="requests per minute per key or address")
+    rate_limit_tokens: int | None = Field(
+        default=None, ge=1, description="prompt + completion tokens per minute per key or address"
+    )
+    rate_limit_storage: str = Field(
+        default="memory://", description="memory:// (this process) or redis://host:port/db (shared by instances)"
+    )
+
+    # --- observability ---
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto", description="auto: text on a terminal, JSON lines otherwise"
+    )
+    log_content: bool = Field(default=False, description="put prompts and completions in the request log")
+    otlp_endpoint: str | None = Field(
+        default=None, description="OTLP/HTTP endpoint for traces (needs the `otel` extra); None: no tracing"
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -109,13 +171,41 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        _check_environment(settings_cls)
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config = os.environ.get("FNSERVE_CONFIG")
         if config:
             if not Path(config).is_file():
-                raise ValueError(f"FNSERVE_CONFIG names {config!r}, which is not a readable file")
+                raise SettingsError(f"FNSERVE_CONFIG names {config!r}, which is not a readable file")
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
         return tuple(sources)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: list[str]) -> list[str]:
+        for proxy in value:
+            try:
+                ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"{proxy!r} is not an IP address or network") from None
+        return value
+
+    @field_validator("rate_limit_storage")
+    @classmethod
+    def _storage_is_known(cls, value: str) -> str:
+        if not value.startswith(("memory://", "redis://", "rediss://")):
+            raise ValueError(f"{value!r}: use memory:// or redis://host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> Settings:
+        for name in ("ssl_certfile", "ssl_keyfile", "api_keys_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}={str(path)!r} is not a readable file")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together: set both or neither")
+        return self
 
     @model_validator(mode="after")
     def _models_are_consistent(self) -> Settings:
@@ -133,11 +223,41 @@ class Settings(BaseSettings):
         unknown = [p for p in self.preload if p not in ("default", "default-embedding") and p not in kinds]
         if unknown:
             raise ValueError(f"preload names unknown models: {', '.join(unknown)}")
+        if self.allowed_models is not None:
+            missing = [a for a in self.allowed_models if a not in kinds]
+            if missing:
+                raise ValueError(f"allowed_models names unknown models: {', '.join(missing)}")
+            for name, field in (
+                (self.default_model, "default_model"),
+                (self.default_embedding_model, "default_embedding_model"),
+            ):
+                if name not in self.allowed_models:
+                    raise ValueError(f"{field}={name!r} is not in allowed_models")
         return self
 
     @property
     def all_models(self) -> list[ModelConfig]:
         return [*EMBEDDED_MODELS, *self.models]
+
+    @property
+    def served_models(self) -> list[ModelConfig]:
+        """The configured models this server answers for (all of them unless allowed_models narrows it)."""
+        allowed = self.allowed_models
+        return [m for m in self.all_models if allowed is None or m.id in allowed]
+
+
+# FNSERVE_* variables that are not settings: the config file's name, and what the command-line client reads.
+_NOT_SETTINGS = {"CONFIG", "URL", "API_KEY"}
+
+
+def _check_environment(settings_cls: type[BaseSettings]) -> None:
+    """An FNSERVE_* variable that names no setting is a typo that would be ignored silently: refuse it."""
+    for name in os.environ:
+        if not name.upper().startswith("FNSERVE_"):
+            continue
+        field = name[len("FNSERVE_") :].split("__")[0]
+        if field.upper() not in _NOT_SETTINGS and field.lower() not in settings_cls.model_fields:
+            raise SettingsError(f"environment variable {name} names no setting (see fnserve.example.toml)")
 
 
 @lru_cache(maxsize=1)

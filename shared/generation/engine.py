@@ -15,9 +15,10 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from shared.backends import BatchRunner, Chunk, ModelRunner
 from shared.errors import FnserveError, OverloadedError
@@ -27,6 +28,7 @@ from shared.generation.sequence import Sequence, StepOutput
 log = logging.getLogger(__name__)
 
 Emit = Callable[[StepOutput | BaseException], None]
+Outcome = Literal["completed", "cancelled", "failed"]
 
 
 @dataclass
@@ -39,6 +41,7 @@ class EngineStats:
     generated_tokens: int
     prefix_hits: int = 0
     prefix_tokens: int = 0  # prompt tokens taken from the prefix cache instead
+    failed: int = 0  # sequences that ended with an error (forward pass, sampling or detokenizing)
 
 
 @dataclass
@@ -121,6 +124,7 @@ class Engine:
             generated_tokens=self._stats.generated_tokens,
             prefix_hits=self._stats.prefix_hits,
             prefix_tokens=self._stats.prefix_tokens,
+            failed=self._stats.failed,
         )
 
     def generate(self, seq: Sequence) -> Stream:
@@ -164,9 +168,10 @@ class Engine:
                 slot = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if slot.seq.cancelled.is_set():  # its client left while it waited
+            if slot.seq.cancelled:  # its client left while it waited
                 self._stats.cancelled += 1
                 continue
+            slot.seq.admitted_at = time.perf_counter()
             self._running.append(slot)
 
     def _drain(self) -> None:
@@ -214,13 +219,13 @@ class Engine:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # that event loop is gone: nobody will read these sequences
                 for _, _, seq in items:
-                    seq.cancelled.set()
+                    seq.cancelled = True
 
     def _batch_step(self, runner: BatchRunner) -> None:
         """One forward pass: a decode token for every sequence that has one, and one prompt chunk."""
         running = self._running
-        self._remove([i for i, s in enumerate(running) if s.seq.cancelled.is_set()], cancelled=True)
-        done: list[int] = []
+        self._remove({i: "cancelled" for i, s in enumerate(running) if s.seq.cancelled})
+        done: dict[int, Outcome] = {}
         chunk: Chunk | None = None
         pending = next((i for i, s in enumerate(running) if s.prefilled < len(s.seq.prompt_ids)), None)
         if pending is not None:
@@ -262,20 +267,20 @@ class Engine:
         for i in ready:
             running[i].length += 1
             self._emit(running[i], logits[i], i, done)
-        self._remove(done, cancelled=False)
+        self._remove(done)
 
-    def _emit(self, slot: _Slot, logits: Any, index: int, done: list[int]) -> None:
+    def _emit(self, slot: _Slot, logits: Any, index: int, done: dict[int, Outcome]) -> None:
         try:
             out = slot.seq.step(logits)
         except Exception as exc:  # a bug in sampling or detokenizing: this sequence ends, the others go on
             log.exception("generation failed in model %r", self.name)
             slot.seq.finished = True
-            done.append(index)
+            done[index] = "failed"
             slot.emit(_as_error(exc))
             return
         self._stats.generated_tokens += 1
         if slot.seq.finished:
-            done.append(index)
+            done[index] = "completed"
         slot.emit(out)
 
     def _fail(self, indices: list[int], exc: Exception) -> None:
@@ -284,27 +289,29 @@ class Engine:
         for i in indices:
             self._running[i].emit(error)
             self._running[i].seq.finished = True
-        self._remove(indices, cancelled=False, count=False)
+        self._remove(dict.fromkeys(indices, "failed"))
 
-    def _remove(self, indices: list[int], *, cancelled: bool, count: bool = True) -> None:
-        """Drop these running sequences, moving the last one into each hole so slots stay 0..n-1."""
+    def _remove(self, outcomes: dict[int, Outcome]) -> None:
+        """Drop these running sequences, moving the last one into each hole so slots stay 0..n-1; count each."""
         running = self._running
-        for i in sorted(set(indices), reverse=True):
+        for i in sorted(outcomes, reverse=True):
             end = len(running) - 1
             if i < end and self.batch_runner is not None:  # before the list changes, in case the copy fails
                 self.batch_runner.move_slot(end, i, running[end].length)
             last = running.pop()
             if i < end:
                 running[i] = last
-            if count:
-                if cancelled:
-                    self._stats.cancelled += 1
-                else:
-                    self._stats.completed += 1
+            outcome = outcomes[i]
+            if outcome == "cancelled":
+                self._stats.cancelled += 1
+            elif outcome == "failed":
+                self._stats.failed += 1
+            else:
+                self._stats.completed += 1
 
     def _step(self, runner: ModelRunner, slot: _Slot) -> None:
         seq = slot.seq
-        if seq.cancelled.is_set():
+        if seq.cancelled:
             self._running.remove(slot)
             self._stats.cancelled += 1
             return
@@ -319,6 +326,7 @@ class Engine:
         except Exception as exc:
             log.exception("generation failed in model %r", self.name)
             self._running.remove(slot)
+            self._stats.failed += 1
             slot.emit(_as_error(exc))
             return
         self._stats.generated_tokens += 1
@@ -329,8 +337,13 @@ class Engine:
 
 
 class Stream:
-    """One queued sequence's steps, as an async iterator. Closing it, or dropping it unread, cancels the sequence
-    (a no-op once it has finished), which frees its place before the engine's next step."""
+    """One queued sequence's steps, as an async iterator. Closing it cancels the sequence (a no-op once it has
+    finished), which frees its place before the engine's next step; whoever submits a stream closes it.
+
+    A stream dropped unread is still cancelled when it is collected, but only by raising the sequence's flag:
+    the collector may run on any thread (the engine's included), where taking the wake event's lock could
+    deadlock, so the engine notices the flag at its next step instead.
+    """
 
     def __init__(
         self, seq: Sequence, outputs: asyncio.Queue[StepOutput | BaseException], wake: threading.Event
@@ -362,13 +375,15 @@ class Stream:
         self.close()
 
     def close(self) -> None:
+        """Cancel the sequence and wake the engine; on the event loop's thread."""
         if not self._ended:
             self._ended = True
-            self.seq.cancelled.set()
+            self.seq.cancelled = True
             self._wake.set()
 
     def __del__(self) -> None:
-        self.close()
+        if not self._ended:
+            self.seq.cancelled = True  # a plain attribute: no lock, safe from the collector's thread
 
 
 def _deliver(items: list[tuple[asyncio.Queue[Any], Any, Sequence]]) -> None:

@@ -25,6 +25,8 @@ class GenerationModel:
         load: Callable[[], ModelRunner | BatchRunner],
         *,
         max_model_len: int | None = None,
+        max_prompt_tokens: int | None = None,
+        max_completion_tokens: int | None = None,
         max_running: int = 8,
         max_queue: int = 256,
         prefill_chunk: int = 256,
@@ -38,6 +40,8 @@ class GenerationModel:
         )
         self.runner = self.engine.runner
         self.context_length = min(self.runner.context_length, max_model_len or self.runner.context_length)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_completion_tokens = max_completion_tokens
 
     @property
     def has_chat_template(self) -> bool:
@@ -72,13 +76,19 @@ class GenerationModel:
         n = len(prompt_ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty", param=param)
+        if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens; the limit is {self.max_prompt_tokens} (max_prompt_tokens)", param=param
+            )
         if n >= self.context_length:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {self.context_length} tokens. However, your prompt has "
                 f"{n} tokens. Please reduce the length of the prompt.",
                 param=param,
             )
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.context_length - n
+        max_tokens = params.max_tokens
+        if max_tokens is None:  # the rest of the context, within the server's cap
+            max_tokens = min(self.context_length - n, self.max_completion_tokens or self.context_length)
         if n + max_tokens > self.context_length:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {self.context_length} tokens. However, you requested "

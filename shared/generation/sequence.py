@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,8 +37,10 @@ class Sequence:
     tokenizer: Decoder
     eos_ids: tuple[int, ...]
     output_ids: list[int] = field(default_factory=list)
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Set by the reader's side (any thread), read by the engine's: a plain flag, no lock to take.
+    cancelled: bool = False
     finished: bool = False
+    admitted_at: float | None = None  # perf_counter() when the engine took it into the running batch
 
     def __post_init__(self) -> None:
         self._process = make_logits_processor(self.params, self.prompt_ids, self.eos_ids)
@@ -86,13 +87,3 @@ class Sequence:
         """Everything still held back, at the end of the sequence."""
         text, hit = self._stops.feed(self._detok.flush())
         return (text, True) if hit else (text + self._stops.flush(), False)
-
-    def cancel_output(self) -> StepOutput:
-        self.finished = True
-        return StepOutput(
-            text="",
-            token_id=None,
-            finish_reason="cancelled",
-            prompt_tokens=len(self.prompt_ids),
-            completion_tokens=len(self.output_ids),
-        )

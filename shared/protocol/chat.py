@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, Stric
 from shared.errors import InvalidRequestError
 from shared.generation.params import SamplingParams
 from shared.protocol.common import OpenAIModel, StreamOptions, TokenLogprob, UsageInfo
+from shared.protocol.sampling import build_sampling_params
+from shared.settings import Settings
 
 Number = StrictInt | StrictFloat
 
@@ -71,51 +73,21 @@ class ChatCompletionRequest(OpenAIModel):
         """Messages as chat templates expect them: plain text content; developer is OpenAI's newer system."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, limits: Settings) -> SamplingParams:
+        """The engine's parameters for this request, after every check of its values (400 naming the field)."""
         if self.tools:
             raise InvalidRequestError("tools / function calling is not supported by this server", param="tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise InvalidRequestError("only response_format {'type': 'text'} is supported", param="response_format")
-        n = 1 if self.n is None else self.n
-        if not 1 <= n <= 16:
-            raise InvalidRequestError("n must be between 1 and 16", param="n")
+        if len(self.messages) > limits.max_messages:
+            raise InvalidRequestError(
+                f"messages holds {len(self.messages)} messages; the limit is {limits.max_messages} (max_messages)",
+                param="messages",
+            )
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        return build_sampling_params(self, max_tokens, logprobs=bool(self.logprobs), top=self.top_logprobs or 0)
-
-
-def build_sampling_params(request: Any, max_tokens: int | None, *, logprobs: bool, top: int) -> SamplingParams:
-    """SamplingParams from the fields chat and completions share (None means the default)."""
-    stop = request.stop
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    try:
-        bias = {int(k): float(v) for k, v in (request.logit_bias or {}).items()}
-    except ValueError:
-        raise InvalidRequestError("logit_bias keys must be token ids", param="logit_bias") from None
-    if max_tokens is not None and max_tokens < 1:
-        raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
-
-    def pick(value: Any, default: Any) -> Any:
-        return default if value is None else value
-
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=float(pick(request.temperature, 1.0)),
-        top_p=float(pick(request.top_p, 1.0)),
-        top_k=int(pick(request.top_k, 0)),
-        min_p=float(pick(request.min_p, 0.0)),
-        repetition_penalty=float(pick(request.repetition_penalty, 1.0)),
-        presence_penalty=float(pick(request.presence_penalty, 0.0)),
-        frequency_penalty=float(pick(request.frequency_penalty, 0.0)),
-        seed=request.seed,
-        logit_bias=bias,
-        stop=stops,
-        ignore_eos=bool(request.ignore_eos),
-        min_tokens=int(pick(request.min_tokens, 0)),
-        logprobs=logprobs,
-        top_logprobs=top,
-    )
+        return build_sampling_params(self, limits, max_tokens, logprobs=bool(self.logprobs), top=self.top_logprobs or 0)
 
 
 class ChoiceLogprobs(BaseModel):

@@ -8,8 +8,10 @@ from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
 from shared.errors import InvalidRequestError
 from shared.generation.params import SamplingParams
-from shared.protocol.chat import Number, build_sampling_params
+from shared.protocol.chat import Number
 from shared.protocol.common import OpenAIModel, StreamOptions, UsageInfo
+from shared.protocol.sampling import build_sampling_params
+from shared.settings import Settings
 
 Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
@@ -52,12 +54,11 @@ class CompletionRequest(OpenAIModel):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, limits: Settings) -> SamplingParams:
+        """The engine's parameters for this request, after every check of its values (400 naming the field)."""
         if self.suffix:
             raise InvalidRequestError("suffix (insertion) is not supported by this server", param="suffix")
         n = 1 if self.n is None else self.n
-        if not 1 <= n <= 16:
-            raise InvalidRequestError("n must be between 1 and 16", param="n")
         if self.best_of not in (None, n):
             raise InvalidRequestError("best_of is not supported (only best_of == n)", param="best_of")
         if self.logprobs is not None and not 0 <= self.logprobs <= 5:
@@ -65,7 +66,7 @@ class CompletionRequest(OpenAIModel):
         if self.echo and self.logprobs is not None:
             raise InvalidRequestError("echo together with logprobs is not supported", param="echo")
         logprobs = self.logprobs is not None
-        return build_sampling_params(self, self.max_tokens, logprobs=logprobs, top=self.logprobs or 0)
+        return build_sampling_params(self, limits, self.max_tokens, logprobs=logprobs, top=self.logprobs or 0)
 
 
 class CompletionLogprobs(BaseModel):

@@ -9,8 +9,6 @@ from pydantic import BaseModel, StrictInt, StrictStr
 from shared.errors import InvalidRequestError
 from shared.protocol.common import OpenAIModel
 
-MAX_INPUTS = 2048
-
 
 class EmbeddingRequest(OpenAIModel):
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
@@ -19,7 +17,7 @@ class EmbeddingRequest(OpenAIModel):
     dimensions: StrictInt | None = None
     user: StrictStr | None = None
 
-    def inputs(self) -> list[str | list[int]]:
+    def inputs(self, max_inputs: int) -> list[str | list[int]]:
         """The batch: each entry a text or a list of token ids. Empty entries are refused, as OpenAI does."""
         raw = self.input
         items: list[str | list[int]]
@@ -31,8 +29,10 @@ class EmbeddingRequest(OpenAIModel):
             items = list(raw)  # type: ignore[arg-type]
         if not items:
             raise InvalidRequestError("input must not be empty", param="input")
-        if len(items) > MAX_INPUTS:
-            raise InvalidRequestError(f"input may hold at most {MAX_INPUTS} items", param="input")
+        if len(items) > max_inputs:
+            raise InvalidRequestError(
+                f"input holds {len(items)} items; the limit is {max_inputs} (max_embedding_inputs)", param="input"
+            )
         if any(len(item) == 0 for item in items):
             raise InvalidRequestError("input must not contain empty strings or empty token arrays", param="input")
         return items

@@ -65,7 +65,8 @@ async def test_bad_requests_get_the_openai_error_envelope(client: httpx.AsyncCli
         response = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
         assert response.status_code == status, body
         error = response.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert set(error) == {"message", "type", "param", "code", "request_id"} and error["message"]
+        assert error["request_id"] == response.headers["x-request-id"]
         if code:
             assert error["code"] == code
 

@@ -220,7 +220,8 @@ def test_bad_request_gets_the_envelope(
     )
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
+    assert error["request_id"] == response.headers["x-request-id"]
     assert isinstance(error["message"], str) and error["message"]
     assert "Traceback" not in error["message"]
     if code:
