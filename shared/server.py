@@ -63,6 +63,9 @@ def serve(settings: Settings, app: FastAPI) -> None:
         log_level=settings.log_level,
         log_config=None,  # fnserve's own logging (shared.logs), already configured
         access_log=False,  # the request middleware writes one line per request
+        # uvicorn would believe X-Forwarded-For from 127.0.0.1 (its default) and rewrite the client's address,
+        # so a local client could spoof its way out of its rate limit; settings.trusted_proxies decides instead.
+        proxy_headers=False,
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         timeout_graceful_shutdown=10,

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
@@ -23,6 +19,7 @@ from shared.generation.model import GenerationModel  # noqa: E402
 from shared.generation.params import SamplingParams  # noqa: E402
 from shared.generation.sequence import StepOutput  # noqa: E402
 from shared.settings import Settings  # noqa: E402
+from tests.servers import running_server  # noqa: E402
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 SERVER_LOGS: list[Path] = []  # the session server's log, shown under any test that fails while using it
@@ -78,53 +75,13 @@ def run_steps(model: GenerationModel, prompt_ids: list[int], params: SamplingPar
     return asyncio.run(collect())
 
 
-FNSERVE = Path(sys.executable).parent / "fnserve"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `fnserve serve` process on a free port; its base URL (without /v1)."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "FNSERVE_MAX_BODY_BYTES": str(1024 * 1024),
-        "FNSERVE_MAX_MODEL_LEN": "2048",
-    }
+    """A real `fnserve serve` process on a free port, ready (its preloaded model loaded); its base URL."""
     log_path = tmp_path_factory.mktemp("server") / "fnserve.log"
     SERVER_LOGS.append(log_path)
-    log = log_path.open("w+")  # a pipe nobody reads would fill up
-    proc = subprocess.Popen(
-        [str(FNSERVE), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"fnserve serve exited with {proc.returncode}:\n{log.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("fnserve serve did not answer within 300 s")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("fnserve serve did not stop within 30 s of SIGTERM")
+    env = {"FNSERVE_MAX_BODY_BYTES": str(1024 * 1024), "FNSERVE_MAX_MODEL_LEN": "2048"}
+    with running_server(log_path, env) as server:
+        yield server.url
+        status = server.stop()
+        assert status == 0, f"fnserve serve exited with {status} on SIGTERM"

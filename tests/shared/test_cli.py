@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from openai import OpenAI
 
-from tests.conftest import FNSERVE, free_port
+from tests.servers import FNSERVE, free_port
 
 
 def fnserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
