@@ -58,7 +58,7 @@ def models(server: Server, headers: dict[str, str] | None = None) -> httpx.Respo
 def test_request_n_plus_one_is_refused_and_the_headers_count_down(tmp_path: Path) -> None:
     env = {"FNSERVE_PRELOAD": "[]", "FNSERVE_RATE_LIMIT_REQUESTS": "3"}
     with running_server(tmp_path / "fnserve.log", env) as server:
-        remaining = []
+        remaining: list[int] = []
         for _ in range(3):
             response = models(server, {"X-Forwarded-For": f"203.0.113.{len(remaining)}"})  # spoofed: ignored
             assert response.status_code == 200
