@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -35,7 +36,7 @@ async def create_chat_completion(
     """Create a model response for the given chat conversation."""
     params = request.to_sampling_params(catalog.settings)
     model = await generation_model(catalog, request.model)
-    prompt_ids = model.encode_chat(request.template_messages())
+    prompt_ids = await asyncio.to_thread(model.encode_chat, request.template_messages())  # off the event loop
     streams = submit(model, expand(model, [prompt_ids], params, request.n or 1))  # a full queue: 503 here
     tracker = Tracker.of(http, model)
     if request.stream:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -90,7 +91,7 @@ async def generate_stream(request: GenerateRequest, catalog: CatalogDep, http: R
     completion = CompletionRequest(prompt=request.prompt, **_sampling(request))
     params = completion.to_sampling_params(catalog.settings)
     model = await generation_model(catalog, request.model)
-    prompt = model.encode(request.prompt)
+    prompt = await asyncio.to_thread(model.encode, request.prompt)
     streams = submit(model, expand(model, [prompt], params, 1, param="prompt"))  # a full queue: 503 here
     tracker = Tracker.of(http, model)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -51,7 +52,7 @@ async def create_completion(
     """Create a completion for the given prompt, or for each prompt of a batch."""
     params = request.to_sampling_params(catalog.settings)
     model = await generation_model(catalog, request.model)
-    prompts = _prompt_ids(model, request)
+    prompts = await asyncio.to_thread(_prompt_ids, model, request)  # tokenizing off the event loop
     streams = submit(model, expand(model, prompts, params, request.n or 1, param="prompt"))  # a full queue: 503
     tracker = Tracker.of(http, model)
     if request.stream:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ _FASTEMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 class EmbeddingModel:
     def __init__(self, model_id: str, model_dir: Path, threads: int | None = None) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the files are local; never reach for a hub
         from fastembed import TextEmbedding
         from tokenizers import Tokenizer
 
@@ -23,6 +21,7 @@ class EmbeddingModel:
             specific_model_path=str(model_dir),
             model_file="model.onnx",
             threads=threads,
+            local_files_only=True,  # the files are local; never reach for a hub (and leave the process's env alone)
         )
         self.max_tokens = 512
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))

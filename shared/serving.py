@@ -171,20 +171,20 @@ async def collect_jobs(
             add_step(model, choices[index], step)
 
     task = asyncio.create_task(consume())
+    client_left = False
     try:
         while disconnected is not None and not task.done():
             await asyncio.wait({task}, timeout=0.25)
             if not task.done() and await disconnected():
+                client_left = True
                 task.cancel()  # closes the streams, which frees the engine's slots
                 break
         await task
     except asyncio.CancelledError:
-        if not task.done():  # we were cancelled ourselves, not the task by us: it must not run on
+        if not client_left:  # this coroutine itself was cancelled: the generation must not run on
             task.cancel()
             for stream in streams:
                 stream.close()
-            raise
-        if not task.cancelled():
             raise
     return choices
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
+from typing import Any
 
 import httpx
+import pytest
+
+from shared.generation.model import GenerationModel
 
 CAPITAL = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
 
@@ -97,3 +102,27 @@ async def test_text_content_parts_developer_role_and_newer_fields_are_understood
 async def test_max_completion_tokens_wins_over_max_tokens(client: httpx.AsyncClient) -> None:
     body = {**CAPITAL, "max_tokens": 30, "max_completion_tokens": 2}
     assert (await client.post("/v1/chat/completions", json=body)).json()["usage"]["completion_tokens"] == 2
+
+
+async def test_templating_and_tokenizing_run_off_the_event_loop(
+    client: httpx.AsyncClient, smol: GenerationModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long conversation's chat template and tokenizer used to run on the event loop, stalling every
+    stream of the process while they worked."""
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    for name in ("encode_chat", "encode"):
+        original = getattr(GenerationModel, name)
+
+        def recording(self: GenerationModel, *args: Any, _original: Any = original) -> Any:
+            threads.append(threading.get_ident())
+            return _original(self, *args)
+
+        monkeypatch.setattr(GenerationModel, name, recording)
+    for path, body in (
+        ("/v1/chat/completions", {**CAPITAL, "max_tokens": 1}),
+        ("/v1/completions", {"prompt": "Once", "max_tokens": 1}),
+        ("/api/generate/stream", {"prompt": "Once", "max_tokens": 1}),
+    ):
+        assert (await client.post(path, json=body)).status_code == 200
+    assert len(threads) == 3 and loop_thread not in threads

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 
 from shared.catalog import ModelCatalog
@@ -25,3 +29,15 @@ def test_token_counts_include_the_special_tokens(catalog: ModelCatalog) -> None:
     model = catalog.embedding("default")
     assert model.count_tokens(["hello world"]) == 4  # [CLS] hello world [SEP]
     assert model.count_tokens(["hello world", "hi"]) == 7
+
+
+def test_loading_an_embedding_model_leaves_the_hub_setting_of_the_process_alone() -> None:
+    """It used to set HF_HUB_OFFLINE=1 for the whole process, so every later hub model load failed."""
+    code = (
+        "import os; from shared.catalog import ModelCatalog; from shared.settings import Settings; "
+        "ModelCatalog(Settings(preload=[])).embedding('default'); print(os.environ.get('HF_HUB_OFFLINE'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"

@@ -22,6 +22,8 @@ from shared.errors import FnserveError, OverloadedError
 from shared.generation.engine import Engine
 from shared.generation.model import GenerationModel
 from shared.generation.params import SamplingParams
+from shared.generation.sequence import Sequence
+from shared.serving import collect_jobs, expand, submit
 from tests.shared.backends.test_conformance import model_dir
 
 LONG = {
@@ -191,3 +193,88 @@ def test_closing_the_engine_ends_running_and_queued_requests_with_a_503(
     results = asyncio.run(main())
     assert all(isinstance(r, OverloadedError) and "shutting down" in str(r) for r in results), results
     assert isinstance(_run(engine, smol, PROMPTS[:1])[0], OverloadedError)
+
+
+def test_failures_are_counted_as_failed_never_as_completed(
+    faulty: tuple[Engine, Faulty], smol: GenerationModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed forward pass used to be counted nowhere, and a failure in sampling or detokenizing counted
+    as completed."""
+    engine, runner = faulty
+    before = engine.stats
+    runner.broken = "step"
+    _run(engine, smol, PROMPTS)
+    runner.broken = None
+    mid = engine.stats
+    assert (mid.failed - before.failed, mid.completed - before.completed) == (len(PROMPTS), 0)
+
+    def broken_sampling(self: Sequence, logits: Any) -> Any:
+        raise RuntimeError("injected fault in sampling")
+
+    monkeypatch.setattr(Sequence, "step", broken_sampling)
+    _run(engine, smol, PROMPTS)
+    after = engine.stats
+    assert (after.failed - mid.failed, after.completed - mid.completed) == (len(PROMPTS), 0)
+
+
+class RecordingEvent(threading.Event):
+    """The engine's wake event, recording which threads set it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setters: list[str] = []
+
+    def set(self) -> None:
+        self.setters.append(threading.current_thread().name)
+        super().set()
+
+
+def test_a_stream_dropped_unread_is_cancelled_without_touching_the_engines_lock(
+    faulty: tuple[Engine, Faulty], smol: GenerationModel
+) -> None:
+    """A Stream collected on another thread (the engine's, say) must not take the wake event's lock there,
+    which could deadlock; it raises the sequence's flag and the engine frees its slot at the next step."""
+    engine, _ = faulty
+    wake = RecordingEvent()
+    engine._wake = wake
+    prompt_ids = smol.encode_chat([{"role": "user", "content": "Tell me a long story."}])
+    seq = smol.sequence(prompt_ids, SamplingParams(max_tokens=200, ignore_eos=True, temperature=0))
+
+    async def drop() -> None:
+        stream = engine.generate(seq)
+        await stream.__anext__()
+        wake.setters.clear()
+        holder = [stream]
+        del stream
+        collector = threading.Thread(target=holder.clear, name="collector")  # the last reference dies there
+        collector.start()
+        collector.join()
+
+    asyncio.run(drop())
+    assert seq.cancelled and "collector" not in wake.setters
+    for _ in range(500):
+        if engine.stats.running == 0:
+            break
+        time.sleep(0.01)
+    assert engine.stats.running == 0 and len(seq.output_ids) < 200
+
+
+async def test_a_cancelled_handler_cancels_its_generation(smol: GenerationModel) -> None:
+    """collect_jobs used to leave its inner task running when the handler itself was cancelled (a server
+    shutting down, a Lambda timeout), so the generation ran on to max_tokens."""
+    prompt_ids = smol.encode_chat([{"role": "user", "content": "Tell me a long story."}])
+    params = SamplingParams(max_tokens=400, ignore_eos=True, temperature=0)
+    streams = submit(smol, expand(smol, [prompt_ids], params, 2))
+    handler = asyncio.create_task(collect_jobs(smol, streams))
+    while not all(s.seq.output_ids for s in streams):
+        await asyncio.sleep(0.01)
+    handler.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handler
+    assert all(s.seq.cancelled for s in streams)
+    for _ in range(500):
+        if smol.engine.stats.running == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert smol.engine.stats.running == 0
+    assert all(len(s.seq.output_ids) < 400 for s in streams)
