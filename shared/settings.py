@@ -227,12 +227,11 @@ class Settings(BaseSettings):
             missing = [a for a in self.allowed_models if a not in kinds]
             if missing:
                 raise ValueError(f"allowed_models names unknown models: {', '.join(missing)}")
-            for name, field in (
-                (self.default_model, "default_model"),
-                (self.default_embedding_model, "default_embedding_model"),
-            ):
-                if name not in self.allowed_models:
-                    raise ValueError(f"{field}={name!r} is not in allowed_models")
+            aliases = ("default", "default-embedding")
+            wanted = [self.default_model, self.default_embedding_model, *(p for p in self.preload if p not in aliases)]
+            outside = [name for name in wanted if name not in self.allowed_models]
+            if outside:
+                raise ValueError(f"not in allowed_models: {', '.join(outside)} (a default or preloaded model)")
         return self
 
     @property

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
+from tests.servers import FNSERVE, free_port
 
 
 def test_defaults_serve_the_embedded_models() -> None:
@@ -68,3 +73,75 @@ def test_impossible_settings_fail_with_a_readable_message(kwargs: dict, says: st
     with pytest.raises(ValidationError) as err:
         Settings(**kwargs)
     assert says in str(err.value)
+
+
+BAD_CONFIGS: list[tuple[dict[str, Any], str]] = [
+    ({"max_n": 0}, "max_n"),
+    ({"max_body_bytes": 10}, "max_body_bytes"),
+    ({"rate_limit_requests": 0}, "rate_limit_requests"),
+    ({"rate_limit_storage": "memcached://x"}, "rate_limit_storage"),
+    ({"trusted_proxies": ["not-an-address"]}, "trusted_proxies"),
+    ({"ssl_certfile": "/nowhere/cert.pem", "ssl_keyfile": "/nowhere/key.pem"}, "ssl_certfile='/nowhere/cert.pem'"),
+    ({"api_keys_file": "/nowhere/keys.toml"}, "api_keys_file='/nowhere/keys.toml'"),
+    ({"allowed_models": ["gemma-3-270m"]}, "not in allowed_models: smollm2-135m-instruct"),
+    ({"allowed_models": ["ghost"]}, "allowed_models names unknown models: ghost"),
+    ({"log_format": "xml"}, "log_format"),
+    ({"drain_seconds": -1}, "drain_seconds"),
+    ({"max_running": 0}, "max_running"),
+    ({"colour": "blue"}, "colour"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "says"), BAD_CONFIGS, ids=[c[1][:30] for c in BAD_CONFIGS])
+def test_bad_configs_stop_start_up_naming_the_key(kwargs: dict[str, Any], says: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        Settings(**kwargs)
+    assert says in str(err.value)
+
+
+def test_only_one_of_the_tls_files_is_refused(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    with pytest.raises(ValidationError, match="ssl_certfile and ssl_keyfile go together"):
+        Settings(ssl_certfile=cert)
+
+
+def test_an_unknown_key_in_the_toml_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "fnserve.toml"
+    config.write_text("port = 8100\nmax_runing = 4\n")
+    monkeypatch.setenv("FNSERVE_CONFIG", str(config))
+    with pytest.raises(ValidationError, match="max_runing"):
+        Settings()
+
+
+def test_a_misspelt_environment_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FNSERVE_MAX_RUNING", "4")
+    with pytest.raises(SettingsError, match="FNSERVE_MAX_RUNING"):
+        Settings()
+
+
+def test_the_example_config_is_valid_and_documents_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = Path(__file__).parents[2] / "fnserve.example.toml"
+    text = example.read_text()
+    for name in Settings.model_fields:
+        assert re.search(rf"^#? ?{name} =", text, re.MULTILINE), f"{name} is not in fnserve.example.toml"
+    monkeypatch.setenv("FNSERVE_CONFIG", str(example))
+    Settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"FNSERVE_MAX_RUNING": "4"}, "FNSERVE_MAX_RUNING"),
+        ({"FNSERVE_RATE_LIMIT_REQUESTS": "-5"}, "rate_limit_requests"),
+    ],
+)
+def test_serve_stops_at_once_on_a_bad_config_naming_it(env: dict[str, str], says: str) -> None:
+    done = subprocess.run(
+        [str(FNSERVE), "serve", "--port", str(free_port())],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
