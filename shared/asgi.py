@@ -24,6 +24,7 @@ from shared.guards.middleware import Lifecycle, RequestMiddleware
 from shared.http import CatalogDep, install_error_handlers
 from shared.metrics import Metrics
 from shared.settings import Settings, get_settings
+from shared.tracing import make_tracer
 
 RATE_LIMIT_HEADERS = [f"X-RateLimit-{w}-{k}" for k in ("Requests", "Tokens") for w in ("Limit", "Remaining", "Reset")]
 
@@ -111,6 +112,7 @@ def create_app(*routers: APIRouter, settings: Settings | None = None, title: str
     app.state.settings = settings
     app.state.guards = guards
     app.state.lifecycle = lifecycle
+    app.state.tracer = make_tracer(settings)
     app.state.embedding_gate = Gate(settings.max_embedding_concurrency, settings.max_embedding_queue, "embedding")
     if settings.cors_origins:
         app.add_middleware(
@@ -133,7 +135,8 @@ class _App(FastAPI):
     body limit (which would answer in plain text) sees it."""
 
     def build_middleware_stack(self) -> ASGIApp:
-        return RequestMiddleware(super().build_middleware_stack(), self.state.lifecycle, self.state.metrics)
+        state = self.state
+        return RequestMiddleware(super().build_middleware_stack(), state.lifecycle, state.metrics, state.tracer)
 
 
 async def _preload(catalog: ModelCatalog, lifecycle: Lifecycle) -> None:

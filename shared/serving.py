@@ -84,6 +84,8 @@ class Tracker:
         now = time.perf_counter()
         if index not in self._last and seq.admitted_at is not None:
             self.metrics.queue_wait.labels(self.model).observe(max(seq.admitted_at - self.ctx.started, 0.0))
+            if self.ctx.admitted is None:
+                self.ctx.admitted = seq.admitted_at
         if step.token_id is not None:
             self.ctx.completion_tokens += 1
             if self.ctx.first_token is None:
@@ -98,6 +100,7 @@ class Tracker:
     def ended(self) -> None:
         if self.ctx.first_token is None:
             return  # nothing was generated: failed or cancelled before its first token
+        self.ctx.finished = time.perf_counter()
         self.metrics.e2e_latency.labels(self.model).observe(time.perf_counter() - self.ctx.started)
         self.metrics.request_prompt_tokens.labels(self.model).inc(self.ctx.prompt_tokens)
         self.metrics.request_generation_tokens.labels(self.model).inc(self.ctx.completion_tokens)

@@ -34,7 +34,9 @@ class RequestContext:
     model: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    admitted: float | None = None  # perf_counter() when its first sequence entered the running batch
     first_token: float | None = None  # perf_counter() of the first streamed token
+    finished: float | None = None  # perf_counter() of the last token
     content: dict[str, Any] = field(default_factory=dict)  # prompt/completion, only when log_content is on
 
 

@@ -50,10 +50,11 @@ class Lifecycle:
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, lifecycle: Lifecycle, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, lifecycle: Lifecycle, metrics: Metrics, tracer: Any = None) -> None:
         self.app = app
         self.lifecycle = lifecycle
         self.metrics = metrics
+        self.tracer = tracer  # an OpenTelemetry tracer, or None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -126,6 +127,19 @@ class RequestMiddleware:
             "ttft_ms": round((ctx.first_token - ctx.started) * 1000, 1) if ctx.first_token else None,
             **ctx.content,
         }
+        if self.tracer is not None:
+            from shared.tracing import record_request
+
+            attributes = {
+                "http.request.method": method,
+                "http.route": route,
+                "http.response.status_code": status,
+                "fnserve.request_id": ctx.request_id,
+                "gen_ai.request.model": ctx.model or "",
+                "gen_ai.usage.input_tokens": ctx.prompt_tokens,
+                "gen_ai.usage.output_tokens": ctx.completion_tokens,
+            }
+            record_request(self.tracer, ctx, attributes)
         access_log.info("%s %s %s %.0fms", method, scope["path"], status, elapsed * 1000, extra={"fnserve": fields})
 
 
