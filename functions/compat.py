@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -13,11 +10,11 @@ from pydantic import BaseModel, Field, StrictFloat, StrictInt, StrictStr
 from sse_starlette import EventSourceResponse
 
 from functions import chat, completions, embeddings, models
-from shared.errors import FnserveError
-from shared.http import CatalogDep, generation_model
+from shared.http import CatalogDep
 from shared.protocol.chat import ChatCompletionRequest, ChatMessage
 from shared.protocol.completions import CompletionRequest
-from shared.serving import Tracker, expand, stream_jobs, submit
+from shared.serving import chat as chat_serving
+from shared.serving import completions as completions_serving
 
 router = APIRouter()
 
@@ -76,7 +73,7 @@ def _sampling(request: GenerateRequest) -> dict[str, Any]:
 async def generate(request: GenerateRequest, catalog: CatalogDep, http: Request) -> GenerateResponse:
     """Continue a prompt; the whole text at once."""
     completion = CompletionRequest(prompt=request.prompt, **_sampling(request))
-    result = await completions.create_completion(completion, catalog, http)
+    result = await completions_serving.create(completion, catalog, http)
     assert not isinstance(result, EventSourceResponse)
     choice = result.choices[0]
     tokens = result.usage.completion_tokens if result.usage else 0
@@ -89,33 +86,14 @@ async def generate(request: GenerateRequest, catalog: CatalogDep, http: Request)
 async def generate_stream(request: GenerateRequest, catalog: CatalogDep, http: Request) -> EventSourceResponse:
     """Continue a prompt, streamed as server-sent events of {"text": delta}, then a final frame and [DONE]."""
     completion = CompletionRequest(prompt=request.prompt, **_sampling(request))
-    params = completion.to_sampling_params(catalog.settings)
-    model = await generation_model(catalog, request.model)
-    prompt = await asyncio.to_thread(model.encode, request.prompt)
-    streams = submit(model, expand(model, [prompt], params, 1, param="prompt"))  # a full queue: 503 here
-    tracker = Tracker.of(http, model)
-
-    async def frames() -> AsyncIterator[dict[str, str]]:
-        try:
-            async for _, step in stream_jobs(streams, tracker):
-                if step.text:
-                    yield {"data": json.dumps({"text": step.text})}
-                if step.finish_reason:
-                    done = {"text": "", "finish_reason": step.finish_reason, "tokens_generated": step.completion_tokens}
-                    yield {"data": json.dumps(done)}
-        except FnserveError as exc:
-            yield {"data": json.dumps(exc.to_dict())}
-            return
-        yield {"data": "[DONE]"}
-
-    return EventSourceResponse(frames())
+    return await completions_serving.text_stream(completion, catalog, http)
 
 
 @router.post("/api/chat", response_model=ChatResponse, tags=["compat"])
 async def chat_simple(request: ChatRequest, catalog: CatalogDep, http: Request) -> ChatResponse:
     """Answer a conversation; the whole reply at once."""
     openai = ChatCompletionRequest(messages=request.messages, **_sampling(request))
-    result = await chat.create_chat_completion(openai, catalog, http)
+    result = await chat_serving.create(openai, catalog, http)
     assert not isinstance(result, EventSourceResponse)
     choice = result.choices[0]
     return ChatResponse(

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import base64
-
-import numpy as np
 from fastapi import APIRouter, Request
 
 from shared.asgi import create_app, lambda_handler
-from shared.errors import InvalidRequestError
-from shared.guards.access import request_context
-from shared.guards.gate import Gate
-from shared.http import CatalogDep, embedding_model
-from shared.protocol.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from shared.http import CatalogDep
+from shared.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
+from shared.serving import embeddings
 
 router = APIRouter(tags=["embeddings"])
 
@@ -21,45 +15,7 @@ router = APIRouter(tags=["embeddings"])
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
 async def create_embeddings(request: EmbeddingRequest, catalog: CatalogDep, http: Request) -> EmbeddingResponse:
     """Create embedding vectors representing the input texts."""
-    settings = catalog.settings
-    items = request.inputs(settings.max_embedding_inputs)
-    model = await embedding_model(catalog, request.model)
-    if request.dimensions is not None and request.dimensions != model.dimensions:
-        raise InvalidRequestError(
-            f"model {model.id!r} gives {model.dimensions}-dimensional vectors and cannot shorten them; "
-            f"omit dimensions or set it to {model.dimensions}",
-            param="dimensions",
-        )
-    limit = settings.max_embedding_input_tokens
-    if any(not isinstance(item, str) and len(item) > limit for item in items):
-        raise InvalidRequestError(f"an input has more than {limit} tokens (max_embedding_input_tokens)", param="input")
-    texts = [item if isinstance(item, str) else model.decode(item) for item in items]
-    gate: Gate = http.app.state.embedding_gate
-    async with gate.hold():  # 503 at once when too many wait
-        counts = await asyncio.to_thread(model.token_counts, texts)
-        if (longest := max(counts)) > limit:
-            raise InvalidRequestError(
-                f"input[{counts.index(longest)}] has {longest} tokens; the limit is {limit} "
-                "(max_embedding_input_tokens)",
-                param="input",
-            )
-        vectors = await asyncio.to_thread(model.embed, texts)
-        tokens = await asyncio.to_thread(model.count_tokens, texts)
-    ctx = request_context(http)
-    ctx.model, ctx.prompt_tokens = model.id, tokens
-    http.app.state.metrics.embedding_inputs.labels(model.id).inc(len(texts))
-    return EmbeddingResponse(
-        data=[Embedding(index=i, embedding=_encode(v, request.encoding_format)) for i, v in enumerate(vectors)],
-        model=model.id,
-        usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
-    )
-
-
-def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
-    if encoding_format == "base64":
-        # What the openai client decodes: little-endian float32 bytes, base64.
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
-    return [float(x) for x in vector]
+    return await embeddings.create(request, catalog, http)
 
 
 app = create_app(router, title="fnserve embeddings")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from fastapi import APIRouter
 
 from shared.asgi import create_app, lambda_handler
@@ -18,20 +16,16 @@ _STARTED = 1767225600  # 2026-01-01: a stable `created` for models that have no 
 
 
 def _card(catalog: ModelCatalog, config: ModelConfig) -> ModelCard:
-    kind: Literal["chat", "completion", "embedding"] = "embedding" if config.kind == "embedding" else "chat"
+    loaded = catalog.is_loaded(config.id)
     context_length = None
-    if catalog.is_loaded(config.id) and config.kind == "generate":
-        model = catalog.generation(config.id)
-        kind = "chat" if model.has_chat_template else "completion"
-        context_length = model.context_length
-    elif config.source == "embedded:gemma-3-270m":
-        kind = "completion"  # a base model: no chat template, known without loading it
+    if loaded and config.kind == "generate":
+        context_length = catalog.generation(config.id).context_length
     return ModelCard(
         id=config.id,
         created=_STARTED,
         owned_by=config.owned_by,
-        kind=kind,
-        loaded=catalog.is_loaded(config.id),
+        kind=catalog.card_kind(config),
+        loaded=loaded,
         context_length=context_length,
     )
 

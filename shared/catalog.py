@@ -19,6 +19,10 @@ if TYPE_CHECKING:  # both pull in heavy libraries; a function that serves no mod
 log = logging.getLogger(__name__)
 
 Kind = Literal["generate", "embedding"]
+CardKind = Literal["chat", "completion", "embedding"]
+
+# What is known of the embedded models before they load: Gemma 3 270M is a base model, with no chat template.
+_EMBEDDED_KINDS: dict[str, CardKind] = {"embedded:gemma-3-270m": "completion"}
 
 
 class ModelCatalog:
@@ -55,6 +59,14 @@ class ModelCatalog:
 
     def is_loaded(self, model_id: str) -> bool:
         return model_id in self._generation or model_id in self._embedding
+
+    def card_kind(self, config: ModelConfig) -> CardKind:
+        """What a model serves: chat (and completions), completions only (no chat template), or embeddings."""
+        if config.kind == "embedding":
+            return "embedding"
+        if (model := self._generation.get(config.id)) is not None:
+            return "chat" if model.has_chat_template else "completion"
+        return _EMBEDDED_KINDS.get(config.source, "chat")
 
     def config(self, name: str, kind: Kind = "generate") -> ModelConfig:
         """The configured model a name means; `default` is the default model of the given kind."""

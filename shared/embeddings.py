@@ -23,13 +23,10 @@ class EmbeddingModel:
             threads=threads,
             local_files_only=True,  # the files are local; never reach for a hub (and leave the process's env alone)
         )
-        self.max_tokens = 512
+        self.max_tokens = 512  # the model reads this many tokens of an input, and truncates the rest
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self._tokenizer.no_padding()
-        self._counter = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self._counter.no_padding()
-        self._counter.no_truncation()
-        self._tokenizer.enable_truncation(self.max_tokens)
+        self._tokenizer.no_truncation()
         self.dimensions = int(self.embed(["dimension probe"]).shape[1])
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
@@ -38,11 +35,7 @@ class EmbeddingModel:
 
     def token_counts(self, texts: list[str]) -> list[int]:
         """Each text's length in tokens before truncation (special tokens included)."""
-        return [len(e.ids) for e in self._counter.encode_batch(texts)]
-
-    def count_tokens(self, texts: list[str]) -> int:
-        """Tokens the model reads for these texts (special tokens included, truncated as the model truncates)."""
-        return sum(len(e.ids) for e in self._tokenizer.encode_batch(texts))
+        return [len(e.ids) for e in self._tokenizer.encode_batch(texts)]
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self._tokenizer.decode(token_ids, skip_special_tokens=True))

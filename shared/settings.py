@@ -25,6 +25,12 @@ Quantization = Literal["none", "int4", "int8", "mixed"]
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
+# The engine's defaults, here once: Settings' fields and the engine's own keyword defaults both use them.
+MAX_RUNNING = 32
+MAX_QUEUE = 256
+PREFILL_CHUNK = 256
+
+
 class SettingsError(ValueError):
     """Settings that cannot be read at all (a missing config file, an unknown variable): start-up stops."""
 
@@ -105,10 +111,10 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(
         default=None, ge=16, description="cap on a model's context length (batched engine: 2048 unless set)"
     )
-    max_running: int = Field(default=32, ge=1, le=1024, description="sequences a model's engine runs together")
-    prefill_chunk: int = Field(default=256, ge=16, description="prompt tokens prefilled per engine step")
+    max_running: int = Field(default=MAX_RUNNING, ge=1, le=1024, description="sequences a model's engine runs together")
+    prefill_chunk: int = Field(default=PREFILL_CHUNK, ge=16, description="prompt tokens prefilled per engine step")
     prefix_cache_slots: int = Field(default=4, ge=0, description="prompts kept for prefix reuse (batched engine)")
-    max_queue: int = Field(default=256, ge=1, description="requests waiting per model before 503")
+    max_queue: int = Field(default=MAX_QUEUE, ge=1, description="requests waiting per model before 503")
     allowed_models: list[str] | None = Field(
         default=None, description="serve only these model ids (the defaults must be among them); None: all"
     )

@@ -24,6 +24,7 @@ from shared.backends import BatchRunner, Chunk, ModelRunner
 from shared.errors import FnserveError, OverloadedError
 from shared.generation.prefix_cache import PrefixCache
 from shared.generation.sequence import Sequence, StepOutput
+from shared.settings import MAX_QUEUE, MAX_RUNNING, PREFILL_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,9 @@ class Engine:
         self,
         load: Callable[[], ModelRunner | BatchRunner],
         *,
-        max_running: int = 8,
-        max_queue: int = 256,
-        prefill_chunk: int = 256,
+        max_running: int = MAX_RUNNING,
+        max_queue: int = MAX_QUEUE,
+        prefill_chunk: int = PREFILL_CHUNK,
         name: str = "",
     ) -> None:
         """Start the engine's thread, which loads the model with `load` and then serves; blocks until loaded.

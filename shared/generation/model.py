@@ -24,12 +24,12 @@ class GenerationModel:
         model_dir: Path,
         load: Callable[[], ModelRunner | BatchRunner],
         *,
-        max_model_len: int | None = None,
-        max_prompt_tokens: int | None = None,
-        max_completion_tokens: int | None = None,
-        max_running: int = 8,
-        max_queue: int = 256,
-        prefill_chunk: int = 256,
+        max_model_len: int | None,
+        max_prompt_tokens: int | None,
+        max_completion_tokens: int | None,
+        max_running: int,
+        max_queue: int,
+        prefill_chunk: int,
     ) -> None:
         self.id = model_id
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)

@@ -27,8 +27,8 @@ def test_embeddings_are_384_dim_unit_vectors_that_rank_paraphrases_first(catalog
 
 def test_token_counts_include_the_special_tokens(catalog: ModelCatalog) -> None:
     model = catalog.embedding("default")
-    assert model.count_tokens(["hello world"]) == 4  # [CLS] hello world [SEP]
-    assert model.count_tokens(["hello world", "hi"]) == 7
+    assert model.token_counts(["hello world"]) == [4]  # [CLS] hello world [SEP]
+    assert model.token_counts(["hello world", "hi", "word " * 600]) == [4, 3, 602]  # before truncation
 
 
 def test_loading_an_embedding_model_leaves_the_hub_setting_of_the_process_alone() -> None:

@@ -23,7 +23,7 @@ from shared.generation.engine import Engine
 from shared.generation.model import GenerationModel
 from shared.generation.params import SamplingParams
 from shared.generation.sequence import Sequence
-from shared.serving import collect_jobs, expand, submit
+from shared.serving.jobs import collect_jobs, expand, submit
 from tests.shared.backends.test_conformance import model_dir
 
 LONG = {

@@ -1,4 +1,4 @@
-"""Running n choices of one request on a model, collected or streamed; shared by chat and completions."""
+"""Running n choices of one request on a model, collected or streamed; what chat and completions share."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from starlette.requests import HTTPConnection
 
@@ -157,6 +158,40 @@ async def _merged(streams: list[Stream]) -> AsyncIterator[tuple[int, StepOutput]
             task.cancel()
         for stream in streams:
             stream.close()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What a streamed chunk carries for one choice: new text, and how the choice ended once it has."""
+
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    step: StepOutput
+
+
+class Deltas:
+    """The steps a streamed response shows: those that add text, end a choice, or carry a token's logprobs;
+    counting every generated token on the way (a token may add no text yet)."""
+
+    def __init__(self, streams: list[Stream], tracker: Tracker, logprobs: bool) -> None:
+        self.streams = streams
+        self.tracker = tracker
+        self.logprobs = logprobs
+        self.completion_tokens = 0
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        async for index, step in stream_jobs(self.streams, self.tracker):
+            self.completion_tokens += step.token_id is not None
+            finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
+            if not step.text and finish is None and not (self.logprobs and step.token_id is not None):
+                continue
+            yield Delta(index, step.text, finish, step)
+
+
+def finish_reason(choice: Choice) -> Literal["stop", "length"] | None:
+    """OpenAI's finish_reason of a collected choice (a cancelled one has none)."""
+    return choice.finish_reason if choice.finish_reason in ("stop", "length") else None
 
 
 async def collect_jobs(
