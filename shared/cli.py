@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -15,6 +16,8 @@ from pydantic import ValidationError
 from shared.errors import FnserveError
 from shared.guards.keys import KeysFileError
 from shared.settings import Settings, SettingsError
+
+FUNCTIONS = ("chat", "completions", "embeddings", "models")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -30,7 +33,13 @@ def _serve(args: argparse.Namespace) -> int:
     )
     settings = Settings(**{k: v for k, v in flags if v is not None})
     configure_logging(settings)
-    app = build(settings)
+    if args.function:  # one function alone, as a streaming Lambda behind the web adapter serves it
+        from shared.asgi import create_app
+
+        module = importlib.import_module(f"functions.{args.function}")
+        app = create_app(module.router, settings=settings, title=f"fnserve {args.function}")
+    else:
+        app = build(settings)
     app.state.catalog.backend  # noqa: B018 - a named backend that cannot run fails here, at start-up
     serve(settings, app)
     return 0
@@ -114,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the HTTP server (all functions in one process)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1, or FNSERVE_HOST)")
     serve.add_argument("--port", type=int, help="port (default 8000, or FNSERVE_PORT)")
+    serve.add_argument(
+        "--function", choices=FUNCTIONS, help="serve this function alone (default: all of them, and the aliases)"
+    )
     serve.add_argument("--ssl-certfile", help="TLS certificate (PEM): serve HTTPS (or FNSERVE_SSL_CERTFILE)")
     serve.add_argument("--ssl-keyfile", help="its private key (PEM) (or FNSERVE_SSL_KEYFILE)")
     serve.set_defaults(run=_serve)

@@ -141,6 +141,10 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         default=None, description="TOML file of [[keys]] (name, sha256, enabled, limits): `fnserve keys create`"
     )
+    api_keys_secret: str | None = Field(
+        default=None,
+        description="an AWS Secrets Manager secret (name or ARN) holding a JSON list of keys (needs the `aws` extra)",
+    )
     metrics_token: SecretStr | None = Field(default=None, description="bearer token /metrics asks for; None: open")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call from a browser")
     cors_methods: list[str] = Field(default_factory=lambda: ["GET", "POST"])

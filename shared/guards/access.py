@@ -16,7 +16,7 @@ from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection
 
 from shared.errors import AuthenticationError, PermissionDeniedError, RateLimitError
-from shared.guards.keys import ApiKey, KeyRing
+from shared.guards.keys import ApiKey, KeyRing, SecretKeys
 from shared.guards.ratelimit import RateLimiter
 from shared.metrics import Metrics
 from shared.settings import Settings
@@ -57,7 +57,8 @@ class Guards:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.keys = KeyRing([k.get_secret_value() for k in settings.api_keys], settings.api_keys_file)
+        secret = SecretKeys(settings.api_keys_secret) if settings.api_keys_secret else None
+        self.keys = KeyRing([k.get_secret_value() for k in settings.api_keys], settings.api_keys_file, secret)
         self.limiter = RateLimiter(settings.rate_limit_storage)
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
 

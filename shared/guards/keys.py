@@ -1,6 +1,7 @@
 """API keys: kept only as SHA-256 hashes, each with a name, an enabled flag and limits of its own.
 
-Keys come from settings (plain, hashed as soon as they are read) and from a TOML keys file of `[[keys]]`
+Keys come from settings (plain, hashed as soon as they are read), from an AWS Secrets Manager secret (Lambda
+has no other way to take a secret), and from a TOML keys file of `[[keys]]`
 entries, which `fnserve keys create` appends to and which is read again when it changes (or on SIGHUP), so keys
 rotate without a restart.
 """
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
 import threading
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,18 +100,56 @@ class _Snapshot:
     mtime: float | None
 
 
-class KeyRing:
-    """The keys a server accepts. Empty (no keys, no file) means authentication is off."""
+def _named(keys: list[str], prefix: str) -> tuple[ApiKey, ...]:
+    return tuple(ApiKey(name=f"{prefix}-{i + 1}", sha256=hash_key(key)) for i, key in enumerate(keys))
 
-    def __init__(self, plain: list[str], path: Path | None) -> None:
-        self._plain = tuple(ApiKey(name=f"key-{i + 1}", sha256=hash_key(key)) for i, key in enumerate(plain))
+
+class SecretKeys:
+    """Keys kept in an AWS Secrets Manager secret as a JSON list: read at start, and again (at most once a
+    minute) when a key nobody knows is presented, so a rotated secret takes effect without a restart."""
+
+    REFRESH_SECONDS = 60.0
+
+    def __init__(self, secret_id: str) -> None:
+        try:
+            import boto3
+        except ImportError:
+            raise KeysFileError(
+                "api_keys_secret is set, but boto3 is not installed: pip install 'fnserve[aws]'"
+            ) from None
+        self.secret_id = secret_id
+        self._client = boto3.client("secretsmanager")
+        self.read_at = 0.0
+        self.keys = self.read()
+
+    def read(self) -> tuple[ApiKey, ...]:
+        self.read_at = time.monotonic()
+        try:
+            value = self._client.get_secret_value(SecretId=self.secret_id)["SecretString"]
+            keys = json.loads(value)
+        except Exception as exc:  # botocore's errors, or a secret that is not JSON
+            raise KeysFileError(f"the API keys secret {self.secret_id!r} cannot be read: {exc}") from exc
+        if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+            raise KeysFileError(f"the API keys secret {self.secret_id!r} must hold a JSON list of keys")
+        return _named(keys, "secret")
+
+    def stale(self) -> bool:
+        return time.monotonic() - self.read_at > self.REFRESH_SECONDS
+
+
+class KeyRing:
+    """The keys a server accepts. Empty (no keys, no file, no secret) means authentication is off."""
+
+    def __init__(self, plain: list[str], path: Path | None, secret: SecretKeys | None = None) -> None:
+        self._plain = _named(plain, "key")
         self.path = path
+        self.secret = secret
         self._lock = threading.Lock()
         self._snapshot = _Snapshot(self._plain + tuple(read_keys_file(path) if path else ()), self._mtime())
 
     @property
     def enabled(self) -> bool:
-        return bool(self._plain) or self.path is not None
+        return bool(self._plain) or self.path is not None or self.secret is not None
 
     def _mtime(self) -> float | None:
         try:
@@ -137,8 +178,19 @@ class KeyRing:
         """The entry of the key presented, compared in constant time against every entry."""
         self.reload()
         digest = hash_key(presented)
-        found = None
-        for entry in self._snapshot.keys:
-            if hmac.compare_digest(entry.sha256, digest):
-                found = entry
+        found = _find(self._snapshot.keys + (self.secret.keys if self.secret else ()), digest)
+        if found is None and self.secret is not None and self.secret.stale():
+            try:
+                self.secret.keys = self.secret.read()
+            except KeysFileError as exc:
+                log.error("%s; keeping the keys read before", exc)
+            found = _find(self.secret.keys, digest)
         return found
+
+
+def _find(keys: tuple[ApiKey, ...], digest: str) -> ApiKey | None:
+    found = None
+    for entry in keys:
+        if hmac.compare_digest(entry.sha256, digest):
+            found = entry
+    return found

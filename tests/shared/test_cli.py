@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
+import httpx
 import pytest
 from openai import OpenAI
 
-from tests.servers import FNSERVE, free_port
+from tests.servers import FNSERVE, free_port, running_server
 
 
 def fnserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -72,3 +74,11 @@ def test_loadtest_and_bench_take_their_own_options() -> None:
     assert loadtest.returncode == 0 and "--scenario" in loadtest.stdout and "fnserve loadtest" in loadtest.stdout
     bench = fnserve("bench", "--help")
     assert bench.returncode == 0 and "--configs" in bench.stdout
+
+
+def test_serve_runs_one_function_alone(tmp_path: Path) -> None:
+    with running_server(tmp_path / "fnserve.log", {"FNSERVE_PRELOAD": "[]"}, ("--function", "models")) as server:
+        assert httpx.get(f"{server.url}/v1/models", timeout=30).status_code == 200
+        assert httpx.get(f"{server.url}/readiness", timeout=30).status_code == 200
+        chat = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": []}, timeout=30)
+        assert chat.status_code == 404 and chat.json()["error"]["code"] == "unknown_url"

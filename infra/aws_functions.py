@@ -1,0 +1,155 @@
+"""aws-functions: fnserve as Lambda container functions, one per function, sized per function.
+
+Every function runs its Mangum `handler` (buffered answers) behind an API Gateway HTTP API with the /v1 routes.
+Chat and completions also run as streaming functions: the image's `lambda-streaming` target, where the AWS
+Lambda Web Adapter (an extension) forwards to `fnserve serve --function <name>`, behind Function URLs in
+RESPONSE_STREAM mode, so SSE reaches the client as it is generated. The API keys come from a secret; each
+function's role may write its own logs and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.config import PORT, READY_PATH, StackConfig
+
+# function -> (its handler, the API Gateway routes it serves, memory MiB, timeout s)
+FUNCTIONS: dict[str, tuple[str, list[str], int, int]] = {
+    "models": ("functions.models.handler", ["GET /v1/models", "GET /v1/models/{model+}"], 512, 15),
+    "embeddings": ("functions.embeddings.handler", ["POST /v1/embeddings"], 2048, 60),
+    "chat": ("functions.chat.handler", ["POST /v1/chat/completions"], 4096, 300),
+    "completions": ("functions.completions.handler", ["POST /v1/completions"], 4096, 300),
+}
+STREAMING = ("chat", "completions")
+
+
+def build(cfg: StackConfig) -> dict[str, Any]:
+    name = cfg.name
+    opts = pulumi.ResourceOptions(provider=aws.Provider(f"{name}-aws", region=cfg.region)) if cfg.region else None
+    memory: dict[str, int] = cfg.get("memoryMiB", {})
+    reserved = cfg.get("reservedConcurrency")
+    log_days = int(cfg.get("logRetentionDays", 30))
+
+    repository = aws.ecr.Repository(f"{name}-fn-repo", image_scanning_configuration={"scan_on_push": True}, opts=opts)
+    image = cfg.image or pulumi.Output.concat(repository.repository_url, ":", cfg.image_tag)
+    streaming_image = cfg.get("streamingImage") or pulumi.Output.concat(
+        repository.repository_url, ":", cfg.image_tag, "-streaming"
+    )
+    secret = aws.secretsmanager.Secret(f"{name}-fn-api-keys", description="fnserve API keys (a JSON list)", opts=opts)
+    if cfg.api_keys is not None:
+        aws.secretsmanager.SecretVersion(
+            f"{name}-fn-api-keys", secret_id=secret.id, secret_string=cfg.api_keys, opts=opts
+        )
+    api = aws.apigatewayv2.Api(f"{name}-api", protocol_type="HTTP", opts=opts)
+    aws.apigatewayv2.Stage(f"{name}-api", api_id=api.id, name="$default", auto_deploy=True, opts=opts)
+    environment = {
+        **cfg.environment(),
+        "FNSERVE_API_KEYS_SECRET": "",  # filled per function below
+        "FNSERVE_PRELOAD": "[]",  # a function's first invocation loads its model; readiness is not asked
+        "FNSERVE_CACHE_DIR": "/tmp/fnserve",  # the only writable place in Lambda
+        "NUMBA_CACHE_DIR": "/tmp/numba",
+        "HF_HOME": "/tmp/hf",
+    }
+    urls: dict[str, Any] = {}
+    for function, (handler, routes, default_memory, timeout) in FUNCTIONS.items():
+        variants = [(function, image, ["python", "-m", "awslambdaric", handler], False)]
+        if function in STREAMING:
+            serve = ["fnserve", "serve", "--function", function, "--host", "127.0.0.1", "--port", str(PORT)]
+            variants.append((f"{function}-stream", streaming_image, serve, True))
+        for label, uri, command, streaming in variants:
+            fn_name = f"{name}-{label}"
+            logs = aws.cloudwatch.LogGroup(
+                f"{fn_name}-logs", name=f"/aws/lambda/{fn_name}", retention_in_days=log_days, opts=opts
+            )
+            role = _role(fn_name, logs, secret, opts)
+            env = {**environment, "FNSERVE_API_KEYS_SECRET": secret.arn}
+            if streaming:  # the web adapter's settings: stream the response, wait for readiness first
+                env |= {"AWS_LWA_INVOKE_MODE": "response_stream", "AWS_LWA_PORT": str(PORT)}
+                env |= {"AWS_LWA_READINESS_CHECK_PATH": READY_PATH}
+            fn = aws.lambda_.Function(
+                fn_name,
+                name=fn_name,
+                package_type="Image",
+                image_uri=uri,
+                image_config={"commands": command},
+                role=role.arn,
+                memory_size=int(memory.get(function, default_memory)),
+                timeout=timeout,
+                reserved_concurrent_executions=int(reserved) if reserved is not None else None,
+                environment={"variables": env},
+                logging_config={"log_format": "Text", "log_group": logs.name},
+                opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(depends_on=[logs])),
+            )
+            if streaming:
+                url = aws.lambda_.FunctionUrl(
+                    fn_name,
+                    function_name=fn.name,
+                    authorization_type="NONE",  # fnserve checks the API key itself
+                    invoke_mode="RESPONSE_STREAM",
+                    cors={"allow_origins": cfg.get("corsOrigins", []), "allow_methods": ["POST"]},
+                    opts=opts,
+                )
+                urls[f"{function}_stream_url"] = url.function_url
+                continue
+            integration = aws.apigatewayv2.Integration(
+                fn_name,
+                api_id=api.id,
+                integration_type="AWS_PROXY",
+                integration_uri=fn.invoke_arn,
+                payload_format_version="2.0",
+                timeout_milliseconds=min(timeout, 30) * 1000,  # API Gateway's ceiling is 30 s
+                opts=opts,
+            )
+            for i, route in enumerate(routes):
+                aws.apigatewayv2.Route(
+                    f"{fn_name}-{i}",
+                    api_id=api.id,
+                    route_key=route,
+                    target=pulumi.Output.concat("integrations/", integration.id),
+                    opts=opts,
+                )
+            aws.lambda_.Permission(
+                fn_name,
+                action="lambda:InvokeFunction",
+                function=fn.name,
+                principal="apigateway.amazonaws.com",
+                source_arn=pulumi.Output.concat(api.execution_arn, "/*/*"),
+                opts=opts,
+            )
+    return {"url": pulumi.Output.concat(api.api_endpoint, "/v1"), "repository": repository.repository_url, **urls}
+
+
+def _role(
+    fn_name: str, logs: aws.cloudwatch.LogGroup, secret: aws.secretsmanager.Secret, opts: pulumi.ResourceOptions | None
+) -> aws.iam.Role:
+    """A role that may write this function's logs and read the keys' secret, and nothing else."""
+    assume = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}
+        ],
+    }
+    role = aws.iam.Role(fn_name, assume_role_policy=json.dumps(assume), opts=opts)
+    aws.iam.RolePolicy(
+        fn_name,
+        role=role.id,
+        policy=pulumi.Output.json_dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+                        "Resource": pulumi.Output.concat(logs.arn, ":*"),
+                    },
+                    {"Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"], "Resource": secret.arn},
+                ],
+            }
+        ),
+        opts=opts,
+    )
+    return role
