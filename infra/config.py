@@ -38,9 +38,9 @@ class StackConfig:
             image_tag=config.get("imageTag") or "latest",
             model=config.get("model") or "smollm2-135m-instruct",
             domain=config.get("domain"),
-            min_instances=config.get_int("minInstances") or 1,
-            max_instances=config.get_int("maxInstances") or 2,
-            drain_seconds=config.get_int("drainSeconds") or 30,
+            min_instances=_int(config, "minInstances", 1),  # 0 is a value: scale to zero
+            max_instances=_int(config, "maxInstances", 2),
+            drain_seconds=_int(config, "drainSeconds", 30),
             api_keys=config.get_secret("apiKeys"),
             settings=_plain_settings(config.get_object("settings") or {}),
             raw=config,
@@ -78,3 +78,8 @@ def _plain_settings(settings: dict[str, Any]) -> dict[str, str]:
     if secret:
         raise ValueError(f"fnserve:settings holds {', '.join(secret)}: set it with `pulumi config set --secret`")
     return {str(k): str(v) for k, v in settings.items()}
+
+
+def _int(config: pulumi.Config, key: str, default: int) -> int:
+    value = config.get_int(key)
+    return default if value is None else value

@@ -67,6 +67,10 @@ class Recorder(pulumi.runtime.Mocks):
             outputs["executionArn"] = f"arn:aws:execute-api:us-east-1:123456789012:{args.name}"
         if args.typ == "aws:lambda/functionUrl:FunctionUrl":
             outputs["functionUrl"] = f"https://{args.name}.lambda-url.example/"
+        if args.typ.startswith("gcp:"):
+            outputs.setdefault("project", "my-project")
+        if args.typ == "gcp:serviceaccount/account:Account":
+            outputs["email"] = f"{args.inputs['accountId']}@my-project.iam.gserviceaccount.com"
         if args.typ == "gcp:cloudrunv2/service:Service":
             outputs["uri"] = f"https://{args.name}.run.app"
         return f"{args.name}-id", outputs
