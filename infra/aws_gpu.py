@@ -172,7 +172,6 @@ def build(cfg: StackConfig) -> dict[str, Any]:
         "name": "fnserve",
         "image": image,
         "essential": True,
-        "command": ["serve"],
         "portMappings": [{"containerPort": PORT, "hostPort": PORT, "protocol": "tcp"}],
         "resourceRequirements": [{"type": "GPU", "value": "1"}],
         "memoryReservation": memory_mib,

@@ -58,7 +58,6 @@ def build(cfg: StackConfig) -> dict[str, Any]:
             "containers": [
                 {
                     "image": image,
-                    "args": ["serve"],
                     "ports": {"container_port": PORT},
                     "resources": {
                         "limits": {

@@ -50,7 +50,6 @@ def build(cfg: StackConfig) -> dict[str, Any]:
     container = {
         "name": "fnserve",
         "image": cfg.image,
-        "args": ["serve"],
         "ports": [{"name": "http", "container_port": PORT}],
         "env": env,
         "resources": {

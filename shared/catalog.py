@@ -98,7 +98,7 @@ class ModelCatalog:
                 from shared.generation.model import GenerationModel
 
                 started = time.perf_counter()
-                model_dir = resolve_generation_model(config, self.settings.cache_dir)
+                model_dir = resolve_generation_model(config, self.settings.cache_dir, self.settings.hub_offline)
                 backend = self.backend
                 self._generation[config.id] = GenerationModel(
                     config.id,

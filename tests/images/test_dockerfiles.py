@@ -1,0 +1,100 @@
+"""The images, as far as this machine can check them without a container engine: hadolint, their shape, and
+their Lambda entry points run with the image's environment and a file system read-only outside /tmp."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.functions.test_lambda import api_gateway_v2
+from tests.servers import FNSERVE
+
+ROOT = Path(__file__).parents[2]
+DOCKERFILES = [ROOT / "Dockerfile.cpu", ROOT / "Dockerfile.cuda"]
+HADOLINT = Path(sys.executable).parent / "hadolint"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_passes(dockerfile: Path) -> None:
+    done = subprocess.run([str(HADOLINT), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def stages(text: str) -> dict[str, str]:
+    """Each stage's text by its name."""
+    parts = re.split(r"^FROM ", text, flags=re.MULTILINE)[1:]
+    return {part.split("\n", 1)[0].split(" AS ")[-1].strip(): part for part in parts}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_image_is_multi_stage_non_root_health_checked_and_pinned(dockerfile: Path) -> None:
+    text = dockerfile.read_text()
+    found = stages(text)
+    assert {"build", "runtime", "lambda-adapter", "lambda-streaming"} <= set(found)
+    runtime = found["runtime"]
+    assert re.search(r"^USER 10001$", runtime, re.MULTILINE)
+    assert "HEALTHCHECK" in runtime and "/readiness" in runtime
+    assert "fnserve prepare" in found["build"]  # the embedded models converted at build time
+    assert re.search(r"^ARG BASE=", text, re.MULTILINE) and re.search(r"ARG TORCH_INDEX=", text)
+    assert re.search(r"aws-lambda-adapter:[0-9.]+@sha256:[0-9a-f]{64}", text)  # the adapter by digest
+    assert "/lambda-adapter" not in runtime  # only the streaming target carries the adapter
+    assert "HF_HUB_OFFLINE" not in text  # hub models stay possible at run time (settings.hub_offline)
+    assert "torch==2.13.0" in found["build"]
+
+
+def runtime_env(dockerfile: Path) -> dict[str, str]:
+    """The runtime stage's ENV, as the image sets it."""
+    runtime = stages(dockerfile.read_text())["runtime"].replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in runtime.splitlines():
+        if line.startswith("ENV "):
+            env.update(dict(pair.split("=", 1) for pair in line[4:].split()))
+    return env
+
+
+def test_lambda_entry_points_write_nothing_outside_tmp(tmp_path: Path) -> None:
+    """The image's environment, its converted weights prepared as the build does, then the chat, models and
+    embeddings handlers under an audit hook that refuses any write outside the writable directory."""
+    cache = tmp_path / "opt-fnserve-cache"
+    writable = tmp_path / "tmp"
+    writable.mkdir()
+    env = {**os.environ, **runtime_env(ROOT / "Dockerfile.cpu")}
+    env.pop("HF_HUB_OFFLINE", None)
+    env |= {
+        "PATH": os.environ["PATH"],
+        "FNSERVE_CACHE_DIR": str(cache),
+        "NUMBA_CACHE_DIR": str(writable / "numba"),
+        "HF_HOME": str(writable / "huggingface"),
+        "HOME": str(writable),
+        "TMPDIR": str(writable),
+        "FNSERVE_HUB_OFFLINE": "true",
+    }
+    prepared = subprocess.run([str(FNSERVE), "prepare"], env=env, capture_output=True, text=True, timeout=900)
+    assert prepared.returncode == 0, prepared.stderr
+    question = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
+    events: list[list[Any]] = [
+        ["functions.models", api_gateway_v2("GET", "/v1/models")],
+        ["functions.chat", api_gateway_v2("POST", "/v1/chat/completions", question)],
+        ["functions.embeddings", api_gateway_v2("POST", "/v1/embeddings", {"input": ["a text"]})],
+    ]
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "readonly_lambda.py"), str(writable)],
+        input=json.dumps(events),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=writable,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    models, chat, embeddings = json.loads(done.stdout.splitlines()[-1])
+    assert [r["statusCode"] for r in (models, chat, embeddings)] == [200, 200, 200], done.stdout[-2000:]
+    assert "Paris" in json.loads(chat["body"])["choices"][0]["message"]["content"]
+    assert len(json.loads(embeddings["body"])["data"][0]["embedding"]) == 384
