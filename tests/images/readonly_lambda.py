@@ -33,7 +33,7 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
     elif event in PATH_EVENTS:
         for path in args[:2]:
             if isinstance(path, str | bytes) and not _writable(path):
-                raise PermissionError(f"read-only file system: {event} {path}")
+                raise PermissionError(f"read-only file system: {event} {os.fsdecode(path)}")
 
 
 def main() -> None:
