@@ -269,7 +269,7 @@ def _check_environment(settings_cls: type[BaseSettings]) -> None:
             continue
         field = name[len("FNSERVE_") :].split("__")[0]
         if field.upper() not in _NOT_SETTINGS and field.lower() not in settings_cls.model_fields:
-            raise SettingsError(f"environment variable {name} names no setting (see fnserve.example.toml)")
+            raise SettingsError(f"environment variable {name} names no setting (see docs/fnserve.example.toml)")
 
 
 @lru_cache(maxsize=1)

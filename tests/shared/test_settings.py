@@ -121,7 +121,7 @@ def test_a_misspelt_environment_variable_is_named(monkeypatch: pytest.MonkeyPatc
 
 
 def test_the_example_config_is_valid_and_documents_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    example = Path(__file__).parents[2] / "fnserve.example.toml"
+    example = Path(__file__).parents[2] / "docs" / "fnserve.example.toml"
     text = example.read_text()
     for name in Settings.model_fields:
         assert re.search(rf"^#? ?{name} =", text, re.MULTILINE), f"{name} is not in fnserve.example.toml"
