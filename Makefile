@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 EXTRAS ?= cpu,mlx,embed,lambda,loadtest,otel,aws,infra,dev
 
-.PHONY: setup serve test lint check bench clean
+.PHONY: setup serve test lint check bench image clean
 
 $(STAMP): pyproject.toml requirements-models.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: lint
 
 bench: setup
 	$(BIN)/fnserve bench
+
+# Builds the CPU image with podman (a base made with mmdebstrap) and runs it in its modes; not part of `make test`.
+image: setup
+	$(BIN)/python tests/images/check_image.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

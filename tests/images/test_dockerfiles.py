@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.functions.test_lambda import api_gateway_v2
-from tests.servers import FNSERVE
+from tests.servers import FNSERVE, running_server
 
 ROOT = Path(__file__).parents[2]
 DOCKERFILES = [ROOT / "Dockerfile.cpu", ROOT / "Dockerfile.cuda"]
@@ -49,9 +50,9 @@ def test_the_image_is_multi_stage_non_root_health_checked_and_pinned(dockerfile:
     assert "torch==2.13.0" in found["build"]
 
 
-def runtime_env(dockerfile: Path) -> dict[str, str]:
-    """The runtime stage's ENV, as the image sets it."""
-    runtime = stages(dockerfile.read_text())["runtime"].replace("\\\n", " ")
+def runtime_env(dockerfile: Path, stage: str = "runtime") -> dict[str, str]:
+    """A stage's own ENV, as the image sets it."""
+    runtime = stages(dockerfile.read_text())[stage].replace("\\\n", " ")
     env: dict[str, str] = {}
     for line in runtime.splitlines():
         if line.startswith("ENV "):
@@ -98,3 +99,17 @@ def test_lambda_entry_points_write_nothing_outside_tmp(tmp_path: Path) -> None:
     assert [r["statusCode"] for r in (models, chat, embeddings)] == [200, 200, 200], done.stdout[-2000:]
     assert "Paris" in json.loads(chat["body"])["choices"][0]["message"]["content"]
     assert len(json.loads(embeddings["body"])["data"][0]["embedding"]) == 384
+
+
+def test_the_streaming_lambda_command_streams_through_the_service_port(tmp_path: Path) -> None:
+    """What the web adapter forwards to: the lambda-streaming target's command and environment, outside a
+    container; a chat stream arrives frame by frame on its port."""
+    env = {k: v for k, v in runtime_env(ROOT / "Dockerfile.cpu", "lambda-streaming").items() if k != "FNSERVE_HOST"}
+    assert env["AWS_LWA_INVOKE_MODE"] == "response_stream" and env["AWS_LWA_READINESS_CHECK_PATH"] == "/readiness"
+    env |= {"NUMBA_CACHE_DIR": str(tmp_path / "numba"), "HF_HOME": str(tmp_path / "hf")}
+    body = {"messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 12, "stream": True}
+    with running_server(tmp_path / "fnserve.log", env, ("--function", "chat")) as server:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as response:
+            frames = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert len(frames) > 3 and frames[-1] == "data: [DONE]"
+        assert httpx.get(f"{server.url}/v1/models", timeout=30).status_code == 404  # the chat function alone
