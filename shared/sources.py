@@ -97,9 +97,7 @@ def _download(config: ModelConfig, cache_dir: Path, hub_offline: bool) -> Path:
 
 def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     """De-quantise a GGUF file to a cached HF directory once; later calls return the cached directory."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir / "converted" / f"{gguf.stem}-{key}"
+    target = cache_dir / "converted" / f"{gguf.stem}-{_fingerprint(gguf)}"
     if (target / "config.json").is_file():
         return target
 
@@ -130,6 +128,22 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s in %.1f s", gguf.name, time.perf_counter() - started)
     return target
+
+
+_SAMPLE = 1 << 20
+
+
+def _fingerprint(gguf: Path) -> str:
+    """What identifies a GGUF file's content: its size, and its first and last MiB (the header with its
+    metadata, the last tensors). Not its modification time: copying a file between an image's build stages,
+    or installing the same wheel again, changes that, and a converted cache baked into an image was missed."""
+    size = gguf.stat().st_size
+    digest = hashlib.sha256(f"{gguf.name}:{size}".encode())
+    with gguf.open("rb") as f:
+        digest.update(f.read(_SAMPLE))
+        f.seek(max(size - _SAMPLE, 0))
+        digest.update(f.read(_SAMPLE))
+    return digest.hexdigest()[:16]
 
 
 def _add_legacy_rope_theta(config_path: Path) -> None:

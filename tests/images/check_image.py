@@ -95,6 +95,8 @@ def host_pip(work: Path) -> list[str]:
 def build(dockerfile: str, target: str, tag: str, mounts: list[str]) -> None:
     podman(
         "build",
+        "--format",
+        "docker",  # the OCI format has no HEALTHCHECK
         "--isolation",
         "chroot",
         "--network",

