@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from tests.functions.test_lambda import RuntimeAPI, api_gateway_v2  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 
+PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
 BASE = "localhost/fnserve-base:bookworm"
 IMAGE = "localhost/fnserve-cpu:local"
 CONTAINERS_CONF = (
@@ -40,7 +41,7 @@ CONTAINERS_CONF = (
 
 
 def podman(*args: str, check: bool = True, capture: bool = False, timeout: float = 3600) -> str:
-    command = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs", *args]
+    command = [*PODMAN, *args]
     print("+", " ".join(command), flush=True)
     done = subprocess.run(command, check=False, text=True, capture_output=capture, timeout=timeout)
     if check and done.returncode != 0:
@@ -159,9 +160,7 @@ def run_service() -> float:
         print("service: HEALTHCHECK passed")
         user = podman("exec", name, "id", "-u", capture=True).strip()
         assert user == "10001", user
-        denied = subprocess.run(
-            ["podman", "--runtime", "runc", "exec", name, "touch", "/opt/fnserve/x"], capture_output=True, text=True
-        )
+        denied = subprocess.run([*PODMAN, "exec", name, "touch", "/opt/fnserve/x"], capture_output=True, text=True)
         assert denied.returncode != 0 and "Read-only file system" in denied.stderr, denied.stderr
         podman("exec", name, "touch", "/tmp/x")
         print(f"service: runs as uid {user}; / is read-only, /tmp writable")
@@ -179,11 +178,7 @@ def run_lambda() -> None:
     address = f"127.0.0.1:{server.server_address[1]}"
     proc = subprocess.Popen(
         [
-            "podman",
-            "--runtime",
-            "runc",
-            "--cgroup-manager",
-            "cgroupfs",
+            *PODMAN,
             "run",
             "--rm",
             "--network",

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -45,21 +46,27 @@ def test_readiness_is_503_while_the_preloaded_models_load_and_health_answers(tmp
         assert server.stop() == 0
 
 
+def stream_in_background(url: str, body: dict[str, Any]) -> tuple[threading.Thread, list[str]]:
+    """A streamed chat read on its own thread, once its first frame has come; its data frames as they arrive."""
+    frames: list[str] = []
+    first = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    frames.append(line[6:])
+                    first.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert first.wait(60), "no frame came"
+    return reader, frames
+
+
 def test_sigterm_drains_a_stream_in_flight_refuses_new_work_and_exits_0(tmp_path: Path) -> None:
     with running_server(tmp_path / "fnserve.log", {"FNSERVE_DRAIN_SECONDS": "120"}) as server:
-        frames: list[str] = []
-        first = threading.Event()
-
-        def stream() -> None:
-            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=LONG, timeout=120) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: "):
-                        frames.append(line[6:])
-                        first.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert first.wait(60)
+        reader, frames = stream_in_background(server.url, LONG)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         ready = httpx.get(f"{server.url}/readiness", timeout=5)
@@ -77,20 +84,7 @@ def test_sigterm_drains_a_stream_in_flight_refuses_new_work_and_exits_0(tmp_path
 
 def test_a_stream_past_the_grace_period_ends_with_an_error_frame_and_the_process_exits_0(tmp_path: Path) -> None:
     with running_server(tmp_path / "fnserve.log", {"FNSERVE_DRAIN_SECONDS": "1"}) as server:
-        frames: list[str] = []
-        first = threading.Event()
-
-        def stream() -> None:
-            body = {**LONG, "max_tokens": 1500}
-            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: "):
-                        frames.append(line[6:])
-                        first.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert first.wait(60)
+        reader, frames = stream_in_background(server.url, {**LONG, "max_tokens": 1500})
         started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         reader.join(60)
