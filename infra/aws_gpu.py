@@ -178,7 +178,7 @@ def build(cfg: StackConfig) -> dict[str, Any]:
         "environment": [{"name": k, "value": v} for k, v in cfg.environment().items()],
         "secrets": [{"name": "FNSERVE_API_KEYS", "valueFrom": secret.arn}],
         "healthCheck": {
-            "command": ["CMD", "python", "-c", _probe()],
+            "command": ["CMD", "fnserve", "probe"],  # /readiness on the configured port
             "interval": 15,
             "timeout": 5,
             "retries": 3,
@@ -295,12 +295,6 @@ def build(cfg: StackConfig) -> dict[str, Any]:
     )
     url = f"https://{cfg.domain}" if cfg.domain else pulumi.Output.concat("https://", alb.dns_name)
     return {"url": url, "repository": repository.repository_url, "cluster": cluster.name}
-
-
-def _probe() -> str:
-    """The container's own health check: /readiness answers 200 (python is in the image; curl may not be)."""
-    url = f"http://127.0.0.1:{PORT}{READY_PATH}"
-    return f"import urllib.request,sys; sys.exit(urllib.request.urlopen('{url}', timeout=4).status != 200)"
 
 
 def _network(cfg: StackConfig, opts: pulumi.ResourceOptions | None) -> tuple[Any, Any]:

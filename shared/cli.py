@@ -45,6 +45,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    """Exit 0 when the local server's probe path answers 200: a container's HEALTHCHECK, without curl."""
+    import ssl
+    import urllib.request
+
+    settings = Settings()
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    scheme = "https" if settings.ssl_certfile else "http"
+    context = ssl._create_unverified_context() if settings.ssl_certfile else None  # our own certificate, locally
+    try:
+        with urllib.request.urlopen(f"{scheme}://{host}:{settings.port}{args.path}", timeout=4, context=context) as r:
+            return 0 if r.status == 200 else 1
+    except OSError as exc:
+        print(f"fnserve probe: {args.path}: {exc}", file=sys.stderr)
+        return 1
+
+
 def _keys(args: argparse.Namespace) -> int:
     from shared.guards.keys import create_key
 
@@ -129,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--ssl-certfile", help="TLS certificate (PEM): serve HTTPS (or FNSERVE_SSL_CERTFILE)")
     serve.add_argument("--ssl-keyfile", help="its private key (PEM) (or FNSERVE_SSL_KEYFILE)")
     serve.set_defaults(run=_serve)
+    probe = commands.add_parser("probe", help="exit 0 when the local server is ready (a container HEALTHCHECK)")
+    probe.add_argument("--path", default="/readiness", help="the probe path (default %(default)s; /health: alive)")
+    probe.set_defaults(run=_probe)
     keys = commands.add_parser("keys", help="manage API keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_commands.add_parser("create", help="make a key, append its hash to a keys file, print the key")

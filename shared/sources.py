@@ -119,6 +119,9 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
             _add_legacy_rope_theta(tmp / "config.json")
         except Exception as exc:
             raise ModelLoadError(f"could not convert GGUF file {gguf}: {type(exc).__name__}: {exc}") from exc
+        # mkdtemp and safetensors make owner-only files; an image's non-root user must read what its build wrote
+        for path in (tmp, *tmp.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         try:
             os.replace(tmp, target)  # atomic: a crash mid-conversion never leaves a half-written cache
         except OSError:

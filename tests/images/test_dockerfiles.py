@@ -41,7 +41,7 @@ def test_the_image_is_multi_stage_non_root_health_checked_and_pinned(dockerfile:
     assert {"build", "runtime", "lambda-adapter", "lambda-streaming"} <= set(found)
     runtime = found["runtime"]
     assert re.search(r"^USER 10001$", runtime, re.MULTILINE)
-    assert "HEALTHCHECK" in runtime and "/readiness" in runtime
+    assert re.search(r'^HEALTHCHECK .* CMD \["fnserve", "probe"\]$', runtime, re.MULTILINE)  # GET /readiness
     assert "fnserve prepare" in found["build"]  # the embedded models converted at build time
     assert re.search(r"^ARG BASE=", text, re.MULTILINE) and re.search(r"ARG TORCH_INDEX=", text)
     assert re.search(r"aws-lambda-adapter:[0-9.]+@sha256:[0-9a-f]{64}", text)  # the adapter by digest
@@ -77,8 +77,12 @@ def test_lambda_entry_points_write_nothing_outside_tmp(tmp_path: Path) -> None:
         "TMPDIR": str(writable),
         "FNSERVE_HUB_OFFLINE": "true",
     }
-    prepared = subprocess.run([str(FNSERVE), "prepare"], env=env, capture_output=True, text=True, timeout=900)
+    models = ["smollm2-135m-instruct", "all-minilm-l6-v2"]  # what the handlers below use
+    prepared = subprocess.run([str(FNSERVE), "prepare", *models], env=env, capture_output=True, text=True, timeout=900)
     assert prepared.returncode == 0, prepared.stderr
+    # The build runs as root and the image as uid 10001: whatever the build wrote must be readable by others.
+    for path in cache.rglob("*"):
+        assert path.stat().st_mode & (0o005 if path.is_dir() else 0o004), f"{path} is not readable by the image's user"
     question = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
     events: list[list[Any]] = [
         ["functions.models", api_gateway_v2("GET", "/v1/models")],

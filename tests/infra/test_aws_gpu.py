@@ -58,7 +58,7 @@ def test_each_task_asks_for_a_gpu_and_is_health_checked_on_readiness(stack: tupl
     task = recorder.one("aws:ecs/taskDefinition:TaskDefinition").inputs
     (container,) = json.loads(task["containerDefinitions"])
     assert {"type": "GPU", "value": "1"} in container["resourceRequirements"]
-    assert "/readiness" in " ".join(container["healthCheck"]["command"])
+    assert container["healthCheck"]["command"] == ["CMD", "fnserve", "probe"]  # GET /readiness, 200 or not
     assert container["stopTimeout"] >= 30
     env = {e["name"]: e["value"] for e in container["environment"]}
     assert env["FNSERVE_HOST"] == "0.0.0.0" and env["FNSERVE_DRAIN_SECONDS"] == "30"

@@ -82,3 +82,13 @@ def test_serve_runs_one_function_alone(tmp_path: Path) -> None:
         assert httpx.get(f"{server.url}/readiness", timeout=30).status_code == 200
         chat = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": []}, timeout=30)
         assert chat.status_code == 404 and chat.json()["error"]["code"] == "unknown_url"
+
+
+def test_probe_says_whether_the_local_server_is_ready(tmp_path: Path) -> None:
+    with running_server(tmp_path / "fnserve.log", {"FNSERVE_PRELOAD": "[]"}) as server:
+        port = server.url.rsplit(":", 1)[1]
+        assert fnserve("probe", env={"FNSERVE_PORT": port}).returncode == 0
+        assert fnserve("probe", "--path", "/health", env={"FNSERVE_PORT": port}).returncode == 0
+        assert fnserve("probe", "--path", "/nowhere", env={"FNSERVE_PORT": port}).returncode == 1
+    stopped = fnserve("probe", env={"FNSERVE_PORT": port})
+    assert stopped.returncode == 1 and "/readiness" in stopped.stderr
