@@ -3,39 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
 
 from shared.guards.keys import KeyRing, KeysFileError, SecretKeys
-from tests.servers import free_port, running_server
-
-
-@pytest.fixture(scope="module")
-def aws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A moto server on a free port, and the environment that points boto3 at it."""
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    yield env
-    server.stop()
-
-
-@pytest.fixture
-def aws_env(aws: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    for name, value in aws.items():
-        monkeypatch.setenv(name, value)
-    return aws
+from tests.servers import running_server
 
 
 def put_secret(name: str, value: str) -> None:
