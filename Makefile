@@ -10,7 +10,7 @@ STAMP := $(VENV)/.fnserve-installed
 #   make setup TORCH_SPEC=torch==2.13.0 TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu128
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= cpu,mlx,embed,lambda,loadtest,otel,aws,infra,dev
+EXTRAS ?= cpu,mlx,embed,batch,lambda,loadtest,otel,aws,infra,dev
 
 .PHONY: setup serve test lint check bench image clean
 

@@ -62,6 +62,63 @@ def _probe(args: argparse.Namespace) -> int:
         return 1
 
 
+def _batch_embed(args: argparse.Namespace) -> int:
+    """Embed every document of a file or folder (or s3:// prefix) into OUTPUT, skipping inputs already done."""
+    from tqdm import tqdm
+
+    from shared.batch.pipeline import BadInputError, BatchOptions, embed_source
+    from shared.batch.storage import LocalSink, S3Sink, S3Source, local_sources, split_s3_url
+    from shared.catalog import ModelCatalog
+
+    settings = Settings()
+    model = ModelCatalog(settings).embedding(args.model or settings.batch_model)
+    options = BatchOptions(
+        output_format=args.format or settings.batch_output_format,
+        text_field=args.text_field or settings.batch_text_field,
+        batch_size=args.batch_size or settings.batch_size,
+        error_budget=settings.batch_error_budget,
+    )
+    sources: list[Any]
+    if args.input.startswith("s3://"):
+        import boto3
+
+        s3 = boto3.client("s3")
+        bucket, prefix = split_s3_url(args.input)
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        sources = [S3Source(s3, bucket, o["Key"], o["ETag"]) for page in pages for o in page.get("Contents", [])]
+    else:
+        root = Path(args.input)
+        if not root.exists():
+            print(f"fnserve batch-embed: {root} does not exist", file=sys.stderr)
+            return 2
+        sources = local_sources(root)
+    sink: Any
+    if args.output.startswith("s3://"):
+        import boto3
+
+        bucket, prefix = split_s3_url(args.output)
+        sink = S3Sink(boto3.client("s3"), bucket, prefix.rstrip("/") + "/" if prefix else "")
+    else:
+        sink = LocalSink(Path(args.output))
+    done = skipped = failed = documents = 0
+    with tqdm(sources, unit="file", disable=args.quiet) as progress:
+        for source in progress:
+            progress.set_postfix_str(source.name[-40:])
+            try:
+                manifest = embed_source(source, sink, model, options)
+            except BadInputError as exc:
+                failed += 1
+                tqdm.write(f"failed: {exc}", file=sys.stderr)
+                continue
+            if manifest is None:
+                skipped += 1
+            else:
+                done += 1
+                documents += manifest.documents
+    print(f"{done} embedded ({documents} documents), {skipped} already done, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     from shared.guards.keys import create_key
 
@@ -146,6 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--ssl-certfile", help="TLS certificate (PEM): serve HTTPS (or FNSERVE_SSL_CERTFILE)")
     serve.add_argument("--ssl-keyfile", help="its private key (PEM) (or FNSERVE_SSL_KEYFILE)")
     serve.set_defaults(run=_serve)
+    batch = commands.add_parser("batch-embed", help="embed every document of files into an output folder")
+    batch.add_argument("input", help="a .jsonl or text file, a folder of them, or s3://bucket/prefix")
+    batch.add_argument("output", help="a folder, or s3://bucket/prefix; inputs whose results are there are skipped")
+    batch.add_argument("--format", choices=("jsonl", "parquet"), help="output format (default jsonl)")
+    batch.add_argument("--text-field", help="the text's field in JSONL inputs (default text)")
+    batch.add_argument("--batch-size", type=int, help="documents embedded together (default 256)")
+    batch.add_argument("--model", help="embedding model (default: the default embedding model)")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch.set_defaults(run=_batch_embed)
     probe = commands.add_parser("probe", help="exit 0 when the local server is ready (a container HEALTHCHECK)")
     probe.add_argument("--path", default="/readiness", help="the probe path (default %(default)s; /health: alive)")
     probe.set_defaults(run=_probe)

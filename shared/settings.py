@@ -165,6 +165,26 @@ class Settings(BaseSettings):
         default="memory://", description="memory:// (this process) or redis://host:port/db (shared by instances)"
     )
 
+    # --- batch embedding (functions/batch_embed.py, fnserve batch-embed) ---
+    batch_output_prefix: str = Field(
+        default="embeddings/", description="results go under this prefix (never read back as input)"
+    )
+    batch_output_bucket: str | None = Field(default=None, description="results' bucket; None: the input's")
+    batch_output_format: Literal["jsonl", "parquet"] = "jsonl"
+    batch_text_field: str = Field(default="text", description="the text's field in JSONL inputs")
+    batch_size: int = Field(default=256, ge=1, le=4096, description="documents embedded together")
+    batch_error_budget: float = Field(
+        default=0.05, ge=0, le=1, description="share of bad lines a file may have and still complete"
+    )
+    batch_model: str = Field(default="default", description="the embedding model (default: default_embedding_model)")
+    batch_idempotency_table: str | None = Field(
+        default=None, description="DynamoDB table that keeps a redelivered object from being embedded twice"
+    )
+    batch_idempotency_seconds: int = Field(default=7 * 24 * 3600, ge=60, description="how long it remembers")
+    batch_time_margin_seconds: float = Field(
+        default=20.0, ge=0, description="unfinished work goes back to the queue this long before a Lambda timeout"
+    )
+
     # --- observability ---
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = Field(
