@@ -7,7 +7,13 @@ from typing import Any
 
 from infra.config import StackConfig
 
-TARGETS = {"aws-gpu": "aws_gpu", "aws-functions": "aws_functions", "gcp-gpu": "gcp_gpu", "k8s": "k8s"}
+TARGETS = {
+    "aws-gpu": "aws_gpu",
+    "aws-functions": "aws_functions",
+    "aws-batch-embed": "aws_batch_embed",
+    "gcp-gpu": "gcp_gpu",
+    "k8s": "k8s",
+}
 
 
 def build(target: str, config: StackConfig) -> dict[str, Any]:

@@ -67,6 +67,10 @@ class Recorder(pulumi.runtime.Mocks):
             outputs["executionArn"] = f"arn:aws:execute-api:us-east-1:123456789012:{args.name}"
         if args.typ == "aws:lambda/functionUrl:FunctionUrl":
             outputs["functionUrl"] = f"https://{args.name}.lambda-url.example/"
+        if args.typ == "aws:s3/bucket:Bucket":
+            outputs["bucket"] = args.name
+        if args.typ == "aws:sqs/queue:Queue":
+            outputs["url"] = f"https://sqs.us-east-1.amazonaws.com/123456789012/{args.name}"
         if args.typ.startswith("gcp:"):
             outputs.setdefault("project", "my-project")
         if args.typ == "gcp:serviceaccount/account:Account":
