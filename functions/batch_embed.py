@@ -116,7 +116,7 @@ def _idempotency_store(table: str) -> Any:
     return DynamoDBPersistenceLayer(table_name=table)
 
 
-def _once(settings: Settings, out_of_time: Callable[[], bool]) -> Callable[[ObjectRef], Any]:
+def _once(settings: Settings, out_of_time: Callable[[], bool], context: Any) -> Callable[[ObjectRef], Any]:
     """embed_object for this invocation, made idempotent on (bucket, key, ETag, version) by the DynamoDB table
     when one is configured: a redelivered object is not embedded again."""
     if not settings.batch_idempotency_table:
@@ -124,6 +124,8 @@ def _once(settings: Settings, out_of_time: Callable[[], bool]) -> Callable[[Obje
     from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig, idempotent_function
 
     config = IdempotencyConfig(expires_after_seconds=settings.batch_idempotency_seconds)
+    if context is not None:
+        config.register_lambda_context(context)  # an in-progress record expires with the invocation
 
     @idempotent_function(
         data_keyword_argument="ref",
@@ -145,7 +147,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     def out_of_time() -> bool:
         return context is not None and context.get_remaining_time_in_millis() < margin_ms
 
-    process = _once(settings, out_of_time)
+    process = _once(settings, out_of_time, context)
     records = event.get("Records") or []
     if records and records[0].get("eventSource") == "aws:sqs":
 
