@@ -52,6 +52,27 @@ def build(cfg: StackConfig) -> dict[str, Any]:
         opts=opts,
     )
 
+    aws.s3.BucketPolicy(
+        f"{name}-documents",
+        bucket=bucket.id,
+        policy=pulumi.Output.json_dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Sid": "TLSOnly",
+                        "Effect": "Deny",
+                        "Principal": "*",
+                        "Action": "s3:*",
+                        "Resource": [bucket.arn, pulumi.Output.concat(bucket.arn, "/*")],
+                        "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+                    }
+                ],
+            }
+        ),
+        opts=opts,
+    )
+
     dlq = aws.sqs.Queue(f"{name}-batch-dlq", message_retention_seconds=14 * 24 * 3600, opts=opts)
     queue = aws.sqs.Queue(
         f"{name}-batch-queue",

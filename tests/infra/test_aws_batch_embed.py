@@ -30,6 +30,9 @@ def test_the_bucket_is_private_encrypted_and_notifies_the_queue_on_the_input_pre
     )
     encryption = recorder.one("aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration")
     assert "AES256" in recorder.text(encryption)
+    bucket_policy = json.loads(recorder.one("aws:s3/bucketPolicy:BucketPolicy").inputs["policy"])
+    (deny,) = bucket_policy["Statement"]
+    assert deny["Effect"] == "Deny" and deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
     (notification,) = recorder.one("aws:s3/bucketNotification:BucketNotification").inputs["queues"]
     assert notification["events"] == ["s3:ObjectCreated:*"] and notification["filterPrefix"] == "in/"
     policy = json.loads(recorder.one("aws:sqs/queuePolicy:QueuePolicy").inputs["policy"])

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,24 @@ def test_a_file_larger_than_the_memory_bound_embeds_in_bounded_memory(tmp_path: 
     assert result["documents"] == 2600
     growth = result["growth_kib"] * 1024
     assert growth < size / 4, f"resident memory grew by {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
+
+
+def test_the_command_reads_and_writes_s3_urls(aws_env: dict[str, str], tmp_path: Path) -> None:
+    import boto3
+
+    s3 = boto3.client("s3")
+    bucket = f"cli-{time.monotonic_ns()}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="in/a.txt", Body=b"alpha\nbeta\n")
+    s3.put_object(Bucket=bucket, Key="in/b.jsonl", Body=b'{"id": "g", "text": "gamma"}\n')
+    done = subprocess.run(
+        [str(FNSERVE), "batch-embed", f"s3://{bucket}/in/", f"s3://{bucket}/out", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **aws_env, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 embedded (3 documents)" in done.stderr
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"])
+    assert len(keys) == 4 and all(k.startswith(("out/in/a.txt.", "out/in/b.jsonl.")) for k in keys)
