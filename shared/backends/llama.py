@@ -14,7 +14,7 @@ import math
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -47,9 +47,9 @@ class LlamaConfig:
     def from_dir(cls, model_dir: Path) -> LlamaConfig | None:
         """The config, or None when the checkpoint is not a plain Llama this file implements."""
         c = json.loads((model_dir / "config.json").read_text())
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        if c.get("model_type") != "llama" or rope.get("rope_type", "default") != "default":
+        if unsupported(c) is not None:
             return None
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         heads = c["num_attention_heads"]
         return cls(
             vocab_size=c["vocab_size"],
@@ -64,6 +64,22 @@ class LlamaConfig:
             tie_word_embeddings=c.get("tie_word_embeddings", False),
             max_position_embeddings=c.get("max_position_embeddings", 2048),
         )
+
+
+def unsupported(c: dict[str, Any]) -> str | None:
+    """What in a config.json this runner does not implement, or None. A field it ignored would compute wrong
+    logits without a word, so such a checkpoint goes to transformers' own model instead."""
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    checks = [
+        (c.get("model_type") == "llama", f"model_type {c.get('model_type')!r}"),
+        (rope.get("rope_type", rope.get("type", "default")) == "default", f"rope scaling {rope!r}"),
+        (not c.get("attention_bias", False), "attention_bias"),
+        (not c.get("mlp_bias", False), "mlp_bias"),
+        (c.get("hidden_act", "silu") == "silu", f"hidden_act {c.get('hidden_act')!r}"),
+        (c.get("pretraining_tp", 1) == 1, "pretraining_tp"),
+        (not c.get("sliding_window"), "sliding_window"),
+    ]
+    return next((what for ok, what in checks if not ok), None)
 
 
 class Linear:

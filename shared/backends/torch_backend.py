@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +14,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from shared.backends.llama import LlamaConfig, LlamaRunner
+from shared.backends.llama import LlamaConfig, LlamaRunner, unsupported
 from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -59,6 +63,9 @@ class TorchBackend:
             torch.set_num_threads(s.threads)  # per thread under OpenMP: set here, on the thread the model runs on
             numba.set_num_threads(min(s.threads, numba.get_num_threads()))  # the attention kernel's
         config = LlamaConfig.from_dir(model_dir)
+        if config is None and s.engine == "batched":
+            raw = json.loads((model_dir / "config.json").read_text())
+            log.info("the batched runner does not implement %s: serving with transformers' model", unsupported(raw))
         if config is not None and s.engine == "batched" and self.device.type == "cpu":
             return LlamaRunner(
                 model_dir,
