@@ -42,6 +42,7 @@ class LlamaConfig:
     rope_theta: float
     tie_word_embeddings: bool
     max_position_embeddings: int
+    sliding_window: int | None = None  # the runner's context is capped to it: within it, attention is full
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> LlamaConfig | None:
@@ -63,6 +64,9 @@ class LlamaConfig:
             rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
             tie_word_embeddings=c.get("tie_word_embeddings", False),
             max_position_embeddings=c.get("max_position_embeddings", 2048),
+            sliding_window=c.get("sliding_window")
+            if c["model_type"] != "qwen2" or c.get("use_sliding_window")
+            else None,
         )
 
 
@@ -70,14 +74,12 @@ def unsupported(c: dict[str, Any]) -> str | None:
     """What in a config.json this runner does not implement, or None. A field it ignored would compute wrong
     logits without a word, so such a checkpoint goes to transformers' own model instead."""
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    kind = c.get("model_type")
     checks = [
-        (c.get("model_type") == "llama", f"model_type {c.get('model_type')!r}"),
+        (kind in ("llama", "mistral", "qwen2"), f"model_type {kind!r}"),
         (rope.get("rope_type", rope.get("type", "default")) == "default", f"rope scaling {rope!r}"),
-        (not c.get("attention_bias", False), "attention_bias"),
-        (not c.get("mlp_bias", False), "mlp_bias"),
         (c.get("hidden_act", "silu") == "silu", f"hidden_act {c.get('hidden_act')!r}"),
         (c.get("pretraining_tp", 1) == 1, "pretraining_tp"),
-        (not c.get("sliding_window"), "sliding_window"),
     ]
     return next((what for ok, what in checks if not ok), None)
 
@@ -157,6 +159,10 @@ def linear(weight: torch.Tensor, dtype: torch.dtype, quantization: Quantization)
     return MixedLinear(weight, dtype) if quantization == "mixed" else Linear(weight, dtype, quantization)
 
 
+def _biased(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y.float() + bias
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, rotate-half layout: x * cos + (-x2, x1) * sin, as (x2, x1) * (-sin, sin).
 
@@ -179,6 +185,11 @@ class Layer:
     mlp_norm: np.ndarray
     gate_up: Linear | MixedLinear
     down: Linear | MixedLinear
+    # Biases, float32, where the checkpoint has them (Qwen2's q/k/v; Llama's attention_bias and mlp_bias)
+    qkv_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
 
 
 class LlamaRunner:
@@ -197,11 +208,20 @@ class LlamaRunner:
         self.config = c = config
         self.dtype = dtype
         self.slots = slots
-        self.context_length = min(max_len, c.max_position_embeddings)
+        self.context_length = min(max_len, c.max_position_embeddings, c.sliding_window or max_len)
         w = load_file(str(model_dir / "model.safetensors"))
 
         def get(name: str) -> torch.Tensor:
             return w[f"model.{name}"] if f"model.{name}" in w else w[name]
+
+        def biases(*names: str) -> torch.Tensor | None:
+            """The named projections' biases, concatenated, or None when the checkpoint has none."""
+            found = [f"model.{n}.bias" in w or f"{n}.bias" in w for n in names]
+            if not any(found):
+                return None
+            if not all(found):
+                raise ValueError(f"biases on some of {names} but not all: not a layout this runner implements")
+            return torch.cat([get(f"{n}.bias") for n in names]).float()
 
         self.embed = get("embed_tokens.weight").to(dtype)
         head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in w else w["lm_head.weight"]
@@ -221,6 +241,10 @@ class LlamaRunner:
                     mlp_norm=get(p + "post_attention_layernorm.weight").float().numpy(),
                     gate_up=linear(gate_up, dtype, quantization),
                     down=linear(get(p + "mlp.down_proj.weight"), dtype, quantization),
+                    qkv_bias=biases(*(p + f"self_attn.{n}_proj" for n in "qkv")),
+                    o_bias=biases(p + "self_attn.o_proj"),
+                    gate_up_bias=biases(p + "mlp.gate_proj", p + "mlp.up_proj"),
+                    down_bias=biases(p + "mlp.down_proj"),
                 )
             )
         # Keys and values of every layer, slot and position: (L, 2, S, K, P, D), float32 whatever the weights
@@ -289,6 +313,8 @@ class LlamaRunner:
         rope = self._chunk_rope(chunk) if chunk else None  # the same for every layer
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(self._norm(x, layer.attn_norm)).float()  # (N, Q+2KV)
+            if layer.qkv_bias is not None:
+                qkv += layer.qkv_bias
             attn = torch.empty(b + t, q_width)
             if b:  # rotation, cache write and attention of the decode rows in one kernel call
                 cache_k, cache_v = self._kv_arrays[i]
@@ -297,9 +323,9 @@ class LlamaRunner:
                 )
             if chunk and rope:  # after the decode rows: a placeholder row of the chunk's slot never overwrites it
                 attn[b:] = self._attend_chunk(i, qkv[b:], chunk, *rope)
-            x = x + layer.o(attn)  # bfloat16 outputs add as float32
-            gate, up = layer.gate_up(self._norm(x, layer.mlp_norm)).chunk(2, -1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = x + _biased(layer.o(attn), layer.o_bias)  # bfloat16 outputs add as float32
+            gate, up = _biased(layer.gate_up(self._norm(x, layer.mlp_norm)), layer.gate_up_bias).chunk(2, -1)
+            x = x + _biased(layer.down(F.silu(gate) * up), layer.down_bias)
         if chunk:
             x = torch.cat([x[:b], x[-1:]])  # a chunk samples its last position only
         return self.lm_head(self._norm(x, self.norm))  # (B, vocab)

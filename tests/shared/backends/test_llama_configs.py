@@ -1,6 +1,7 @@
-"""Checkpoints the batched runner implements run through it and match transformers; those with a field it does
-not implement (biases, another activation, rope scaling, a sliding window) go to transformers' own model.
-Tiny Llama models, randomly initialised from a config made here (no weights to download)."""
+"""Checkpoints the batched runner implements run through it and match transformers: Llama (with or without
+attention and MLP biases), Mistral (its sliding window caps the context), Qwen2 (q/k/v biases). Those with
+what it does not implement (another activation, rope scaling, another architecture) go to transformers' own
+model. Tiny models, randomly initialised from a config made here (no weights to download)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig as HFLlamaConfig
-from transformers import LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from shared.backends.llama import LlamaConfig, LlamaRunner
 from shared.backends.torch_backend import TorchRunner, create
@@ -30,44 +30,63 @@ TINY = {
 TOKENS = [5, 17, 3, 88, 42, 9, 61, 23, 7, 50]
 
 
-def tiny_model(path: Path, **overrides: Any) -> LlamaForCausalLM:
+def tiny_model(path: Path, model_type: str = "llama", **overrides: Any) -> PreTrainedModel:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(HFLlamaConfig(**{**TINY, **overrides})).eval()
+    config = AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if overrides.get("attention_bias") or overrides.get("mlp_bias") or model_type == "qwen2":
+        for name, param in model.named_parameters():  # biases start at zero: make them count
+            if name.endswith(".bias"):
+                torch.nn.init.normal_(param, std=0.5)
     model.save_pretrained(path)
     return model
 
 
-def reference(model: LlamaForCausalLM) -> np.ndarray:
+def reference(model: PreTrainedModel) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([TOKENS])).logits[0, -1].float().numpy()
 
 
-def test_a_plain_llama_runs_batched_and_matches_transformers(tmp_path: Path) -> None:
-    model = tiny_model(tmp_path)
+@pytest.mark.parametrize(
+    ("model_type", "overrides"),
+    [
+        ("llama", {}),
+        ("llama", {"attention_bias": True, "mlp_bias": True}),
+        ("mistral", {"sliding_window": 16}),
+        ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1_000_000.0}),
+    ],
+    ids=["llama", "llama-biases", "mistral", "qwen2"],
+)
+def test_an_implemented_checkpoint_runs_batched_and_matches_transformers(
+    tmp_path: Path, model_type: str, overrides: dict[str, Any]
+) -> None:
+    model = tiny_model(tmp_path, model_type, **overrides)
     config = LlamaConfig.from_dir(tmp_path)
     assert config is not None
     runner = LlamaRunner(tmp_path, config, dtype=torch.float32, quantization="none", slots=2, max_len=64)
     runner.prefill(0, TOKENS[:-1], 0)
     logits = runner.decode([TOKENS[-1]], [len(TOKENS) - 1])[0]
     assert np.allclose(logits, reference(model), atol=1e-4)
+    if "sliding_window" in overrides:
+        assert runner.context_length == 16  # never past the window: within it, attention is full
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    ("model_type", "overrides"),
     [
-        {"attention_bias": True},
-        {"mlp_bias": True},
-        {"hidden_act": "gelu"},
-        {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+        ("llama", {"hidden_act": "gelu"}),
+        ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+        ("qwen3", {"head_dim": 8}),
     ],
-    ids=["attention_bias", "mlp_bias", "gelu", "rope_scaling"],
+    ids=["gelu", "rope_scaling", "qwen3"],
 )
-def test_a_field_the_runner_does_not_implement_goes_to_transformers(tmp_path: Path, overrides: dict[str, Any]) -> None:
-    """The runner used to ignore these and compute wrong logits without a word."""
-    model = tiny_model(tmp_path, **overrides)
+def test_what_the_runner_does_not_implement_goes_to_transformers(
+    tmp_path: Path, model_type: str, overrides: dict[str, Any]
+) -> None:
+    """The runner used to ignore such fields (biases, the activation) and compute wrong logits without a word."""
+    model = tiny_model(tmp_path, model_type, **overrides)
     assert LlamaConfig.from_dir(tmp_path) is None
     runner = create("cpu", Settings(preload=[])).load(tmp_path)
     assert isinstance(runner, TorchRunner)
-    cache = runner.new_cache()
-    logits = runner.forward(cache, TOKENS)
+    logits = runner.forward(runner.new_cache(), TOKENS)
     assert np.allclose(np.asarray(logits), reference(model), atol=1e-5)
