@@ -278,8 +278,10 @@ class Settings(BaseSettings):
         return [m for m in self.all_models if allowed is None or m.id in allowed]
 
 
-# FNSERVE_* variables that are not settings: the config file's name, and what the command-line client reads.
+# FNSERVE_* variables that are not settings: the config file's name, what the command-line client reads, and
+# the load tests' FNSERVE_LT_* (loadtests/locustfile.py).
 _NOT_SETTINGS = {"CONFIG", "URL", "API_KEY"}
+_NOT_SETTINGS_PREFIX = "LT_"
 
 
 def _check_environment(settings_cls: type[BaseSettings]) -> None:
@@ -288,6 +290,8 @@ def _check_environment(settings_cls: type[BaseSettings]) -> None:
         if not name.upper().startswith("FNSERVE_"):
             continue
         field = name[len("FNSERVE_") :].split("__")[0]
+        if field.upper().startswith(_NOT_SETTINGS_PREFIX):
+            continue
         if field.upper() not in _NOT_SETTINGS and field.lower() not in settings_cls.model_fields:
             raise SettingsError(f"environment variable {name} names no setting (see docs/fnserve.example.toml)")
 
