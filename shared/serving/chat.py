@@ -33,6 +33,8 @@ async def create(
     prompt_ids = await asyncio.to_thread(model.encode_chat, request.template_messages())  # off the event loop
     streams = submit(model, expand(model, [prompt_ids], params, request.n or 1))  # a full queue: 503 here
     tracker = Tracker.of(http, model)
+    if tracker.log_content:
+        tracker.ctx.content["prompt"] = request.template_messages()
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         chunks = _chunks(model, Deltas(streams, tracker, params.logprobs), len(prompt_ids), include_usage)

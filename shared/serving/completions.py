@@ -26,6 +26,8 @@ async def create(
     prompts = await asyncio.to_thread(prompt_ids, model, request)  # tokenizing off the event loop
     streams = submit(model, expand(model, prompts, params, request.n or 1, param="prompt"))  # a full queue: 503
     tracker = Tracker.of(http, model)
+    if tracker.log_content:
+        tracker.ctx.content["prompt"] = request.prompts()
     n = request.n or 1
     echoed = [model.decode(p) if request.echo else "" for p in prompts]
     prompt_tokens = sum(len(p) for p in prompts)
