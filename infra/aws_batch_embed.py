@@ -15,6 +15,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
+from infra.aws_common import LAMBDA_ENVIRONMENT, assume_role_policy, image_repository, policy, provider_options
 from infra.config import StackConfig
 
 MAX_RECEIVE_COUNT = 5
@@ -22,7 +23,7 @@ MAX_RECEIVE_COUNT = 5
 
 def build(cfg: StackConfig) -> dict[str, Any]:
     name = cfg.name
-    opts = pulumi.ResourceOptions(provider=aws.Provider(f"{name}-aws", region=cfg.region)) if cfg.region else None
+    opts = provider_options(cfg)
     timeout = int(cfg.get("timeoutSeconds", 900))
     memory = int(cfg.get("memoryMiB", 3008))
     input_prefix = cfg.get("inputPrefix", "in/")
@@ -30,10 +31,7 @@ def build(cfg: StackConfig) -> dict[str, Any]:
     if output_prefix.startswith(input_prefix) or input_prefix.startswith(output_prefix):
         raise ValueError("inputPrefix and outputPrefix must not contain each other: results would trigger the function")
 
-    repository = aws.ecr.Repository(
-        f"{name}-batch-repo", image_scanning_configuration={"scan_on_push": True}, opts=opts
-    )
-    image = cfg.image or pulumi.Output.concat(repository.repository_url, ":", cfg.image_tag)
+    repository, image = image_repository(f"{name}-batch-repo", cfg, opts)
 
     bucket = aws.s3.Bucket(f"{name}-documents", force_destroy=False, opts=opts)
     aws.s3.BucketPublicAccessBlock(
@@ -55,19 +53,14 @@ def build(cfg: StackConfig) -> dict[str, Any]:
     aws.s3.BucketPolicy(
         f"{name}-documents",
         bucket=bucket.id,
-        policy=pulumi.Output.json_dumps(
+        policy=policy(
             {
-                "Version": "2012-10-17",
-                "Statement": [
-                    {
-                        "Sid": "TLSOnly",
-                        "Effect": "Deny",
-                        "Principal": "*",
-                        "Action": "s3:*",
-                        "Resource": [bucket.arn, pulumi.Output.concat(bucket.arn, "/*")],
-                        "Condition": {"Bool": {"aws:SecureTransport": "false"}},
-                    }
-                ],
+                "Sid": "TLSOnly",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:*",
+                "Resource": [bucket.arn, pulumi.Output.concat(bucket.arn, "/*")],
+                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
             }
         ),
         opts=opts,
@@ -83,21 +76,16 @@ def build(cfg: StackConfig) -> dict[str, Any]:
         ),
         opts=opts,
     )
-    policy = aws.sqs.QueuePolicy(
+    queue_policy = aws.sqs.QueuePolicy(
         f"{name}-batch-queue",
         queue_url=queue.id,
-        policy=pulumi.Output.json_dumps(
+        policy=policy(
             {
-                "Version": "2012-10-17",
-                "Statement": [
-                    {
-                        "Effect": "Allow",
-                        "Principal": {"Service": "s3.amazonaws.com"},
-                        "Action": "sqs:SendMessage",
-                        "Resource": queue.arn,
-                        "Condition": {"ArnEquals": {"aws:SourceArn": bucket.arn}},
-                    }
-                ],
+                "Effect": "Allow",
+                "Principal": {"Service": "s3.amazonaws.com"},
+                "Action": "sqs:SendMessage",
+                "Resource": queue.arn,
+                "Condition": {"ArnEquals": {"aws:SourceArn": bucket.arn}},
             }
         ),
         opts=opts,
@@ -113,7 +101,7 @@ def build(cfg: StackConfig) -> dict[str, Any]:
                 "filter_suffix": cfg.get("inputSuffix", ""),
             }
         ],
-        opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(depends_on=[policy])),
+        opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(depends_on=[queue_policy])),
     )
 
     table = aws.dynamodb.Table(
@@ -134,55 +122,43 @@ def build(cfg: StackConfig) -> dict[str, Any]:
     )
     role = aws.iam.Role(
         fn_name,
-        assume_role_policy=json.dumps(
-            {
-                "Version": "2012-10-17",
-                "Statement": [
-                    {"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}
-                ],
-            }
-        ),
+        assume_role_policy=assume_role_policy("lambda.amazonaws.com"),
         opts=opts,
     )
     aws.iam.RolePolicy(
         fn_name,
         role=role.id,
-        policy=pulumi.Output.json_dumps(
+        policy=policy(
             {
-                "Version": "2012-10-17",
-                "Statement": [
-                    {
-                        "Effect": "Allow",
-                        "Action": ["s3:GetObject"],
-                        "Resource": pulumi.Output.concat(bucket.arn, "/", input_prefix, "*"),
-                    },
-                    {
-                        "Effect": "Allow",
-                        "Action": ["s3:PutObject", "s3:GetObject"],  # HEAD of a manifest is a GetObject
-                        "Resource": pulumi.Output.concat(bucket.arn, "/", output_prefix, "*"),
-                    },
-                    {
-                        "Effect": "Allow",
-                        "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"],
-                        "Resource": queue.arn,
-                    },
-                    {
-                        "Effect": "Allow",
-                        "Action": [
-                            "dynamodb:GetItem",
-                            "dynamodb:PutItem",
-                            "dynamodb:UpdateItem",
-                            "dynamodb:DeleteItem",
-                        ],
-                        "Resource": table.arn,
-                    },
-                    {
-                        "Effect": "Allow",
-                        "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
-                        "Resource": pulumi.Output.concat(logs.arn, ":*"),
-                    },
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": pulumi.Output.concat(bucket.arn, "/", input_prefix, "*"),
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:PutObject", "s3:GetObject"],  # HEAD of a manifest is a GetObject
+                "Resource": pulumi.Output.concat(bucket.arn, "/", output_prefix, "*"),
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"],
+                "Resource": queue.arn,
+            },
+            {
+                "Effect": "Allow",
+                "Action": [
+                    "dynamodb:GetItem",
+                    "dynamodb:PutItem",
+                    "dynamodb:UpdateItem",
+                    "dynamodb:DeleteItem",
                 ],
-            }
+                "Resource": table.arn,
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+                "Resource": pulumi.Output.concat(logs.arn, ":*"),
+            },
         ),
         opts=opts,
     )
@@ -199,10 +175,7 @@ def build(cfg: StackConfig) -> dict[str, Any]:
         environment={
             "variables": {
                 **cfg.environment(),
-                "FNSERVE_PRELOAD": "[]",
-                "FNSERVE_CACHE_DIR": "/tmp/fnserve",
-                "NUMBA_CACHE_DIR": "/tmp/numba",
-                "HF_HOME": "/tmp/hf",
+                **LAMBDA_ENVIRONMENT,
                 "FNSERVE_BATCH_OUTPUT_PREFIX": output_prefix,
                 "FNSERVE_BATCH_IDEMPOTENCY_TABLE": table.name,
                 "FNSERVE_BATCH_OUTPUT_FORMAT": cfg.get("outputFormat", "jsonl"),

@@ -9,12 +9,19 @@ function's role may write its own logs and nothing else.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pulumi
 import pulumi_aws as aws
 
+from infra.aws_common import (
+    LAMBDA_ENVIRONMENT,
+    api_keys_secret,
+    assume_role_policy,
+    image_repository,
+    policy,
+    provider_options,
+)
 from infra.config import PORT, READY_PATH, StackConfig
 
 # function -> (its handler, the API Gateway routes it serves, memory MiB, timeout s)
@@ -29,31 +36,19 @@ STREAMING = ("chat", "completions")
 
 def build(cfg: StackConfig) -> dict[str, Any]:
     name = cfg.name
-    opts = pulumi.ResourceOptions(provider=aws.Provider(f"{name}-aws", region=cfg.region)) if cfg.region else None
+    opts = provider_options(cfg)
     memory: dict[str, int] = cfg.get("memoryMiB", {})
     reserved = cfg.get("reservedConcurrency")
     log_days = int(cfg.get("logRetentionDays", 30))
 
-    repository = aws.ecr.Repository(f"{name}-fn-repo", image_scanning_configuration={"scan_on_push": True}, opts=opts)
-    image = cfg.image or pulumi.Output.concat(repository.repository_url, ":", cfg.image_tag)
+    repository, image = image_repository(f"{name}-fn-repo", cfg, opts)
     streaming_image = cfg.get("streamingImage") or pulumi.Output.concat(
         repository.repository_url, ":", cfg.image_tag, "-streaming"
     )
-    secret = aws.secretsmanager.Secret(f"{name}-fn-api-keys", description="fnserve API keys (a JSON list)", opts=opts)
-    if cfg.api_keys is not None:
-        aws.secretsmanager.SecretVersion(
-            f"{name}-fn-api-keys", secret_id=secret.id, secret_string=cfg.api_keys, opts=opts
-        )
+    secret = api_keys_secret(f"{name}-fn-api-keys", cfg, opts)
     api = aws.apigatewayv2.Api(f"{name}-api", protocol_type="HTTP", opts=opts)
     aws.apigatewayv2.Stage(f"{name}-api", api_id=api.id, name="$default", auto_deploy=True, opts=opts)
-    environment = {
-        **cfg.environment(),
-        "FNSERVE_API_KEYS_SECRET": "",  # filled per function below
-        "FNSERVE_PRELOAD": "[]",  # a function's first invocation loads its model; readiness is not asked
-        "FNSERVE_CACHE_DIR": "/tmp/fnserve",  # the only writable place in Lambda
-        "NUMBA_CACHE_DIR": "/tmp/numba",
-        "HF_HOME": "/tmp/hf",
-    }
+    environment = {**cfg.environment(), **LAMBDA_ENVIRONMENT}
     urls: dict[str, Any] = {}
     for function, (handler, routes, default_memory, timeout) in FUNCTIONS.items():
         variants = [(function, image, ["python", "-m", "awslambdaric", handler], False)]
@@ -127,28 +122,17 @@ def _role(
     fn_name: str, logs: aws.cloudwatch.LogGroup, secret: aws.secretsmanager.Secret, opts: pulumi.ResourceOptions | None
 ) -> aws.iam.Role:
     """A role that may write this function's logs and read the keys' secret, and nothing else."""
-    assume = {
-        "Version": "2012-10-17",
-        "Statement": [
-            {"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}
-        ],
-    }
-    role = aws.iam.Role(fn_name, assume_role_policy=json.dumps(assume), opts=opts)
+    role = aws.iam.Role(fn_name, assume_role_policy=assume_role_policy("lambda.amazonaws.com"), opts=opts)
     aws.iam.RolePolicy(
         fn_name,
         role=role.id,
-        policy=pulumi.Output.json_dumps(
+        policy=policy(
             {
-                "Version": "2012-10-17",
-                "Statement": [
-                    {
-                        "Effect": "Allow",
-                        "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
-                        "Resource": pulumi.Output.concat(logs.arn, ":*"),
-                    },
-                    {"Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"], "Resource": secret.arn},
-                ],
-            }
+                "Effect": "Allow",
+                "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+                "Resource": pulumi.Output.concat(logs.arn, ":*"),
+            },
+            {"Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"], "Resource": secret.arn},
         ),
         opts=opts,
     )

@@ -10,12 +10,12 @@ Secrets Manager; IAM roles that can do only what they must.
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 
 import pulumi
 import pulumi_aws as aws
 
+from infra.aws_common import api_keys_secret, assume_role_policy, image_repository, policy, provider_options
 from infra.config import PORT, READY_PATH, StackConfig
 
 GPU_AMI_PARAMETER = "/aws/service/ecs/optimized-ami/amazon-linux-2023/gpu/recommended/image_id"
@@ -23,32 +23,16 @@ ALB_IDLE_TIMEOUT = 900  # seconds a stream may stay quiet (a long prefill) befor
 TLS_POLICY = "ELBSecurityPolicy-TLS13-1-2-2021-06"
 
 
-def _assume(service: str) -> str:
-    return json.dumps(
-        {
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Principal": {"Service": service}, "Action": "sts:AssumeRole"}],
-        }
-    )
-
-
 def build(cfg: StackConfig) -> dict[str, Any]:
     name = cfg.name
-    opts = pulumi.ResourceOptions(provider=aws.Provider(f"{name}-aws", region=cfg.region)) if cfg.region else None
+    opts = provider_options(cfg)
     instance_type = cfg.get("instanceType", "g5.xlarge")
     memory_mib = int(cfg.get("taskMemoryMiB", 14336))
     cpu_units = int(cfg.get("taskCpu", 3584))
     target_requests = int(cfg.get("targetRequestsPerInstance", 200))
     log_days = int(cfg.get("logRetentionDays", 30))
 
-    repository = aws.ecr.Repository(
-        f"{name}-repo",
-        image_scanning_configuration={"scan_on_push": True},
-        image_tag_mutability="MUTABLE",
-        force_delete=False,
-        opts=opts,
-    )
-    image = cfg.image or pulumi.Output.concat(repository.repository_url, ":", cfg.image_tag)
+    repository, image = image_repository(f"{name}-repo", cfg, opts)
 
     vpc_id, public_subnets = _network(cfg, opts)
 
@@ -75,7 +59,9 @@ def build(cfg: StackConfig) -> dict[str, Any]:
     insights = [{"name": "containerInsights", "value": "enabled"}]
     cluster = aws.ecs.Cluster(f"{name}-cluster", settings=insights, opts=opts)
 
-    instance_role = aws.iam.Role(f"{name}-instance", assume_role_policy=_assume("ec2.amazonaws.com"), opts=opts)
+    instance_role = aws.iam.Role(
+        f"{name}-instance", assume_role_policy=assume_role_policy("ec2.amazonaws.com"), opts=opts
+    )
     aws.iam.RolePolicyAttachment(
         f"{name}-instance-ecs",
         role=instance_role.name,
@@ -132,37 +118,30 @@ def build(cfg: StackConfig) -> dict[str, Any]:
     )
 
     logs = aws.cloudwatch.LogGroup(f"{name}-logs", retention_in_days=log_days, opts=opts)
-    secret = aws.secretsmanager.Secret(f"{name}-api-keys", description="fnserve API keys (a JSON list)", opts=opts)
-    if cfg.api_keys is not None:
-        aws.secretsmanager.SecretVersion(f"{name}-api-keys", secret_id=secret.id, secret_string=cfg.api_keys, opts=opts)
+    secret = api_keys_secret(f"{name}-api-keys", cfg, opts)
 
-    tasks = _assume("ecs-tasks.amazonaws.com")
+    tasks = assume_role_policy("ecs-tasks.amazonaws.com")
     execution_role = aws.iam.Role(f"{name}-execution", assume_role_policy=tasks, opts=opts)
     aws.iam.RolePolicy(
         f"{name}-execution",
         role=execution_role.id,
-        policy=pulumi.Output.json_dumps(
+        policy=policy(
+            {"Effect": "Allow", "Action": ["ecr:GetAuthorizationToken"], "Resource": "*"},
             {
-                "Version": "2012-10-17",
-                "Statement": [
-                    {"Effect": "Allow", "Action": ["ecr:GetAuthorizationToken"], "Resource": "*"},
-                    {
-                        "Effect": "Allow",
-                        "Action": [
-                            "ecr:BatchGetImage",
-                            "ecr:GetDownloadUrlForLayer",
-                            "ecr:BatchCheckLayerAvailability",
-                        ],
-                        "Resource": repository.arn,
-                    },
-                    {
-                        "Effect": "Allow",
-                        "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
-                        "Resource": pulumi.Output.concat(logs.arn, ":*"),
-                    },
-                    {"Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"], "Resource": secret.arn},
+                "Effect": "Allow",
+                "Action": [
+                    "ecr:BatchGetImage",
+                    "ecr:GetDownloadUrlForLayer",
+                    "ecr:BatchCheckLayerAvailability",
                 ],
-            }
+                "Resource": repository.arn,
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+                "Resource": pulumi.Output.concat(logs.arn, ":*"),
+            },
+            {"Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"], "Resource": secret.arn},
         ),
         opts=opts,
     )
