@@ -70,6 +70,10 @@ class Tracker:
     _last: dict[int, float] = field(default_factory=dict)
     _texts: dict[int, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Observed on every token: the labelled child once, not a labels() look-up (and its lock) a token.
+        self._inter_token = self.metrics.inter_token_latency.labels(self.model)
+
     @classmethod
     def of(cls, connection: HTTPConnection, model: GenerationModel) -> Tracker:
         ctx = request_context(connection)
@@ -93,7 +97,7 @@ class Tracker:
                 self.ctx.first_token = now
                 self.metrics.time_to_first_token.labels(self.model).observe(now - self.ctx.started)
             elif index in self._last:
-                self.metrics.inter_token_latency.labels(self.model).observe(now - self._last[index])
+                self._inter_token.observe(now - self._last[index])
             self._last[index] = now
         if self.log_content:
             self._texts[index] = self._texts.get(index, "") + step.text
@@ -102,7 +106,7 @@ class Tracker:
         if self.ctx.first_token is None:
             return  # nothing was generated: failed or cancelled before its first token
         self.ctx.finished = time.perf_counter()
-        self.metrics.e2e_latency.labels(self.model).observe(time.perf_counter() - self.ctx.started)
+        self.metrics.e2e_latency.labels(self.model).observe(self.ctx.finished - self.ctx.started)
         self.metrics.request_prompt_tokens.labels(self.model).inc(self.ctx.prompt_tokens)
         self.metrics.request_generation_tokens.labels(self.model).inc(self.ctx.completion_tokens)
         if self.log_content:
