@@ -33,6 +33,8 @@ from tests.functions.test_lambda import RuntimeAPI, api_gateway_v2  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
+# Every container runs as Lambda would: the host's network, a read-only root file system, /tmp writable.
+LOCKED_DOWN = ["--network", "host", "--read-only", "--tmpfs", "/tmp:rw,mode=1777"]
 BASE = "localhost/fnserve-base:bookworm"
 IMAGE = "localhost/fnserve-cpu:local"
 CONTAINERS_CONF = (
@@ -128,11 +130,7 @@ def run_service() -> float:
         "--detach",
         "--name",
         name,
-        "--network",
-        "host",
-        "--read-only",
-        "--tmpfs",
-        "/tmp:rw,mode=1777",
+        *LOCKED_DOWN,
         "--env",
         f"FNSERVE_PORT={port}",
         IMAGE,
@@ -181,11 +179,7 @@ def run_lambda() -> None:
             *PODMAN,
             "run",
             "--rm",
-            "--network",
-            "host",
-            "--read-only",
-            "--tmpfs",
-            "/tmp:rw,mode=1777",
+            *LOCKED_DOWN,
             "--env",
             f"AWS_LAMBDA_RUNTIME_API={address}",
             IMAGE,
