@@ -7,6 +7,8 @@ then the requests- and tokens-per-minute limits of the key, or of the client's a
 from __future__ import annotations
 
 import ipaddress
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +45,6 @@ class RequestContext:
 def request_context(connection: HTTPConnection) -> RequestContext:
     ctx: RequestContext | None = getattr(connection.state, "fnserve", None)
     if ctx is None:  # a request that did not pass the middleware (a test calling a route directly)
-        import time
-        import uuid
-
         ctx = RequestContext(uuid.uuid4().hex, time.perf_counter())
         connection.state.fnserve = ctx
     return ctx

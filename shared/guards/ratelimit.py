@@ -47,18 +47,10 @@ class RateLimiter:
         allowance = Allowance()
         try:
             if requests is not None:
-                item = RateLimitItemPerMinute(requests)
-                allowed = await self.strategy.hit(item, identity, "requests")
-                await self._headers(allowance.headers, "Requests", item, identity, "requests")
-                if not allowed:
-                    raise self._limited("requests", requests, allowance.headers, "Requests")
+                await self._check(allowance, "requests", RateLimitItemPerMinute(requests), identity, consume=True)
             if tokens is not None:
-                item = RateLimitItemPerMinute(tokens)
-                allowance.tokens = item
-                allowed = await self.strategy.test(item, identity, "tokens")
-                await self._headers(allowance.headers, "Tokens", item, identity, "tokens")
-                if not allowed:
-                    raise self._limited("tokens", tokens, allowance.headers, "Tokens")
+                allowance.tokens = RateLimitItemPerMinute(tokens)
+                await self._check(allowance, "tokens", allowance.tokens, identity, consume=False)
         except StorageError as exc:
             log.error("rate-limit storage %s failed: %s", self.storage_url, exc)
             raise OverloadedError(
@@ -78,20 +70,24 @@ class RateLimiter:
         except StorageError as exc:
             log.error("rate-limit storage %s failed while charging tokens: %s", self.storage_url, exc)
 
-    async def _headers(self, headers: dict[str, str], kind: str, item: RateLimitItem, identity: str, what: str) -> None:
-        stats = await self.strategy.get_window_stats(item, identity, what)
-        headers[f"X-RateLimit-Limit-{kind}"] = str(item.amount)
-        headers[f"X-RateLimit-Remaining-{kind}"] = str(max(stats.remaining, 0))
-        headers[f"X-RateLimit-Reset-{kind}"] = duration(max(stats.reset_time - time.time(), 0.0))
+    async def _check(
+        self, allowance: Allowance, what: str, item: RateLimitItem, identity: str, *, consume: bool
+    ) -> None:
+        """Count (or only test) one unit against the limit, note its headers; RateLimitError when it is spent.
 
-    @staticmethod
-    def _limited(what: str, amount: int, headers: dict[str, str], kind: str) -> RateLimitError:
-        reset = headers.get(f"X-RateLimit-Reset-{kind}", "1s")
-        retry = max(1, math.ceil(parse_duration(reset)))
-        return RateLimitError(
-            f"Rate limit reached: {amount} {what} per minute. Try again in {reset}.",
-            headers={**headers, "Retry-After": str(retry)},
-        )
+        Requests are counted as they come; tokens are only tested here and charged when the request ends.
+        """
+        allowed = await (self.strategy.hit if consume else self.strategy.test)(item, identity, what)
+        stats = await self.strategy.get_window_stats(item, identity, what)
+        kind, reset = what.capitalize(), max(stats.reset_time - time.time(), 0.0)
+        allowance.headers[f"X-RateLimit-Limit-{kind}"] = str(item.amount)
+        allowance.headers[f"X-RateLimit-Remaining-{kind}"] = str(max(stats.remaining, 0))
+        allowance.headers[f"X-RateLimit-Reset-{kind}"] = duration(reset)
+        if not allowed:
+            raise RateLimitError(
+                f"Rate limit reached: {item.amount} {what} per minute. Try again in {duration(reset)}.",
+                headers={**allowance.headers, "Retry-After": str(max(1, math.ceil(reset)))},
+            )
 
     async def close(self) -> None:
         reset = getattr(self.storage, "close", None)
