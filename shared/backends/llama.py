@@ -26,6 +26,7 @@ from shared.backends.kernels import decode_attention, quantize_rows, rms_norm
 from shared.settings import Quantization
 
 INT4_GROUP = 32
+Kind = Literal["none", "int4", "int8", "int8-groups"]  # how one Linear stores its weight (see Linear)
 MIXED_ROWS = 8  # mixed: from this many rows int8 beats int4 here (16.3 vs 16.0 ms a step at 8, 22 vs 28 at 16)
 
 
@@ -89,27 +90,31 @@ class Linear:
 
     - none: W in the model dtype, inputs cast to it.
     - int4: asymmetric 4-bit weights in groups of 32 along the input, bfloat16 activations (torch's int4pack
-      kernel; fast with bfloat16 inputs only, 40x slower with float32).
+      kernel; fast with bfloat16 inputs only, 40x slower with float32). A GGUF's Q4_1 tensor (the same groups,
+      a scale and a minimum) comes back to its own 4-bit values; only the scales round, to bfloat16.
+    - int8-groups: symmetric 8-bit weights in groups of 32 (GGUF's Q8_0), bfloat16 activations, as two int4
+      matmuls (high and low nibbles): for the output head, which 4 bits would blur (see docs/engine.md).
     - int8: symmetric 8-bit weights per output channel, and each input row quantized to 8 bits with its own
       scale when it arrives; an integer matmul (VNNI) accumulates in int32, which is exact, so a row's result
       does not depend on the other rows in the batch.
     """
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, quantization: Literal["none", "int4", "int8"]) -> None:
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, quantization: Kind) -> None:
         self.out_features, self.in_features = weight.shape
         self.quantization = quantization
-        if quantization == "int4" and self.in_features % INT4_GROUP:
+        if quantization in ("int4", "int8-groups") and self.in_features % INT4_GROUP:
             self.quantization = "none"
         if self.quantization == "int4":
             # Asymmetric 4-bit per group: w = (q - 8) * scale + zero, q in 0..15 (torch's int4pack layout).
-            w = weight.float().reshape(self.out_features, -1, INT4_GROUP)  # (N, K/G, G)
-            lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-            scale = ((hi - lo) / 15).clamp(min=1e-8)
-            q = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(self.out_features, -1)
-            self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-            zero = lo + 8 * scale
-            sz = torch.cat([scale, zero], dim=-1).transpose(0, 1)  # (K/G, N, 2)
-            self.scales_zeros = sz.contiguous().to(torch.bfloat16)
+            q, scale, lo = (t.unsqueeze(-1) for t in quantize_groups4(weight))
+            self.planes = [_int4_plane(q.to(torch.int32).reshape(self.out_features, -1), scale, lo + 8 * scale)]
+            self.dtype = torch.bfloat16
+        elif self.quantization == "int8-groups":
+            # w = d * q = 16d * (hi - 8) + d * (lo - 8) + 8d, for q + 128 = 16 hi + lo: two int4 planes.
+            q, d = quantize_groups8(weight)
+            u = q.to(torch.int32).reshape(self.out_features, -1) + 128  # 1..255
+            d = d.unsqueeze(-1)  # (N, K/G, 1)
+            self.planes = [_int4_plane(u >> 4, 16 * d, torch.zeros_like(d)), _int4_plane(u & 15, d, 8 * d)]
             self.dtype = torch.bfloat16
         elif self.quantization == "int8":
             w = weight.float()
@@ -134,9 +139,63 @@ class Linear:
             return y.mul_(torch.from_numpy(s))
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
-        if self.quantization == "int4":
-            return torch._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scales_zeros)
+        if self.quantization in ("int4", "int8-groups"):
+            y = torch._weight_int4pack_mm_for_cpu(x, *self.planes[0])
+            for plane in self.planes[1:]:
+                y = y.float() + torch._weight_int4pack_mm_for_cpu(x, *plane)
+            return y
         return F.linear(x, self.weight)
+
+
+def _int4_plane(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The int4pack kernel's arguments after x for w = (q - 8) * scale + zero: q (N, K) 0..15, scale and zero
+    (N, K/G, 1) per group of INT4_GROUP along the input."""
+    sz = torch.cat([scale, zero], dim=-1).transpose(0, 1)  # (K/G, N, 2)
+    return torch._convert_weight_to_int4pack_for_cpu(q, 1), INT4_GROUP, sz.contiguous().to(torch.bfloat16)
+
+
+def quantize_groups4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight (N, K) to 4 bits in groups of 32 along K: q uint8 0..15 (N, K/G, G), scale and minimum float32
+    (N, K/G), w = scale * q + minimum.
+
+    The rule of GGUF's Q4_1 (the group's minimum, and (max - min) / 15), so a Q4_1 tensor's de-quantised values
+    come back to their own q, scale and minimum: no second rounding.
+    """
+    w = weight.float().reshape(weight.shape[0], -1, INT4_GROUP)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = ((w - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clamp(0, 15).to(torch.uint8)
+    return q, scale, lo
+
+
+def quantize_groups8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K) to 8 bits in groups of 32 along K: q int8 (N, K/G, G) and d float32 (N, K/G), w = d * q.
+
+    The rule of GGUF's Q8_0 (d = max |w| / 127 in each group, q = round(w / d)), so a Q8_0 tensor's de-quantised
+    values come back to their own q and d: no second rounding.
+    """
+    n = weight.shape[0]
+    w = weight.float().reshape(n, -1, INT4_GROUP)
+    d = w.abs().amax(-1) / 127
+    q = (w / d.clamp(min=1e-30).unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+    return q, d
+
+
+class Embedding:
+    """The token embedding table: dense in the model dtype, or at 8 bits in groups of 32 (half bfloat16's memory,
+    and exact for a GGUF's Q8_0 table), de-quantised row by row as tokens are looked up."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, quantized: bool) -> None:
+        self.dense = None if quantized else weight.to(dtype)
+        if quantized:
+            self.q, self.d = quantize_groups8(weight)
+
+    def __call__(self, token_ids: list[int]) -> torch.Tensor:
+        """The float32 rows (N, C) of these tokens."""
+        ids = torch.tensor(token_ids)
+        if self.dense is not None:
+            return F.embedding(ids, self.dense).float()
+        return (self.q[ids].float() * self.d[ids].unsqueeze(-1)).flatten(1)
 
 
 class MixedLinear:
@@ -147,16 +206,24 @@ class MixedLinear:
     int4's, 2x so for a 256-token prefill chunk.
     """
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, few: Kind) -> None:
         self.out_features = weight.shape[0]
-        self.few, self.many = Linear(weight, dtype, "int4"), Linear(weight, dtype, "int8")
+        self.few, self.many = Linear(weight, dtype, few), Linear(weight, dtype, "int8")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.many(x) if x.shape[0] >= MIXED_ROWS else self.few(x)
 
 
-def linear(weight: torch.Tensor, dtype: torch.dtype, quantization: Quantization) -> Linear | MixedLinear:
-    return MixedLinear(weight, dtype) if quantization == "mixed" else Linear(weight, dtype, quantization)
+def linear(
+    weight: torch.Tensor, dtype: torch.dtype, quantization: Quantization, head: bool = False
+) -> Linear | MixedLinear:
+    """A projection under the quantization asked for. The output head is kept at 8 bits where the layers take
+    4: 4-bit logits moved the next-token distribution 50x further from the weights' own (KL 0.052 against
+    0.0010 nats over docs/engine.md, `python -m loadtests.faithfulness`), for 1 of a step's ~30 matmuls."""
+    four: Kind = "int8-groups" if head else "int4"
+    if quantization == "mixed":
+        return MixedLinear(weight, dtype, four)
+    return Linear(weight, dtype, four if quantization == "int4" else quantization)
 
 
 def _biased(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -223,9 +290,10 @@ class LlamaRunner:
                 raise ValueError(f"biases on some of {names} but not all: not a layout this runner implements")
             return torch.cat([get(f"{n}.bias") for n in names]).float()
 
-        self.embed = get("embed_tokens.weight").to(dtype)
-        head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in w else w["lm_head.weight"]
-        self.lm_head = linear(head, dtype, quantization)
+        embed = get("embed_tokens.weight")
+        self.embed = Embedding(embed, dtype, quantized=quantization != "none")
+        head = embed if c.tie_word_embeddings or "lm_head.weight" not in w else w["lm_head.weight"]
+        self.lm_head = linear(head, dtype, quantization, head=True)
         self.norm = get("norm.weight").float().numpy()
         self._eps = np.float32(c.rms_norm_eps)
         self.layers = []
@@ -309,7 +377,7 @@ class LlamaRunner:
         c = self.config
         b, t = len(token_ids), len(chunk.token_ids) if chunk else 0
         q_width, scale = c.num_heads * c.head_dim, np.float32(c.head_dim**-0.5)
-        x = F.embedding(torch.tensor(token_ids + (chunk.token_ids if chunk else [])), self.embed).float()
+        x = self.embed(token_ids + (chunk.token_ids if chunk else []))
         rope = self._chunk_rope(chunk) if chunk else None  # the same for every layer
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(self._norm(x, layer.attn_norm)).float()  # (N, Q+2KV)
