@@ -1,6 +1,6 @@
 """Single-stream decode speed and cold start, fnserve against llama.cpp's llama-server on the same GGUF.
 
-    python -m loadtests.bench_single [--configs float32 bfloat16+int4 bfloat16+mixed] [--tokens 128] [--runs 3]
+    python -m loadtests.bench_single [--configs default float32+none bfloat16+mixed] [--tokens 128] [--runs 3]
 
 Starts each server as a real process on 127.0.0.1 and measures:
 - cold start: process start -> first streamed token of the first request, and resident memory after it
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--configs",
         nargs="+",
-        default=["float32", "bfloat16+int4", "bfloat16+mixed"],
-        help="dtype, then +int4, +int8 or +mixed for quantized weights",
+        default=["default", "float32+none"],
+        help="default (no settings: what a user gets), or a dtype, then +none, +int4, +int8 or +mixed",
     )
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
@@ -138,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "FNSERVE_LOG_LEVEL": "warning"}
     results: list[Result] = []
     for config in args.configs:
-        dtype, _, quant = config.partition("+")
-        env = {**base_env, "FNSERVE_DTYPE": dtype, "FNSERVE_BACKEND": "cpu", "FNSERVE_THREADS": str(args.threads)}
-        env["FNSERVE_QUANTIZATION"] = quant or "none"
+        env = {**base_env, "FNSERVE_BACKEND": "cpu", "FNSERVE_THREADS": str(args.threads)}
+        if config != "default":
+            dtype, _, quant = config.partition("+")
+            env.update(FNSERVE_DTYPE=dtype, FNSERVE_QUANTIZATION=quant or "none")
         if config == args.configs[0]:
             with tempfile.TemporaryDirectory() as empty:
                 port = free_port()

@@ -104,11 +104,13 @@ class Settings(BaseSettings):
         "simple: one transformers forward per sequence and step (every architecture)",
     )
     quantization: Quantization = Field(
-        default="none",
+        default="int4",
         description=(
-            "batched CPU engine only. int4: 4-bit weights (groups of 32), bfloat16 activations; int8: 8-bit weights"
-            " and 8-bit activations (integer matmuls); mixed: int4 for decode steps of a few rows, int8 for larger"
-            " steps and prefill (fastest under load, ~200 MB of weights)"
+            "batched CPU engine only. int4 (default): 4-bit weights in groups of 32 (a GGUF's Q4_1 values exactly),"
+            " the output head at 8 bits, bfloat16 activations: closer to the weights' own distribution than"
+            " llama.cpp, and a row's result never depends on its batch; none: the weights as stored, in the dtype"
+            " (float32 on CPU: exact); int8: 8-bit weights and activations (integer matmuls); mixed: int4 for"
+            " decode steps of a few rows, int8 for larger steps and prefill (fastest under load, less faithful)"
         ),
     )
     max_model_len: int | None = Field(

@@ -1,12 +1,13 @@
 """numba kernels of the batched Llama runner on CPU, compiled on first use and cached on disk.
 
-decode_attention: one new query token per sequence over its own cached keys and values. Each (sequence, kv
-head) pair is one parallel task that rotates and stores its new key and value, then streams that sequence's
-keys and values once, for all the query heads that share them, and reads only the positions the sequence has
-(no padding to the longest sequence in the batch, no mask). Measured here against torch's batched matmuls over
-the padded cache (16 rows, 40-270 positions, 30 layers, cold cache): 262 against 677 us a layer; one row: 6.4
-against 22.3 us for scaled_dot_product_attention. A row's result depends on its own inputs only, so batching
-does not change it.
+attention: every row of a step (a decode token per sequence, and a prompt chunk's tokens) over its own
+sequence's cached keys and values. Each (row, kv head) pair is one parallel task that streams that sequence's
+keys and values once, for all the query heads that share them, and reads only the positions the row has (no
+padding to the longest sequence in the batch, no mask). Measured here against torch's batched matmuls over the
+padded cache (16 decode rows, 40-270 positions, 30 layers, cold cache): 262 against 677 us a layer; one row:
+6.4 against 22.3 us for scaled_dot_product_attention. A row's result depends on its own inputs only, so neither
+batching, nor how a prompt is cut into chunks, nor a reused prefix changes it (torch's attention over a chunk
+sums in an order that depends on the chunk's length).
 
 quantize_rows: the int8 matmuls' inputs, row by row.
 
@@ -22,54 +23,63 @@ from numba import njit, prange
 
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def decode_attention(
+def attention(
     qkv: np.ndarray,
     cos: np.ndarray,
     signed_sin: np.ndarray,
+    slots: np.ndarray,
     positions: np.ndarray,
     k: np.ndarray,
     v: np.ndarray,
     out: np.ndarray,
     scale: np.float32,
 ) -> None:
-    """Rotary embedding, the cache write and attention of one decode step, for every row, in one call.
+    """Rotary embedding, the cache write and causal attention of one step's rows, decode and prompt alike.
 
-    qkv: (B, (H + 2K) * D), each row's projections as the qkv matmul gives them: H query heads, then K key
-    heads, then K value heads. Row b is the sequence in cache slot b at position positions[b]. Its key and value
-    are rotated and stored at that position of k, v: (S >= B, K, P, D), one layer's cache; then its query
-    heads attend over positions 0..positions[b]. out: (B, H * D). Query head h reads kv head h // (H / K).
-    cos, signed_sin: (P, D), the rotate-half tables (see llama.rotate).
+    qkv: (N, (H + 2K) * D), each row's projections as the qkv matmul gives them: H query heads, then K key
+    heads, then K value heads. Row r is a token of the sequence in cache slot slots[r] at position
+    positions[r]; rows of one sequence (a prompt chunk) come in position order. First every row's key and value
+    are rotated and stored at its position of k, v: (S, K, P, D), one layer's cache; then each row's query
+    heads attend over positions 0..positions[r] of its slot. out: (N, H * D). Query head h reads kv head
+    h // (H / K). cos, signed_sin: (P, D), the rotate-half tables (see llama.rotate).
+
+    A row's result is computed by the same loops in the same order whatever else is in the call, so a token
+    gets the same bits as a decode row, inside a prompt chunk of any length, or after a reused prefix.
     """
-    batch = qkv.shape[0]
+    rows = qkv.shape[0]
     kv_heads, dim = k.shape[1], k.shape[3]
     heads = out.shape[1] // dim
     group = heads // kv_heads
     half = dim // 2
-    for task in prange(batch * kv_heads):
-        b = task // kv_heads
-        h = task - b * kv_heads
-        pos = positions[b]
-        n = pos + 1
+    for task in prange(rows * kv_heads):
+        r = task // kv_heads
+        h = task - r * kv_heads
+        slot, pos = slots[r], positions[r]
         key, value = (heads + h) * dim, (heads + kv_heads + h) * dim
         for d in range(half):
-            k[b, h, pos, d] = qkv[b, key + d] * cos[pos, d] + qkv[b, key + d + half] * signed_sin[pos, d]
+            k[slot, h, pos, d] = qkv[r, key + d] * cos[pos, d] + qkv[r, key + d + half] * signed_sin[pos, d]
         for d in range(half, dim):
-            k[b, h, pos, d] = qkv[b, key + d] * cos[pos, d] + qkv[b, key + d - half] * signed_sin[pos, d]
+            k[slot, h, pos, d] = qkv[r, key + d] * cos[pos, d] + qkv[r, key + d - half] * signed_sin[pos, d]
         for d in range(dim):
-            v[b, h, pos, d] = qkv[b, value + d]
+            v[slot, h, pos, d] = qkv[r, value + d]
+    for task in prange(rows * kv_heads):
+        r = task // kv_heads
+        h = task - r * kv_heads
+        slot, pos = slots[r], positions[r]
+        n = pos + 1
         q = np.empty((group, dim), np.float32)
         for g in range(group):
             query = (h * group + g) * dim
             for d in range(half):
-                q[g, d] = qkv[b, query + d] * cos[pos, d] + qkv[b, query + d + half] * signed_sin[pos, d]
+                q[g, d] = qkv[r, query + d] * cos[pos, d] + qkv[r, query + d + half] * signed_sin[pos, d]
             for d in range(half, dim):
-                q[g, d] = qkv[b, query + d] * cos[pos, d] + qkv[b, query + d - half] * signed_sin[pos, d]
+                q[g, d] = qkv[r, query + d] * cos[pos, d] + qkv[r, query + d - half] * signed_sin[pos, d]
         scores = np.empty((group, n), np.float32)
         for p in range(n):
             for g in range(group):
                 acc = np.float32(0.0)
                 for d in range(dim):
-                    acc += q[g, d] * k[b, h, p, d]
+                    acc += q[g, d] * k[slot, h, p, d]
                 scores[g, p] = acc * scale
         for g in range(group):
             top = scores[g, 0]
@@ -87,11 +97,11 @@ def decode_attention(
             for g in range(group):
                 w = scores[g, p]
                 for d in range(dim):
-                    acc_out[g, d] += w * v[b, h, p, d]
+                    acc_out[g, d] += w * v[slot, h, p, d]
         for g in range(group):
             query = (h * group + g) * dim
             for d in range(dim):
-                out[b, query + d] = acc_out[g, d]
+                out[r, query + d] = acc_out[g, d]
 
 
 @njit(fastmath=True, nogil=True, cache=True)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from shared.backends import Chunk
-from shared.backends.kernels import decode_attention, quantize_rows, rms_norm
+from shared.backends.kernels import attention, quantize_rows, rms_norm
 from shared.settings import Quantization
 
 INT4_GROUP = 32
@@ -230,20 +230,6 @@ def _biased(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y.float() + bias
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, rotate-half layout: x * cos + (-x2, x1) * sin, as (x2, x1) * (-sin, sin).
-
-    Rolling by half the head swaps the halves in one op; the sign lives in the table. Bit for bit the same
-    as the usual slice, negate and concatenate (negation is exact), in 4 ops instead of 7.
-    """
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
-
-
-def additive(visible: torch.Tensor) -> torch.Tensor:
-    """A boolean attention mask as the float32 one added to the scores: 0 where visible, -inf elsewhere."""
-    return torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
-
-
 @dataclass
 class Layer:
     attn_norm: np.ndarray
@@ -329,9 +315,9 @@ class LlamaRunner:
         angles = torch.outer(torch.arange(self.context_length, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (P, D), the non-interleaved (rotate-half) layout
         half = c.head_dim // 2
-        self.cos = angles.cos()
-        self.signed_sin = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], -1)  # see rotate()
-        self._cos, self._sin = self.cos.numpy(), self.signed_sin.numpy()  # the same tables for decode_attention
+        # x * cos + (-x2, x1) * sin as x * cos + (x2, x1) * signed_sin: the sign lives in the table
+        self._cos = angles.cos().numpy()
+        self._sin = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], -1).numpy()
         self.decode([0], [0])  # compiles the attention kernel now (or loads it from numba's cache), not on a request
 
     def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
@@ -370,27 +356,25 @@ class LlamaRunner:
         """Logits for B decode rows (slots 0..B-1, one token each) and the last token of a prompt chunk.
 
         Every per-token step works on (N, features) rows, decode rows first, then the chunk's. A decode step
-        runs ~15 ops a layer (rotation, cache write and attention are one numba call): at one row each op
-        costs 2-5 us of dispatch, about as much as the int4 matmuls themselves. The residual stream, norms,
-        rotation and attention are float32 whatever the weights; only matmul inputs are cast.
+        runs ~15 ops a layer (rotation, cache write and attention are one numba call for all rows): at one row
+        each op costs 2-5 us of dispatch, about as much as the int4 matmuls themselves. The residual stream,
+        norms, rotation and attention are float32 whatever the weights; only matmul inputs are cast.
         """
         c = self.config
         b, t = len(token_ids), len(chunk.token_ids) if chunk else 0
         q_width, scale = c.num_heads * c.head_dim, np.float32(c.head_dim**-0.5)
         x = self.embed(token_ids + (chunk.token_ids if chunk else []))
-        rope = self._chunk_rope(chunk) if chunk else None  # the same for every layer
+        slots, rows = np.arange(b + t, dtype=np.int64), positions
+        if chunk:
+            slots[b:] = chunk.slot
+            rows = np.concatenate([positions, np.arange(chunk.start, chunk.start + t, dtype=np.int64)])
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(self._norm(x, layer.attn_norm)).float()  # (N, Q+2KV)
             if layer.qkv_bias is not None:
                 qkv += layer.qkv_bias
             attn = torch.empty(b + t, q_width)
-            if b:  # rotation, cache write and attention of the decode rows in one kernel call
-                cache_k, cache_v = self._kv_arrays[i]
-                decode_attention(
-                    qkv[:b].numpy(), self._cos, self._sin, positions, cache_k, cache_v, attn[:b].numpy(), scale
-                )
-            if chunk and rope:  # after the decode rows: a placeholder row of the chunk's slot never overwrites it
-                attn[b:] = self._attend_chunk(i, qkv[b:], chunk, *rope)
+            cache_k, cache_v = self._kv_arrays[i]
+            attention(qkv.numpy(), self._cos, self._sin, slots, rows, cache_k, cache_v, attn.numpy(), scale)
             x = x + _biased(layer.o(attn), layer.o_bias)  # bfloat16 outputs add as float32
             gate, up = _biased(layer.gate_up(self._norm(x, layer.mlp_norm)), layer.gate_up_bias).chunk(2, -1)
             x = x + _biased(layer.down(F.silu(gate) * up), layer.down_bias)
@@ -401,28 +385,3 @@ class LlamaRunner:
     def _norm(self, x: torch.Tensor, weight: np.ndarray) -> torch.Tensor:
         """RMSNorm of float32 rows (N, C)."""
         return torch.from_numpy(rms_norm(x.contiguous().numpy(), weight, self._eps))
-
-    def _chunk_rope(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A prompt chunk's rotary tables (T, 1, D) and causal mask (1, 1, T, P), shared by every layer."""
-        t, end = len(chunk.token_ids), chunk.start + len(chunk.token_ids)
-        positions = torch.arange(chunk.start, end)  # (T,)
-        cos, sin = self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
-        mask = additive((torch.arange(end)[None, :] <= positions[:, None]).view(1, 1, t, end))
-        return cos, sin, mask
-
-    def _attend_chunk(
-        self, layer: int, qkv: torch.Tensor, chunk: Chunk, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Causal attention of a prompt chunk, (T, Q+2KV) -> (T, Q), after writing its keys and values."""
-        c = self.config
-        t, start = qkv.shape[0], chunk.start
-        end = start + t
-        q_width, rope = c.num_heads * c.head_dim, (c.num_heads + c.num_kv_heads) * c.head_dim
-        qkv[:, :rope] = rotate(qkv[:, :rope].view(t, -1, c.head_dim), cos, sin).view(t, rope)  # queries and keys
-        kv = qkv[:, q_width:].view(t, 2, c.num_kv_heads, c.head_dim)  # (T, 2, K, D)
-        cache = self.kv_cache[layer]  # (2, S, K, P, D)
-        cache[:, chunk.slot, :, start:end] = kv.permute(1, 2, 0, 3)  # (2, K, T, D)
-        q = qkv[:, :q_width].view(1, t, c.num_heads, c.head_dim).transpose(1, 2)  # (1, H, T, D)
-        k, v = cache[0, chunk.slot : chunk.slot + 1, :, :end], cache[1, chunk.slot : chunk.slot + 1, :, :end]
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (1, H, T, D)
-        return attn.transpose(1, 2).reshape(t, q_width)

@@ -1,4 +1,4 @@
-"""The decode kernel against torch: rotary embedding, cache write and attention, row by row."""
+"""The numba kernels against torch: rotary embedding, cache write and attention, row by row; norms; 8-bit rows."""
 
 from __future__ import annotations
 
@@ -6,10 +6,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.backends.kernels import decode_attention, quantize_rows, rms_norm
-from shared.backends.llama import rotate
+from shared.backends.kernels import attention, quantize_rows, rms_norm
 
 HEADS, KV_HEADS, DIM, SLOTS, MAX_LEN = 9, 3, 64, 6, 64
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half layout, the usual way: x * cos + (-x2, x1) * sin."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], -1) * signed_sin
 
 
 def tables() -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,20 +26,23 @@ def tables() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_each_row_attends_over_its_own_positions_with_its_kv_heads() -> None:
+    """Five decode rows in slots 0-4, then a 4-token prompt chunk of slot 5 at positions 10-13."""
     torch.manual_seed(0)
     cos, sin = tables()
-    positions = np.array([0, 5, 40, 17, 63], dtype=np.int64)  # one row sees only itself; one fills the cache
+    slots = np.array([0, 1, 2, 3, 4, 5, 5, 5, 5], dtype=np.int64)
+    positions = np.array([0, 5, 40, 17, 63, 10, 11, 12, 13], dtype=np.int64)  # one row sees only itself
     rows = len(positions)
     qkv = torch.randn(rows, (HEADS + 2 * KV_HEADS) * DIM)
-    k_cache, v_cache = torch.randn(2, SLOTS, KV_HEADS, MAX_LEN, DIM).unbind(0)
+    k_cache, v_cache = torch.randn(2, SLOTS + 1, KV_HEADS, MAX_LEN, DIM).unbind(0)
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     want_k, want_v = k_cache.clone(), v_cache.clone()
     out = torch.empty(rows, HEADS * DIM)
 
-    decode_attention(
+    attention(
         qkv.numpy(),
         cos.numpy(),
         sin.numpy(),
+        slots,
         positions,
         k_cache.numpy(),
         v_cache.numpy(),
@@ -42,17 +50,39 @@ def test_each_row_attends_over_its_own_positions_with_its_kv_heads() -> None:
         np.float32(DIM**-0.5),
     )
 
-    for b, p in enumerate(positions.tolist()):
-        q, k, v = qkv[b].split([HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM])
-        q = rotate(q.view(HEADS, DIM), cos[p], sin[p])
-        want_k[b, :, p] = rotate(k.view(KV_HEADS, DIM), cos[p], sin[p])
-        want_v[b, :, p] = v.view(KV_HEADS, DIM)
-        keys, values = want_k[b, :, : p + 1], want_v[b, :, : p + 1]  # (K, P, D)
+    for r, (slot, p) in enumerate(zip(slots.tolist(), positions.tolist(), strict=True)):
+        _, k, v = qkv[r].split([HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM])
+        want_k[slot, :, p] = rotate(k.view(KV_HEADS, DIM), cos[p], sin[p])
+        want_v[slot, :, p] = v.view(KV_HEADS, DIM)
+    for r, (slot, p) in enumerate(zip(slots.tolist(), positions.tolist(), strict=True)):
+        q = rotate(qkv[r, : HEADS * DIM].view(HEADS, DIM), cos[p], sin[p])
+        keys, values = want_k[slot, :, : p + 1], want_v[slot, :, : p + 1]  # (K, P, D): the chunk's earlier rows too
         want = F.scaled_dot_product_attention(q.unsqueeze(1), keys, values, enable_gqa=True)  # (H, 1, D)
-        torch.testing.assert_close(out[b], want.reshape(-1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[r], want.reshape(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k_cache, want_k, atol=1e-6, rtol=1e-6)  # written at each row's position only
     assert torch.equal(v_cache, want_v)
-    assert torch.equal(k_cache[rows:], want_k[rows:])  # slots past the batch are untouched
+    assert torch.equal(k_cache[SLOTS:, :, 14:], want_k[SLOTS:, :, 14:])  # past the chunk, untouched
+
+
+def test_a_row_gets_the_same_bits_alone_and_inside_a_chunk() -> None:
+    """Position 12 of a sequence: as one decode row after positions 0-11, and as a row of a 16-token chunk."""
+    torch.manual_seed(1)
+    cos, sin = tables()
+    qkv = torch.randn(16, (HEADS + 2 * KV_HEADS) * DIM)
+    scale = np.float32(DIM**-0.5)
+
+    def run(slots: list[int], positions: list[int], rows: torch.Tensor, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        out = np.empty((len(positions), HEADS * DIM), np.float32)
+        attention(rows.numpy(), cos.numpy(), sin.numpy(), np.array(slots), np.array(positions), k, v, out, scale)
+        return out
+
+    k, v = np.zeros((2, SLOTS, KV_HEADS, MAX_LEN, DIM), np.float32)
+    whole = run([1] * 16, list(range(16)), qkv, k, v)
+    k2, v2 = np.zeros((2, SLOTS, KV_HEADS, MAX_LEN, DIM), np.float32)
+    run([0] * 12, list(range(12)), qkv[:12], k2, v2)
+    alone = run([0], [12], qkv[12:13], k2, v2)
+
+    assert np.array_equal(alone[0], whole[12])
 
 
 def test_rows_quantize_to_8_bits_each_with_its_own_scale() -> None:
