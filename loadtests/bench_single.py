@@ -70,13 +70,13 @@ def stream_once(url: str, model: str, tokens: int) -> tuple[float, list[float]]:
     return sent, stamps
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, path: str = "/v1/models") -> None:
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -90,7 +90,12 @@ def measure(name: str, cmd: list[str], env: dict[str, str], port: int, model: st
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     result = Result(name)
     try:
-        wait_ready(url, proc, timeout=600)
+        if getattr(args, "function", None) == "models":  # no model to load: start -> first answer
+            wait_ready(url, proc, timeout=600)
+            result.cold_start_s = time.perf_counter() - started
+            result.rss_mb = rss_mb(proc.pid)
+            return result
+        wait_ready(url, proc, timeout=600, path="/readiness")
         _, stamps = stream_once(url, model, 8)
         result.cold_start_s = stamps[0] - started
         result.rss_mb = rss_mb(proc.pid)
@@ -132,11 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--json", type=Path, help="write the raw figures here")
+    parser.add_argument(
+        "--function", choices=["chat", "models"], help="fnserve serves this function alone (as a container does)"
+    )
     args = parser.parse_args(argv)
 
     fnserve = str(Path(sys.executable).parent / "fnserve")
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "FNSERVE_LOG_LEVEL": "warning"}
     results: list[Result] = []
+    serve = [fnserve, "serve", *(["--function", args.function] if args.function else [])]
     for config in args.configs:
         env = {**base_env, "FNSERVE_BACKEND": "cpu", "FNSERVE_THREADS": str(args.threads)}
         if config != "default":
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 port = free_port()
                 cold = measure(
                     "fnserve-uncached",
-                    [fnserve, "serve", "--port", str(port)],
+                    [*serve, "--port", str(port)],
                     {**env, "FNSERVE_CACHE_DIR": empty},
                     port,
                     "default",
@@ -156,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(cold)
         port = free_port()
         results.append(
-            measure(f"fnserve-{config}", [fnserve, "serve", "--port", str(port)], env, port, "default", args)
+            measure(f"fnserve-{config}", [*serve, "--port", str(port)], env, port, "default", args)
         )
 
     peer = find_peer()
-    if peer and peer.is_file():
+    if args.function:
+        pass  # a function alone is measured against its own figures, not the peer's whole server
+    elif peer and peer.is_file():
         port = free_port()
         cmd = [
             str(peer),

@@ -17,11 +17,18 @@ from shared.errors import FnserveError
 from shared.guards.keys import KeysFileError
 from shared.settings import Settings, SettingsError
 
-FUNCTIONS = ("chat", "completions", "embeddings", "models")
+# Each function's models, loaded before readiness when FNSERVE_PRELOAD is not set: a function loads only what
+# it serves (the models function loads none, and imports no framework).
+FUNCTION_PRELOAD = {
+    "chat": ["default"],
+    "completions": ["default"],
+    "embeddings": ["default-embedding"],
+    "models": [],
+}
+FUNCTIONS = tuple(FUNCTION_PRELOAD)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from functions.app import build
     from shared.logs import configure_logging
     from shared.server import serve
 
@@ -32,6 +39,8 @@ def _serve(args: argparse.Namespace) -> int:
         ("ssl_keyfile", args.ssl_keyfile),
     )
     settings = Settings(**{k: v for k, v in flags if v is not None})
+    if args.function and "preload" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"preload": FUNCTION_PRELOAD[args.function]})
     configure_logging(settings)
     if args.function:  # one function alone, as a streaming Lambda behind the web adapter serves it
         from shared.asgi import create_app
@@ -39,8 +48,11 @@ def _serve(args: argparse.Namespace) -> int:
         module = importlib.import_module(f"functions.{args.function}")
         app = create_app(module.router, settings=settings, title=f"fnserve {args.function}")
     else:
+        from functions.app import build
+
         app = build(settings)
-    app.state.catalog.backend  # noqa: B018 - a named backend that cannot run fails here, at start-up
+    if args.function in (None, "chat", "completions"):
+        app.state.catalog.backend  # noqa: B018 - a named backend that cannot run fails here, at start-up
     serve(settings, app)
     return 0
 

@@ -27,6 +27,7 @@ from shared.settings import Quantization
 
 INT4_GROUP = 32
 Kind = Literal["none", "int4", "int8", "int8-groups"]  # how one Linear stores its weight (see Linear)
+Groups8 = tuple[torch.Tensor, torch.Tensor]  # quantize_groups8's (q, d)
 MIXED_ROWS = 8  # mixed: from this many rows int8 beats int4 here (16.3 vs 16.0 ms a step at 8, 22 vs 28 at 16)
 
 
@@ -99,7 +100,10 @@ class Linear:
       does not depend on the other rows in the batch.
     """
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, quantization: Kind) -> None:
+    def __init__(
+        self, weight: torch.Tensor, dtype: torch.dtype, quantization: Kind, groups8: Groups8 | None = None
+    ) -> None:
+        """groups8: quantize_groups8(weight) where the caller has it already (a tied embedding)."""
         self.out_features, self.in_features = weight.shape
         self.quantization = quantization
         if quantization in ("int4", "int8-groups") and self.in_features % INT4_GROUP:
@@ -111,7 +115,7 @@ class Linear:
             self.dtype = torch.bfloat16
         elif self.quantization == "int8-groups":
             # w = d * q = 16d * (hi - 8) + d * (lo - 8) + 8d, for q + 128 = 16 hi + lo: two int4 planes.
-            q, d = quantize_groups8(weight)
+            q, d = groups8 or quantize_groups8(weight)
             u = q.to(torch.int32).reshape(self.out_features, -1) + 128  # 1..255
             d = d.unsqueeze(-1)  # (N, K/G, 1)
             self.planes = [_int4_plane(u >> 4, 16 * d, torch.zeros_like(d)), _int4_plane(u & 15, d, 8 * d)]
@@ -185,10 +189,11 @@ class Embedding:
     """The token embedding table: dense in the model dtype, or at 8 bits in groups of 32 (half bfloat16's memory,
     and exact for a GGUF's Q8_0 table), de-quantised row by row as tokens are looked up."""
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, quantized: bool) -> None:
-        self.dense = None if quantized else weight.to(dtype)
-        if quantized:
-            self.q, self.d = quantize_groups8(weight)
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, groups8: Groups8 | None) -> None:
+        """groups8: quantize_groups8(weight) for the 8-bit table, None for the dense one."""
+        self.dense = None if groups8 else weight.to(dtype)
+        if groups8:
+            self.q, self.d = groups8
 
     def __call__(self, token_ids: list[int]) -> torch.Tensor:
         """The float32 rows (N, C) of these tokens."""
@@ -206,24 +211,33 @@ class MixedLinear:
     int4's, 2x so for a 256-token prefill chunk.
     """
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, few: Kind) -> None:
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, few: Kind, groups8: Groups8 | None = None) -> None:
         self.out_features = weight.shape[0]
-        self.few, self.many = Linear(weight, dtype, few), Linear(weight, dtype, "int8")
+        self.few, self.many = Linear(weight, dtype, few, groups8), Linear(weight, dtype, "int8")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.many(x) if x.shape[0] >= MIXED_ROWS else self.few(x)
 
 
 def linear(
-    weight: torch.Tensor, dtype: torch.dtype, quantization: Quantization, head: bool = False
+    weight: torch.Tensor,
+    dtype: torch.dtype,
+    quantization: Quantization,
+    head: bool = False,
+    groups8: Groups8 | None = None,
 ) -> Linear | MixedLinear:
     """A projection under the quantization asked for. The output head is kept at 8 bits where the layers take
     4: 4-bit logits moved the next-token distribution 50x further from the weights' own (KL 0.052 against
     0.0010 nats over docs/engine.md, `python -m loadtests.faithfulness`), for 1 of a step's ~30 matmuls."""
     four: Kind = "int8-groups" if head else "int4"
     if quantization == "mixed":
-        return MixedLinear(weight, dtype, four)
-    return Linear(weight, dtype, four if quantization == "int4" else quantization)
+        return MixedLinear(weight, dtype, four, groups8)
+    return Linear(weight, dtype, four if quantization == "int4" else quantization, groups8)
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A float32 copy: a view would keep the whole memory-mapped checkpoint resident (540 MB for SmolLM2)."""
+    return np.array(t.float().numpy(), copy=True)
 
 
 def _biased(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -277,10 +291,13 @@ class LlamaRunner:
             return torch.cat([get(f"{n}.bias") for n in names]).float()
 
         embed = get("embed_tokens.weight")
-        self.embed = Embedding(embed, dtype, quantized=quantization != "none")
-        head = embed if c.tie_word_embeddings or "lm_head.weight" not in w else w["lm_head.weight"]
-        self.lm_head = linear(head, dtype, quantization, head=True)
-        self.norm = get("norm.weight").float().numpy()
+        groups = quantize_groups8(embed) if quantization != "none" else None
+        self.embed = Embedding(embed, dtype, groups)
+        if c.tie_word_embeddings or "lm_head.weight" not in w:
+            self.lm_head = linear(embed, dtype, quantization, head=True, groups8=groups)
+        else:
+            self.lm_head = linear(w["lm_head.weight"], dtype, quantization, head=True)
+        self.norm = _array(get("norm.weight"))
         self._eps = np.float32(c.rms_norm_eps)
         self.layers = []
         for i in range(c.num_layers):
@@ -289,10 +306,10 @@ class LlamaRunner:
             gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
             self.layers.append(
                 Layer(
-                    attn_norm=get(p + "input_layernorm.weight").float().numpy(),
+                    attn_norm=_array(get(p + "input_layernorm.weight")),
                     qkv=linear(qkv, dtype, quantization),
                     o=linear(get(p + "self_attn.o_proj.weight"), dtype, quantization),
-                    mlp_norm=get(p + "post_attention_layernorm.weight").float().numpy(),
+                    mlp_norm=_array(get(p + "post_attention_layernorm.weight")),
                     gate_up=linear(gate_up, dtype, quantization),
                     down=linear(get(p + "mlp.down_proj.weight"), dtype, quantization),
                     qkv_bias=biases(*(p + f"self_attn.{n}_proj" for n in "qkv")),

@@ -7,12 +7,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numba
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from shared.backends.llama import LlamaConfig, LlamaRunner, unsupported
 from shared.settings import Settings
@@ -75,6 +77,8 @@ class TorchBackend:
                 slots=s.max_running + s.prefix_cache_slots,
                 max_len=s.max_model_len or min(2048, config.max_position_embeddings),
             )
+        from transformers import AutoModelForCausalLM  # 1.7 s of imports the batched runner never needs
+
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self._dtype)
         model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
         return TorchRunner(model=model, device=self.device, context_length=_context_length(model.config))

@@ -77,11 +77,14 @@ def test_loadtest_and_bench_take_their_own_options() -> None:
 
 
 def test_serve_runs_one_function_alone(tmp_path: Path) -> None:
-    with running_server(tmp_path / "fnserve.log", {"FNSERVE_PRELOAD": "[]"}, ("--function", "models")) as server:
+    """The models function alone: its routes only, ready at once, and no model framework in the process."""
+    with running_server(tmp_path / "fnserve.log", {}, ("--function", "models")) as server:
         assert httpx.get(f"{server.url}/v1/models", timeout=30).status_code == 200
         assert httpx.get(f"{server.url}/readiness", timeout=30).status_code == 200
         chat = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": []}, timeout=30)
         assert chat.status_code == 404 and chat.json()["error"]["code"] == "unknown_url"
+        libraries = Path(f"/proc/{server.proc.pid}/maps").read_text()
+        assert "libtorch" not in libraries and "onnxruntime" not in libraries  # it preloads no model
 
 
 def test_probe_says_whether_the_local_server_is_ready(tmp_path: Path) -> None:

@@ -125,3 +125,18 @@ def test_the_kv_cache_takes_memory_only_for_positions_in_use(catalog: ModelCatal
     assert 100 * per_position <= resident < 4 * 100 * per_position + (1 << 20)  # pages round each (layer, head) up
     assert np.abs(cache[:, :, 3, :, :100]).sum() > 0
     assert not cache[:, :, 3, :, 100:].any()  # past the prompt the slot still reads as zeros
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+def test_a_quantized_runner_keeps_no_float32_checkpoint_in_memory(catalog: ModelCatalog) -> None:
+    """The checkpoint is memory-mapped while the weights are packed; nothing may keep it (540 MB for SmolLM2)."""
+    import gc
+
+    path = model_dir(catalog)
+    config = LlamaConfig.from_dir(path)
+    assert config is not None
+    runner = LlamaRunner(path, config, dtype=torch.bfloat16, quantization="int4", slots=2, max_len=64)
+    gc.collect()
+    checkpoint = str(path / "model.safetensors")
+    assert not any(checkpoint in line for line in open("/proc/self/maps"))
+    assert runner.decode([5], [0]).shape == (1, config.vocab_size)
