@@ -101,9 +101,15 @@ class Linear:
     """
 
     def __init__(
-        self, weight: torch.Tensor, dtype: torch.dtype, quantization: Kind, groups8: Groups8 | None = None
+        self,
+        weight: torch.Tensor,
+        dtype: torch.dtype,
+        quantization: Kind,
+        groups8: Groups8 | None = None,
+        device: torch.device | None = None,
     ) -> None:
-        """groups8: quantize_groups8(weight) where the caller has it already (a tied embedding)."""
+        """groups8: quantize_groups8(weight) where the caller has it already (a tied embedding). device: where
+        dense weights live (the quantized kinds are CPU kernels)."""
         self.out_features, self.in_features = weight.shape
         self.quantization = quantization
         if quantization in ("int4", "int8-groups") and self.in_features % INT4_GROUP:
@@ -129,7 +135,7 @@ class Linear:
             self.zero_points = torch.zeros(self.out_features, dtype=torch.long)
             self.dtype = torch.float32
         else:
-            self.weight = weight.to(dtype).contiguous()
+            self.weight = weight.to(device=device, dtype=dtype).contiguous()
             self.dtype = dtype  # what inputs are cast to, and outputs come in
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,15 +195,18 @@ class Embedding:
     """The token embedding table: dense in the model dtype, or at 8 bits in groups of 32 (half bfloat16's memory,
     and exact for a GGUF's Q8_0 table), de-quantised row by row as tokens are looked up."""
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, groups8: Groups8 | None) -> None:
-        """groups8: quantize_groups8(weight) for the 8-bit table, None for the dense one."""
-        self.dense = None if groups8 else weight.to(dtype)
+    def __init__(
+        self, weight: torch.Tensor, dtype: torch.dtype, groups8: Groups8 | None, device: torch.device | None = None
+    ) -> None:
+        """groups8: quantize_groups8(weight) for the 8-bit table (CPU), None for the dense one (on device)."""
+        self.dense = None if groups8 else weight.to(device=device, dtype=dtype)
+        self.device = device
         if groups8:
             self.q, self.d = groups8
 
     def __call__(self, token_ids: list[int]) -> torch.Tensor:
         """The float32 rows (N, C) of these tokens."""
-        ids = torch.tensor(token_ids)
+        ids = torch.tensor(token_ids, device=self.device)
         if self.dense is not None:
             return F.embedding(ids, self.dense).float()
         return (self.q[ids].float() * self.d[ids].unsqueeze(-1)).flatten(1)
@@ -225,6 +234,7 @@ def linear(
     quantization: Quantization,
     head: bool = False,
     groups8: Groups8 | None = None,
+    device: torch.device | None = None,
 ) -> Linear | MixedLinear:
     """A projection under the quantization asked for. The output head is kept at 8 bits where the layers take
     4: 4-bit logits moved the next-token distribution 50x further from the weights' own (KL 0.052 against
@@ -232,12 +242,12 @@ def linear(
     four: Kind = "int8-groups" if head else "int4"
     if quantization == "mixed":
         return MixedLinear(weight, dtype, four, groups8)
-    return Linear(weight, dtype, four if quantization == "int4" else quantization, groups8)
+    return Linear(weight, dtype, four if quantization == "int4" else quantization, groups8, device)
 
 
-def _array(t: torch.Tensor) -> np.ndarray:
+def _copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A float32 copy: a view would keep the whole memory-mapped checkpoint resident (540 MB for SmolLM2)."""
-    return np.array(t.float().numpy(), copy=True)
+    return t.to(device=device, dtype=torch.float32, copy=True)
 
 
 def _biased(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -246,10 +256,10 @@ def _biased(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 @dataclass
 class Layer:
-    attn_norm: np.ndarray
+    attn_norm: torch.Tensor
     qkv: Linear | MixedLinear
     o: Linear | MixedLinear
-    mlp_norm: np.ndarray
+    mlp_norm: torch.Tensor
     gate_up: Linear | MixedLinear
     down: Linear | MixedLinear
     # Biases, float32, where the checkpoint has them (Qwen2's q/k/v; Llama's attention_bias and mlp_bias)
@@ -260,7 +270,14 @@ class Layer:
 
 
 class LlamaRunner:
-    """The model plus its KV cache. Not thread-safe: one engine thread drives it."""
+    """The model plus its KV cache. Not thread-safe: one engine thread drives it.
+
+    One code path for the model's math on any torch device. kernels="numba" (the CPU default) runs rotation,
+    the cache write, attention and RMSNorm as the numba kernels of shared.backends.kernels, over a float32 cache;
+    kernels="torch" (the default on any other device) runs them as torch ops on the device, over a cache in the
+    model dtype: scaled_dot_product_attention (flash or memory-efficient kernels where the device has them),
+    torch's rms_norm. Weights, embedding, sampling inputs and the engine are the same for both.
+    """
 
     def __init__(
         self,
@@ -271,10 +288,19 @@ class LlamaRunner:
         quantization: Quantization,
         slots: int,
         max_len: int,
+        device: torch.device | str = "cpu",
+        kernels: Literal["numba", "torch"] | None = None,
     ) -> None:
         self.config = c = config
         self.dtype = dtype
         self.slots = slots
+        self.device = torch.device(device)
+        self.numba = (kernels or ("numba" if self.device.type == "cpu" else "torch")) == "numba"
+        if self.numba and self.device.type != "cpu":
+            raise ValueError("the numba kernels run on the CPU only")
+        if quantization != "none" and self.device.type != "cpu":
+            raise ValueError(f"quantization {quantization!r} runs on the CPU only; use 'none' on {self.device}")
+        dev = self.device
         self.context_length = min(max_len, c.max_position_embeddings, c.sliding_window or max_len)
         w = load_file(str(model_dir / "model.safetensors"))
 
@@ -288,16 +314,16 @@ class LlamaRunner:
                 return None
             if not all(found):
                 raise ValueError(f"biases on some of {names} but not all: not a layout this runner implements")
-            return torch.cat([get(f"{n}.bias") for n in names]).float()
+            return torch.cat([get(f"{n}.bias") for n in names]).float().to(dev)
 
         embed = get("embed_tokens.weight")
         groups = quantize_groups8(embed) if quantization != "none" else None
-        self.embed = Embedding(embed, dtype, groups)
+        self.embed = Embedding(embed, dtype, groups, dev)
         if c.tie_word_embeddings or "lm_head.weight" not in w:
-            self.lm_head = linear(embed, dtype, quantization, head=True, groups8=groups)
+            self.lm_head = linear(embed, dtype, quantization, head=True, groups8=groups, device=dev)
         else:
-            self.lm_head = linear(w["lm_head.weight"], dtype, quantization, head=True)
-        self.norm = _array(get("norm.weight"))
+            self.lm_head = linear(w["lm_head.weight"], dtype, quantization, head=True, device=dev)
+        self.norm = _copy(get("norm.weight"), dev)
         self._eps = np.float32(c.rms_norm_eps)
         self.layers = []
         for i in range(c.num_layers):
@@ -306,12 +332,12 @@ class LlamaRunner:
             gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
             self.layers.append(
                 Layer(
-                    attn_norm=_array(get(p + "input_layernorm.weight")),
-                    qkv=linear(qkv, dtype, quantization),
-                    o=linear(get(p + "self_attn.o_proj.weight"), dtype, quantization),
-                    mlp_norm=_array(get(p + "post_attention_layernorm.weight")),
-                    gate_up=linear(gate_up, dtype, quantization),
-                    down=linear(get(p + "mlp.down_proj.weight"), dtype, quantization),
+                    attn_norm=_copy(get(p + "input_layernorm.weight"), dev),
+                    qkv=linear(qkv, dtype, quantization, device=dev),
+                    o=linear(get(p + "self_attn.o_proj.weight"), dtype, quantization, device=dev),
+                    mlp_norm=_copy(get(p + "post_attention_layernorm.weight"), dev),
+                    gate_up=linear(gate_up, dtype, quantization, device=dev),
+                    down=linear(get(p + "mlp.down_proj.weight"), dtype, quantization, device=dev),
                     qkv_bias=biases(*(p + f"self_attn.{n}_proj" for n in "qkv")),
                     o_bias=biases(p + "self_attn.o_proj"),
                     gate_up_bias=biases(p + "mlp.gate_proj", p + "mlp.up_proj"),
@@ -324,17 +350,23 @@ class LlamaRunner:
         # the cache holds memory for the positions sequences reach, not every slot's full context (torch.zeros
         # writes every page at once: 94 MB a slot for SmolLM2 at 2048 positions; numpy's zeros ask for huge
         # pages, 2 MB of which span several slots' whole contexts).
+        # On another device (kernels="torch") the cache is one allocation in the model dtype, made here, once.
         shape = (c.num_layers, 2, slots, c.num_kv_heads, self.context_length, c.head_dim)
-        pages = mmap.mmap(-1, math.prod(shape) * 4)
-        self._kv_arrays = np.frombuffer(pages, dtype=np.float32).reshape(shape)  # for the decode attention kernel
-        self.kv_cache = torch.from_numpy(self._kv_arrays)  # the same memory
+        if self.numba:
+            pages = mmap.mmap(-1, math.prod(shape) * 4)
+            self._kv_arrays = np.frombuffer(pages, dtype=np.float32).reshape(shape)  # for the attention kernel
+            self.kv_cache = torch.from_numpy(self._kv_arrays)  # the same memory
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=dtype, device=dev)
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
         angles = torch.outer(torch.arange(self.context_length, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (P, D), the non-interleaved (rotate-half) layout
         half = c.head_dim // 2
         # x * cos + (-x2, x1) * sin as x * cos + (x2, x1) * signed_sin: the sign lives in the table
-        self._cos = angles.cos().numpy()
-        self._sin = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], -1).numpy()
+        self._cos_t = angles.cos().to(dev)
+        self._sin_t = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], -1).to(dev)
+        if self.numba:
+            self._cos, self._sin = self._cos_t.numpy(), self._sin_t.numpy()
         self.decode([0], [0])  # compiles the attention kernel now (or loads it from numba's cache), not on a request
 
     def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
@@ -362,7 +394,7 @@ class LlamaRunner:
         ):
             raise ValueError(f"positions past the KV cache's {self.context_length}")
         b = len(token_ids)
-        logits = self._forward(token_ids, np.asarray(positions, dtype=np.int64), chunk).float().numpy()
+        logits = self._forward(token_ids, np.asarray(positions, dtype=np.int64), chunk).float().cpu().numpy()
         return logits[:b], (logits[b] if chunk else None)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
@@ -389,9 +421,12 @@ class LlamaRunner:
             qkv = layer.qkv(self._norm(x, layer.attn_norm)).float()  # (N, Q+2KV)
             if layer.qkv_bias is not None:
                 qkv += layer.qkv_bias
-            attn = torch.empty(b + t, q_width)
-            cache_k, cache_v = self._kv_arrays[i]
-            attention(qkv.numpy(), self._cos, self._sin, slots, rows, cache_k, cache_v, attn.numpy(), scale)
+            if self.numba:
+                attn = torch.empty(b + t, q_width)
+                cache_k, cache_v = self._kv_arrays[i]
+                attention(qkv.numpy(), self._cos, self._sin, slots, rows, cache_k, cache_v, attn.numpy(), scale)
+            else:
+                attn = self._attend(i, qkv, slots, rows, b)
             x = x + _biased(layer.o(attn), layer.o_bias)  # bfloat16 outputs add as float32
             gate, up = _biased(layer.gate_up(self._norm(x, layer.mlp_norm)), layer.gate_up_bias).chunk(2, -1)
             x = x + _biased(layer.down(F.silu(gate) * up), layer.down_bias)
@@ -399,6 +434,38 @@ class LlamaRunner:
             x = torch.cat([x[:b], x[-1:]])  # a chunk samples its last position only
         return self.lm_head(self._norm(x, self.norm))  # (B, vocab)
 
-    def _norm(self, x: torch.Tensor, weight: np.ndarray) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm of float32 rows (N, C)."""
-        return torch.from_numpy(rms_norm(x.contiguous().numpy(), weight, self._eps))
+        if self.numba:
+            return torch.from_numpy(rms_norm(x.contiguous().numpy(), weight.numpy(), self._eps))
+        return F.rms_norm(x, (x.shape[-1],), weight, float(self._eps))
+
+    def _attend(self, layer: int, qkv: torch.Tensor, slots: np.ndarray, rows: np.ndarray, b: int) -> torch.Tensor:
+        """The torch ops of the attention kernel: rotation, the cache write, then attention of the decode rows
+        (slots 0..b-1, each over its own positions) and of the chunk's rows (one slot, causal): (N, Q)."""
+        c = self.config
+        n, heads, kv_heads, dim = qkv.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        positions, at = torch.from_numpy(rows).to(self.device), torch.from_numpy(slots).to(self.device)
+        rotated = qkv[:, : (heads + kv_heads) * dim].view(n, heads + kv_heads, dim)
+        cos, sin = self._cos_t[positions].unsqueeze(1), self._sin_t[positions].unsqueeze(1)  # (N, 1, D)
+        rotated = rotated * cos + rotated.roll(dim // 2, -1) * sin  # rotate-half; the sign lives in the table
+        q, k = rotated[:, :heads].to(self.dtype), rotated[:, heads:]
+        cache = self.kv_cache[layer]  # (2, S, K, P, D)
+        cache[0, at, :, positions] = k.to(cache.dtype)  # (N, K, D) at each row's slot and position
+        cache[1, at, :, positions] = qkv[:, (heads + kv_heads) * dim :].view(n, kv_heads, dim).to(cache.dtype)
+        out = torch.empty(n, heads, dim, dtype=self.dtype, device=self.device)
+        if b:
+            length = int(rows[:b].max()) + 1
+            visible = torch.arange(length, device=self.device) <= positions[:b, None]  # (B, L)
+            out[:b] = F.scaled_dot_product_attention(
+                q[:b].unsqueeze(2), cache[0, :b, :, :length], cache[1, :b, :, :length],
+                attn_mask=visible[:, None, None], enable_gqa=True,
+            ).squeeze(2)  # fmt: skip
+        if n > b:
+            slot, end = int(slots[b]), int(rows[-1]) + 1
+            keys, values = cache[:, slot : slot + 1, :, :end]  # (1, K, end, D)
+            visible = torch.arange(end, device=self.device) <= positions[b:, None]  # (T, end): causal
+            out[b:] = F.scaled_dot_product_attention(
+                q[b:].transpose(0, 1).unsqueeze(0), keys, values, attn_mask=visible[None, None], enable_gqa=True
+            )[0].transpose(0, 1)
+        return out.reshape(n, heads * dim).float()

@@ -59,7 +59,11 @@ class TorchBackend:
         self.settings = settings
 
     def load(self, model_dir: Path) -> TorchRunner | LlamaRunner:
-        """The batched Llama runner where it applies (CPU, Llama family), else transformers' own model."""
+        """The batched Llama runner where it applies (Llama family), else transformers' own model.
+
+        On CPU the runner uses its numba kernels and the quantization asked for; on CUDA the torch ops path in
+        the model dtype (bfloat16 by default), unquantized: the CPU's int4 and int8 kernels do not run there.
+        """
         s = self.settings
         if s.threads:
             torch.set_num_threads(s.threads)  # per thread under OpenMP: set here, on the thread the model runs on
@@ -68,14 +72,15 @@ class TorchBackend:
         if config is None and s.engine == "batched":
             raw = json.loads((model_dir / "config.json").read_text())
             log.info("the batched runner does not implement %s: serving with transformers' model", unsupported(raw))
-        if config is not None and s.engine == "batched" and self.device.type == "cpu":
+        if config is not None and s.engine == "batched":
             return LlamaRunner(
                 model_dir,
                 config,
                 dtype=self._dtype,
-                quantization=s.quantization,
+                quantization=s.quantization if self.device.type == "cpu" else "none",
                 slots=s.max_running + s.prefix_cache_slots,
                 max_len=s.max_model_len or min(2048, config.max_position_embeddings),
+                device=self.device,
             )
         from transformers import AutoModelForCausalLM  # 1.7 s of imports the batched runner never needs
 

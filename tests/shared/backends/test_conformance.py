@@ -12,6 +12,7 @@ from typing import Literal, cast
 
 import numpy as np
 import pytest
+import torch
 
 from shared.backends import BatchRunner, ModelRunner, select_backend
 from shared.catalog import ModelCatalog
@@ -137,3 +138,50 @@ def test_reduced_precisions_stay_within_the_stated_tolerance(
                 top2 = np.sort(want_logits[i])[-2:]
                 assert top2[1] - top2[0] < FAST_NEAR_TIE, f"token {i} differs without a near tie: {want} vs {got}"
                 break
+
+
+def test_the_device_agnostic_path_gives_the_cpu_kernels_tokens(
+    catalog: ModelCatalog, reference: ModelRunner, smol: GenerationModel
+) -> None:
+    """The torch ops path (what CUDA runs) on the CPU, float32: transformers' tokens, and the numba path's."""
+    from shared.backends.llama import LlamaConfig, LlamaRunner
+
+    path = model_dir(catalog)
+    config = LlamaConfig.from_dir(path)
+    assert config is not None
+    runners = {
+        kernels: LlamaRunner(
+            path, config, dtype=torch.float32, quantization="none", slots=4, max_len=256, kernels=kernels
+        )
+        for kernels in ("torch", "numba")
+    }
+    assert not runners["torch"].numba and runners["numba"].numba
+    for messages in PROMPTS:
+        prompt = smol.encode_chat(messages)
+        want = greedy(reference, prompt, TOKENS)[0]
+        assert greedy(runners["torch"], prompt, TOKENS)[0] == want
+        assert greedy(runners["numba"], prompt, TOKENS)[0] == want
+
+
+def test_the_device_agnostic_path_batched_equals_unbatched(catalog: ModelCatalog, smol: GenerationModel) -> None:
+    """Three prompts of different lengths decoded together as rows of one step, and each alone: same tokens."""
+    from shared.backends.llama import LlamaConfig, LlamaRunner
+
+    path = model_dir(catalog)
+    config = LlamaConfig.from_dir(path)
+    assert config is not None
+    runner = LlamaRunner(path, config, dtype=torch.float32, quantization="none", slots=3, max_len=256, kernels="torch")
+    prompts = [smol.encode_chat(messages) for messages in PROMPTS]
+    alone = [greedy(runner, prompt, TOKENS)[0] for prompt in prompts]
+
+    logits = [runner.prefill(slot, prompt, 0) for slot, prompt in enumerate(prompts)]
+    positions = [len(prompt) for prompt in prompts]
+    together: list[list[int]] = [[] for _ in prompts]
+    for _ in range(TOKENS):
+        tokens = [int(np.argmax(row)) for row in logits]
+        for out, token in zip(together, tokens, strict=True):
+            out.append(token)
+        logits = list(runner.decode(tokens, positions))
+        positions = [p + 1 for p in positions]
+
+    assert together == alone
