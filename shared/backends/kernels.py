@@ -33,6 +33,7 @@ def attention(
     v: np.ndarray,
     out: np.ndarray,
     scale: np.float32,
+    window: int,
 ) -> None:
     """Rotary embedding, the cache write and causal attention of one step's rows, decode and prompt alike.
 
@@ -40,8 +41,9 @@ def attention(
     heads, then K value heads. Row r is a token of the sequence in cache slot slots[r] at position
     positions[r]; rows of one sequence (a prompt chunk) come in position order. First every row's key and value
     are rotated and stored at its position of k, v: (S, K, P, D), one layer's cache; then each row's query
-    heads attend over positions 0..positions[r] of its slot. out: (N, H * D). Query head h reads kv head
-    h // (H / K). cos, signed_sin: (P, D), the rotate-half tables (see llama.rotate).
+    heads attend over positions 0..positions[r] of its slot, or only the last `window` of them when window > 0
+    (a sliding-window layer). out: (N, H * D). Query head h reads kv head h // (H / K). cos, signed_sin: (P, D),
+    the rotate-half tables: x * cos + (x2, x1) * signed_sin.
 
     A row's result is computed by the same loops in the same order whatever else is in the call, so a token
     gets the same bits as a decode row, inside a prompt chunk of any length, or after a reused prefix.
@@ -66,7 +68,8 @@ def attention(
         r = task // kv_heads
         h = task - r * kv_heads
         slot, pos = slots[r], positions[r]
-        n = pos + 1
+        first = max(0, pos - window + 1) if window > 0 else 0
+        n = pos + 1 - first
         q = np.empty((group, dim), np.float32)
         for g in range(group):
             query = (h * group + g) * dim
@@ -79,7 +82,7 @@ def attention(
             for g in range(group):
                 acc = np.float32(0.0)
                 for d in range(dim):
-                    acc += q[g, d] * k[slot, h, p, d]
+                    acc += q[g, d] * k[slot, h, first + p, d]
                 scores[g, p] = acc * scale
         for g in range(group):
             top = scores[g, 0]
@@ -97,7 +100,7 @@ def attention(
             for g in range(group):
                 w = scores[g, p]
                 for d in range(dim):
-                    acc_out[g, d] += w * v[slot, h, p, d]
+                    acc_out[g, d] += w * v[slot, h, first + p, d]
         for g in range(group):
             query = (h * group + g) * dim
             for d in range(dim):

@@ -10,6 +10,7 @@ Shapes: B batch, T new tokens, S slots, H query heads, K kv heads, D head dim, C
 from __future__ import annotations
 
 import json
+import logging
 import math
 import mmap
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from safetensors.torch import load_file
 from shared.backends import Chunk
 from shared.backends.kernels import attention, quantize_rows, rms_norm
 from shared.settings import Quantization
+
+log = logging.getLogger(__name__)
 
 INT4_GROUP = 32
 Kind = Literal["none", "int4", "int8", "int8-groups"]  # how one Linear stores its weight (see Linear)
@@ -45,38 +48,74 @@ class LlamaConfig:
     tie_word_embeddings: bool
     max_position_embeddings: int
     sliding_window: int | None = None  # the runner's context is capped to it: within it, attention is full
+    # Gemma 3 (model_type gemma3_text): each layer attends over its own window (None: every position) with its
+    # own rotary base; RMSNorm weights are offsets from 1; q and k are RMS-normed per head; the attention and
+    # MLP outputs are normed before the residual add; the embedding is scaled; the MLP is GELU (tanh).
+    gemma: bool = False
+    layer_windows: tuple[int | None, ...] = ()
+    layer_rope_thetas: tuple[float, ...] = ()
+    attention_scale: float | None = None  # None: head_dim ** -0.5
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> LlamaConfig | None:
-        """The config, or None when the checkpoint is not a plain Llama this file implements."""
+        """The config, or None when the checkpoint is not one this file implements."""
         c = json.loads((model_dir / "config.json").read_text())
         if unsupported(c) is not None:
             return None
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         heads = c["num_attention_heads"]
+        layers = c["num_hidden_layers"]
+        gemma = c["model_type"] == "gemma3_text"
+        common = {
+            "vocab_size": c["vocab_size"],
+            "hidden_size": c["hidden_size"],
+            "intermediate_size": c["intermediate_size"],
+            "num_layers": layers,
+            "num_heads": heads,
+            "num_kv_heads": c.get("num_key_value_heads", heads),
+            "head_dim": c.get("head_dim") or c["hidden_size"] // heads,
+            "rms_norm_eps": c.get("rms_norm_eps", 1e-6),
+            "tie_word_embeddings": c.get("tie_word_embeddings", gemma),
+            "max_position_embeddings": c.get("max_position_embeddings", 2048),
+        }
+        if gemma:
+            types = c["layer_types"]
+            return cls(
+                **common,
+                rope_theta=float(rope["full_attention"]["rope_theta"]),
+                gemma=True,
+                layer_windows=tuple(c["sliding_window"] if t == "sliding_attention" else None for t in types),
+                layer_rope_thetas=tuple(float(rope[t]["rope_theta"]) for t in types),
+                attention_scale=c["query_pre_attn_scalar"] ** -0.5,
+            )
+        theta = float(c.get("rope_theta", rope.get("rope_theta", 10000.0)))
         return cls(
-            vocab_size=c["vocab_size"],
-            hidden_size=c["hidden_size"],
-            intermediate_size=c["intermediate_size"],
-            num_layers=c["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=c.get("num_key_value_heads", heads),
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
-            tie_word_embeddings=c.get("tie_word_embeddings", False),
-            max_position_embeddings=c.get("max_position_embeddings", 2048),
+            **common,
+            rope_theta=theta,
             sliding_window=c.get("sliding_window")
             if c["model_type"] != "qwen2" or c.get("use_sliding_window")
             else None,
+            layer_windows=(None,) * layers,
+            layer_rope_thetas=(theta,) * layers,
         )
 
 
 def unsupported(c: dict[str, Any]) -> str | None:
     """What in a config.json this runner does not implement, or None. A field it ignored would compute wrong
     logits without a word, so such a checkpoint goes to transformers' own model instead."""
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     kind = c.get("model_type")
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if kind == "gemma3_text":
+        ropes = [rope.get(t, {}) for t in set(c.get("layer_types", []))] or [{"rope_type": "missing"}]
+        checks = [
+            (all(r.get("rope_type", "default") == "default" for r in ropes), f"rope scaling {rope!r}"),
+            (c.get("hidden_activation") == "gelu_pytorch_tanh", f"hidden_activation {c.get('hidden_activation')!r}"),
+            (c.get("attn_logit_softcapping") is None, "attn_logit_softcapping"),
+            (c.get("final_logit_softcapping") is None, "final_logit_softcapping"),
+            (not c.get("use_bidirectional_attention"), "use_bidirectional_attention"),
+            (not c.get("attention_bias"), "attention_bias"),
+        ]
+        return next((what for ok, what in checks if not ok), None)
     checks = [
         (kind in ("llama", "mistral", "qwen2"), f"model_type {kind!r}"),
         (rope.get("rope_type", rope.get("type", "default")) == "default", f"rope scaling {rope!r}"),
@@ -178,6 +217,15 @@ def quantize_groups4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return q, scale, lo
 
 
+def lossless_at_4_bits(weight: torch.Tensor) -> bool:
+    """Whether quantize_groups4 gives this weight back within a thousandth of a step: it is 4-bit groups of 32
+    already (a GGUF's Q4_0 or Q4_1), so int4 adds no rounding of its own. A Q4_K or Q6_K tensor, or float weights,
+    would round a second time."""
+    q, scale, lo = quantize_groups4(weight)
+    back = q.float() * scale.unsqueeze(-1) + lo.unsqueeze(-1)
+    return bool(((back - weight.float().reshape(back.shape)).abs() <= 1e-3 * scale.unsqueeze(-1)).all())
+
+
 def quantize_groups8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (N, K) to 8 bits in groups of 32 along K: q int8 (N, K/G, G) and d float32 (N, K/G), w = d * q.
 
@@ -238,11 +286,19 @@ def linear(
 ) -> Linear | MixedLinear:
     """A projection under the quantization asked for. The output head is kept at 8 bits where the layers take
     4: 4-bit logits moved the next-token distribution 50x further from the weights' own (KL 0.052 against
-    0.0010 nats over docs/engine.md, `python -m loadtests.faithfulness`), for 1 of a step's ~30 matmuls."""
+    0.0010 nats, `python -m loadtests.faithfulness`), for 1 of a step's ~30 matmuls."""
     four: Kind = "int8-groups" if head else "int4"
     if quantization == "mixed":
         return MixedLinear(weight, dtype, four, groups8)
+    if quantization == "auto":
+        raise ValueError("quantization 'auto' is resolved by the runner, per model")
     return Linear(weight, dtype, four if quantization == "int4" else quantization, groups8, device)
+
+
+def _visible(keys: torch.Tensor, queries: torch.Tensor, window: int) -> torch.Tensor:
+    """Which key positions each query position sees: causal, and within the last `window` when window > 0."""
+    seen = keys <= queries
+    return seen & (keys > queries - window) if window else seen
 
 
 def _copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -267,6 +323,32 @@ class Layer:
     o_bias: torch.Tensor | None = None
     gate_up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
+    # Gemma 3: per-head q and k norms, and norms of the attention and MLP outputs before the residual add
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None
+    mlp_out_norm: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Rope:
+    """One rotary base's tables, (P, D): x * cos + (x2, x1) * signed_sin is the rotate-half rotation."""
+
+    cos: torch.Tensor
+    signed_sin: torch.Tensor
+    cos_array: np.ndarray  # the same memory, for the numba kernel (CPU only; empty elsewhere)
+    sin_array: np.ndarray
+
+
+def _rope(theta: float, head_dim: int, length: int, device: torch.device, numba: bool) -> Rope:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # (P, D), the non-interleaved (rotate-half) layout
+    half = head_dim // 2
+    cos = angles.cos().to(device)
+    signed_sin = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], -1).to(device)
+    empty = np.empty(0, np.float32)
+    return Rope(cos, signed_sin, cos.numpy() if numba else empty, signed_sin.numpy() if numba else empty)
 
 
 class LlamaRunner:
@@ -298,7 +380,7 @@ class LlamaRunner:
         self.numba = (kernels or ("numba" if self.device.type == "cpu" else "torch")) == "numba"
         if self.numba and self.device.type != "cpu":
             raise ValueError("the numba kernels run on the CPU only")
-        if quantization != "none" and self.device.type != "cpu":
+        if quantization not in ("none", "auto") and self.device.type != "cpu":
             raise ValueError(f"quantization {quantization!r} runs on the CPU only; use 'none' on {self.device}")
         dev = self.device
         self.context_length = min(max_len, c.max_position_embeddings, c.sliding_window or max_len)
@@ -316,6 +398,13 @@ class LlamaRunner:
                 raise ValueError(f"biases on some of {names} but not all: not a layout this runner implements")
             return torch.cat([get(f"{n}.bias") for n in names]).float().to(dev)
 
+        if quantization == "auto":
+            matrices = [k for k in w if k.endswith("proj.weight")]
+            exact = all(w[k].shape[1] % INT4_GROUP == 0 and lossless_at_4_bits(w[k]) for k in matrices)
+            quantization = "int4" if exact and dev.type == "cpu" else "none"
+            log.info("quantization auto: %s (layer weights %s 4-bit groups already)", quantization,
+                     "are" if exact else "are not")  # fmt: skip
+        self.quantization = quantization
         embed = get("embed_tokens.weight")
         groups = quantize_groups8(embed) if quantization != "none" else None
         self.embed = Embedding(embed, dtype, groups, dev)
@@ -323,25 +412,43 @@ class LlamaRunner:
             self.lm_head = linear(embed, dtype, quantization, head=True, groups8=groups, device=dev)
         else:
             self.lm_head = linear(w["lm_head.weight"], dtype, quantization, head=True, device=dev)
-        self.norm = _copy(get("norm.weight"), dev)
+        offset = 1.0 if c.gemma else 0.0  # Gemma's RMSNorm weights are stored as w - 1
+
+        def norm(name: str) -> torch.Tensor:
+            return _copy(get(name), dev) + offset
+
+        self.norm = norm("norm.weight")
         self._eps = np.float32(c.rms_norm_eps)
         self.layers = []
         for i in range(c.num_layers):
             p = f"layers.{i}."
             qkv = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
             gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+            gemma = (
+                {
+                    "q_norm": norm(p + "self_attn.q_norm.weight"),
+                    "k_norm": norm(p + "self_attn.k_norm.weight"),
+                    "attn_out_norm": norm(p + "post_attention_layernorm.weight"),
+                    "mlp_out_norm": norm(p + "post_feedforward_layernorm.weight"),
+                }
+                if c.gemma
+                else {}
+            )
             self.layers.append(
                 Layer(
-                    attn_norm=_copy(get(p + "input_layernorm.weight"), dev),
+                    attn_norm=norm(p + "input_layernorm.weight"),
                     qkv=linear(qkv, dtype, quantization, device=dev),
                     o=linear(get(p + "self_attn.o_proj.weight"), dtype, quantization, device=dev),
-                    mlp_norm=_copy(get(p + "post_attention_layernorm.weight"), dev),
+                    mlp_norm=norm(
+                        p + ("pre_feedforward_layernorm" if c.gemma else "post_attention_layernorm") + ".weight"
+                    ),
                     gate_up=linear(gate_up, dtype, quantization, device=dev),
                     down=linear(get(p + "mlp.down_proj.weight"), dtype, quantization, device=dev),
                     qkv_bias=biases(*(p + f"self_attn.{n}_proj" for n in "qkv")),
                     o_bias=biases(p + "self_attn.o_proj"),
                     gate_up_bias=biases(p + "mlp.gate_proj", p + "mlp.up_proj"),
                     down_bias=biases(p + "mlp.down_proj"),
+                    **gemma,
                 )
             )
         # Keys and values of every layer, slot and position: (L, 2, S, K, P, D), float32 whatever the weights
@@ -358,15 +465,9 @@ class LlamaRunner:
             self.kv_cache = torch.from_numpy(self._kv_arrays)  # the same memory
         else:
             self.kv_cache = torch.zeros(shape, dtype=dtype, device=dev)
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
-        angles = torch.outer(torch.arange(self.context_length, dtype=torch.float32), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)  # (P, D), the non-interleaved (rotate-half) layout
-        half = c.head_dim // 2
-        # x * cos + (-x2, x1) * sin as x * cos + (x2, x1) * signed_sin: the sign lives in the table
-        self._cos_t = angles.cos().to(dev)
-        self._sin_t = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], -1).to(dev)
-        if self.numba:
-            self._cos, self._sin = self._cos_t.numpy(), self._sin_t.numpy()
+        ropes = {t: _rope(t, c.head_dim, self.context_length, dev, self.numba) for t in set(c.layer_rope_thetas)}
+        self._ropes = [ropes[t] for t in c.layer_rope_thetas]  # each layer's tables
+        self._embed_scale = float(np.float32(c.hidden_size**0.5)) if c.gemma else None  # as float32 weights get
         self.decode([0], [0])  # compiles the attention kernel now (or loads it from numba's cache), not on a request
 
     def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
@@ -411,9 +512,12 @@ class LlamaRunner:
         """
         c = self.config
         b, t = len(token_ids), len(chunk.token_ids) if chunk else 0
-        q_width, scale = c.num_heads * c.head_dim, np.float32(c.head_dim**-0.5)
+        n, q_width, k_width = b + t, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        scale = np.float32(c.attention_scale or c.head_dim**-0.5)
         x = self.embed(token_ids + (chunk.token_ids if chunk else []))
-        slots, rows = np.arange(b + t, dtype=np.int64), positions
+        if self._embed_scale is not None:
+            x = x * self._embed_scale
+        slots, rows = np.arange(n, dtype=np.int64), positions
         if chunk:
             slots[b:] = chunk.slot
             rows = np.concatenate([positions, np.arange(chunk.start, chunk.start + t, dtype=np.int64)])
@@ -421,15 +525,26 @@ class LlamaRunner:
             qkv = layer.qkv(self._norm(x, layer.attn_norm)).float()  # (N, Q+2KV)
             if layer.qkv_bias is not None:
                 qkv += layer.qkv_bias
+            if layer.q_norm is not None and layer.k_norm is not None:  # per head, before the rotation
+                qkv[:, :q_width] = self._norm(qkv[:, :q_width].reshape(-1, c.head_dim), layer.q_norm).view(n, -1)
+                k = qkv[:, q_width : q_width + k_width].reshape(-1, c.head_dim)
+                qkv[:, q_width : q_width + k_width] = self._norm(k, layer.k_norm).view(n, -1)
+            rope, window = self._ropes[i], c.layer_windows[i] or 0
             if self.numba:
-                attn = torch.empty(b + t, q_width)
+                attn = torch.empty(n, q_width)
                 cache_k, cache_v = self._kv_arrays[i]
-                attention(qkv.numpy(), self._cos, self._sin, slots, rows, cache_k, cache_v, attn.numpy(), scale)
+                attention(
+                    qkv.numpy(), rope.cos_array, rope.sin_array, slots, rows, cache_k, cache_v, attn.numpy(), scale,
+                    window,
+                )  # fmt: skip
             else:
-                attn = self._attend(i, qkv, slots, rows, b)
-            x = x + _biased(layer.o(attn), layer.o_bias)  # bfloat16 outputs add as float32
+                attn = self._attend(i, qkv, slots, rows, b, rope, window, float(scale))
+            out = _biased(layer.o(attn), layer.o_bias).float()  # bfloat16 outputs add as float32
+            x = x + (out if layer.attn_out_norm is None else self._norm(out, layer.attn_out_norm))
             gate, up = _biased(layer.gate_up(self._norm(x, layer.mlp_norm)), layer.gate_up_bias).chunk(2, -1)
-            x = x + _biased(layer.down(F.silu(gate) * up), layer.down_bias)
+            act = F.gelu(gate.float(), approximate="tanh") if c.gemma else F.silu(gate)
+            out = _biased(layer.down(act * up), layer.down_bias).float()
+            x = x + (out if layer.mlp_out_norm is None else self._norm(out, layer.mlp_out_norm))
         if chunk:
             x = torch.cat([x[:b], x[-1:]])  # a chunk samples its last position only
         return self.lm_head(self._norm(x, self.norm))  # (B, vocab)
@@ -440,14 +555,25 @@ class LlamaRunner:
             return torch.from_numpy(rms_norm(x.contiguous().numpy(), weight.numpy(), self._eps))
         return F.rms_norm(x, (x.shape[-1],), weight, float(self._eps))
 
-    def _attend(self, layer: int, qkv: torch.Tensor, slots: np.ndarray, rows: np.ndarray, b: int) -> torch.Tensor:
+    def _attend(
+        self,
+        layer: int,
+        qkv: torch.Tensor,
+        slots: np.ndarray,
+        rows: np.ndarray,
+        b: int,
+        rope: Rope,
+        window: int,
+        scale: float,
+    ) -> torch.Tensor:
         """The torch ops of the attention kernel: rotation, the cache write, then attention of the decode rows
-        (slots 0..b-1, each over its own positions) and of the chunk's rows (one slot, causal): (N, Q)."""
+        (slots 0..b-1, each over its own positions) and of the chunk's rows (one slot, causal): (N, Q). With
+        window > 0 a row sees only its last `window` positions."""
         c = self.config
         n, heads, kv_heads, dim = qkv.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         positions, at = torch.from_numpy(rows).to(self.device), torch.from_numpy(slots).to(self.device)
         rotated = qkv[:, : (heads + kv_heads) * dim].view(n, heads + kv_heads, dim)
-        cos, sin = self._cos_t[positions].unsqueeze(1), self._sin_t[positions].unsqueeze(1)  # (N, 1, D)
+        cos, sin = rope.cos[positions].unsqueeze(1), rope.signed_sin[positions].unsqueeze(1)  # (N, 1, D)
         rotated = rotated * cos + rotated.roll(dim // 2, -1) * sin  # rotate-half; the sign lives in the table
         q, k = rotated[:, :heads].to(self.dtype), rotated[:, heads:]
         cache = self.kv_cache[layer]  # (2, S, K, P, D)
@@ -456,16 +582,17 @@ class LlamaRunner:
         out = torch.empty(n, heads, dim, dtype=self.dtype, device=self.device)
         if b:
             length = int(rows[:b].max()) + 1
-            visible = torch.arange(length, device=self.device) <= positions[:b, None]  # (B, L)
+            visible = _visible(torch.arange(length, device=self.device), positions[:b, None], window)  # (B, L)
             out[:b] = F.scaled_dot_product_attention(
                 q[:b].unsqueeze(2), cache[0, :b, :, :length], cache[1, :b, :, :length],
-                attn_mask=visible[:, None, None], enable_gqa=True,
+                attn_mask=visible[:, None, None], enable_gqa=True, scale=scale,
             ).squeeze(2)  # fmt: skip
         if n > b:
             slot, end = int(slots[b]), int(rows[-1]) + 1
             keys, values = cache[:, slot : slot + 1, :, :end]  # (1, K, end, D)
-            visible = torch.arange(end, device=self.device) <= positions[b:, None]  # (T, end): causal
+            visible = _visible(torch.arange(end, device=self.device), positions[b:, None], window)  # (T, end)
             out[b:] = F.scaled_dot_product_attention(
-                q[b:].transpose(0, 1).unsqueeze(0), keys, values, attn_mask=visible[None, None], enable_gqa=True
-            )[0].transpose(0, 1)
+                q[b:].transpose(0, 1).unsqueeze(0), keys, values, attn_mask=visible[None, None], enable_gqa=True,
+                scale=scale,
+            )[0].transpose(0, 1)  # fmt: skip
         return out.reshape(n, heads * dim).float()

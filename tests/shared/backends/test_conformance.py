@@ -185,3 +185,30 @@ def test_the_device_agnostic_path_batched_equals_unbatched(catalog: ModelCatalog
         positions = [p + 1 for p in positions]
 
     assert together == alone
+
+
+def test_the_embedded_gemma_runs_batched_with_transformers_tokens(catalog: ModelCatalog) -> None:
+    """Gemma 3 270M on the batched runner (the default engine, auto quantization) gives transformers' own
+    greedy tokens, two prompts decoded as rows of one step."""
+    from shared.generation.model import load_tokenizer
+    from shared.sources import resolve_generation_model
+
+    path = resolve_generation_model(catalog.config("gemma-3-270m"), catalog.settings.cache_dir)
+    runner = select_backend(Settings(backend="cpu", max_model_len=256, max_running=2)).load(path)
+    reference = select_backend(Settings(backend="cpu", engine="simple")).load(path)
+    assert hasattr(runner, "decode") and not hasattr(reference, "decode")
+    tokenizer = load_tokenizer(path)
+    prompts = [tokenizer(text)["input_ids"] for text in ("The capital of France is", "def fibonacci(n):")]
+    want = [greedy(reference, prompt, TOKENS)[0] for prompt in prompts]
+
+    batch = cast(BatchRunner, runner)
+    logits = [batch.prefill(slot, prompt, 0) for slot, prompt in enumerate(prompts)]
+    positions = [len(prompt) for prompt in prompts]
+    got: list[list[int]] = [[], []]
+    for _ in range(TOKENS):
+        tokens = [int(np.argmax(row)) for row in logits]
+        for out, token in zip(got, tokens, strict=True):
+            out.append(token)
+        logits = list(batch.decode(tokens, positions))
+        positions = [p + 1 for p in positions]
+    assert got == want

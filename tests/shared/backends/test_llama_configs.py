@@ -1,12 +1,13 @@
 """Checkpoints the batched runner implements run through it and match transformers: Llama (with or without
-attention and MLP biases), Mistral (its sliding window caps the context), Qwen2 (q/k/v biases). Those with
-what it does not implement (another activation, rope scaling, another architecture) go to transformers' own
-model. Tiny models, randomly initialised from a config made here (no weights to download)."""
+attention and MLP biases), Mistral (its sliding window caps the context), Qwen2 (q/k/v biases), Gemma 3 (per-layer
+sliding windows and rotary bases, q/k norms, output norms, the scaled embedding). Those with what it does not
+implement (another activation, rope scaling, another architecture) go to transformers' own model. Tiny models,
+randomly initialised from a config made here (no weights to download)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -77,8 +78,10 @@ def test_an_implemented_checkpoint_runs_batched_and_matches_transformers(
         ("llama", {"hidden_act": "gelu"}),
         ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
         ("qwen3", {"head_dim": 8}),
+        ("gemma3_text", {"head_dim": 8, "final_logit_softcapping": 30.0}),
+        ("gemma3_text", {"head_dim": 8, "hidden_activation": "gelu"}),
     ],
-    ids=["gelu", "rope_scaling", "qwen3"],
+    ids=["gelu", "rope_scaling", "qwen3", "gemma3-softcapping", "gemma3-gelu"],
 )
 def test_what_the_runner_does_not_implement_goes_to_transformers(
     tmp_path: Path, model_type: str, overrides: dict[str, Any]
@@ -90,3 +93,36 @@ def test_what_the_runner_does_not_implement_goes_to_transformers(
     assert isinstance(runner, TorchRunner)
     logits = runner.forward(runner.new_cache(), TOKENS)
     assert np.allclose(np.asarray(logits), reference(model), atol=1e-5)
+
+
+GEMMA = {
+    "head_dim": 8,
+    "query_pre_attn_scalar": 16,
+    "sliding_window": 4,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+    },
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.mark.parametrize("kernels", ["numba", "torch"])
+def test_gemma3_runs_batched_and_matches_transformers(tmp_path: Path, kernels: Literal["numba", "torch"]) -> None:
+    """10 tokens through a window of 4 on the sliding layer: every Gemma 3 part counts (norms made non-zero)."""
+    model = tiny_model(tmp_path, "gemma3_text", **GEMMA)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):  # Gemma stores w - 1: zeros would hide a missing offset
+                torch.nn.init.normal_(param, std=0.5)
+    model.save_pretrained(tmp_path)
+    config = LlamaConfig.from_dir(tmp_path)
+    assert config is not None and config.gemma and config.layer_windows == (4, None)
+    runner = LlamaRunner(
+        tmp_path, config, dtype=torch.float32, quantization="none", slots=2, max_len=64, kernels=kernels
+    )
+    runner.prefill(1, TOKENS[:3], 0)  # a prompt cut into two chunks
+    runner.prefill(1, TOKENS[3:-1], 3)
+    logits = runner.decode([7, TOKENS[-1]], [0, len(TOKENS) - 1])[1]  # beside another sequence's first token
+    assert np.allclose(logits, reference(model), atol=1e-4)
