@@ -95,7 +95,7 @@ def measure(name: str, cmd: list[str], env: dict[str, str], port: int, model: st
             result.cold_start_s = time.perf_counter() - started
             result.rss_mb = rss_mb(proc.pid)
             return result
-        wait_ready(url, proc, timeout=600, path="/readiness")
+        wait_ready(url, proc, timeout=600, path="/health" if name == "llama-server" else "/readiness")
         _, stamps = stream_once(url, model, 8)
         result.cold_start_s = stamps[0] - started
         result.rss_mb = rss_mb(proc.pid)

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows.append(row("float32", reference, seconds))
     if peer is not None:
-        rows.append(row("llama.cpp (Q4_1)", peer, float("nan")))
+        rows.append(row("llama.cpp", peer, float("nan")))
     for name in args.configs.split(","):
         quantization = "none" if name == "bfloat16" else name
         logp, took = distributions(quantization, torch.bfloat16)

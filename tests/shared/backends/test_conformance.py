@@ -57,6 +57,20 @@ def greedy(runner: Runner, prompt: list[int], n: int) -> tuple[list[int], list[n
     return tokens, all_logits
 
 
+def greedy_rows(runner: BatchRunner, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Greedy tokens of several prompts, one per slot, decoded together as the rows of each step."""
+    logits = [runner.prefill(slot, prompt, 0) for slot, prompt in enumerate(prompts)]
+    positions = [len(prompt) for prompt in prompts]
+    out: list[list[int]] = [[] for _ in prompts]
+    for _ in range(n):
+        tokens = [int(np.argmax(row)) for row in logits]
+        for row, token in zip(out, tokens, strict=True):
+            row.append(token)
+        logits = list(runner.decode(tokens, positions))
+        positions = [p + 1 for p in positions]
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference(catalog: ModelCatalog) -> ModelRunner:
     """transformers' own Llama on torch CPU, float32: what every other path must reproduce."""
@@ -173,18 +187,7 @@ def test_the_device_agnostic_path_batched_equals_unbatched(catalog: ModelCatalog
     runner = LlamaRunner(path, config, dtype=torch.float32, quantization="none", slots=3, max_len=256, kernels="torch")
     prompts = [smol.encode_chat(messages) for messages in PROMPTS]
     alone = [greedy(runner, prompt, TOKENS)[0] for prompt in prompts]
-
-    logits = [runner.prefill(slot, prompt, 0) for slot, prompt in enumerate(prompts)]
-    positions = [len(prompt) for prompt in prompts]
-    together: list[list[int]] = [[] for _ in prompts]
-    for _ in range(TOKENS):
-        tokens = [int(np.argmax(row)) for row in logits]
-        for out, token in zip(together, tokens, strict=True):
-            out.append(token)
-        logits = list(runner.decode(tokens, positions))
-        positions = [p + 1 for p in positions]
-
-    assert together == alone
+    assert greedy_rows(runner, prompts, TOKENS) == alone
 
 
 def test_the_embedded_gemma_runs_batched_with_transformers_tokens(catalog: ModelCatalog) -> None:
@@ -201,14 +204,4 @@ def test_the_embedded_gemma_runs_batched_with_transformers_tokens(catalog: Model
     prompts = [tokenizer(text)["input_ids"] for text in ("The capital of France is", "def fibonacci(n):")]
     want = [greedy(reference, prompt, TOKENS)[0] for prompt in prompts]
 
-    batch = cast(BatchRunner, runner)
-    logits = [batch.prefill(slot, prompt, 0) for slot, prompt in enumerate(prompts)]
-    positions = [len(prompt) for prompt in prompts]
-    got: list[list[int]] = [[], []]
-    for _ in range(TOKENS):
-        tokens = [int(np.argmax(row)) for row in logits]
-        for out, token in zip(got, tokens, strict=True):
-            out.append(token)
-        logits = list(batch.decode(tokens, positions))
-        positions = [p + 1 for p in positions]
-    assert got == want
+    assert greedy_rows(cast(BatchRunner, runner), prompts, TOKENS) == want
