@@ -402,8 +402,8 @@ class LlamaRunner:
             matrices = [k for k in w if k.endswith("proj.weight")]
             exact = all(w[k].shape[1] % INT4_GROUP == 0 and lossless_at_4_bits(w[k]) for k in matrices)
             quantization = "int4" if exact and dev.type == "cpu" else "none"
-            log.info("quantization auto: %s (layer weights %s 4-bit groups already)", quantization,
-                     "are" if exact else "are not")  # fmt: skip
+            state = "are" if exact else "are not"
+            log.info("quantization auto: %s (layer weights %s 4-bit groups already)", quantization, state)
         self.quantization = quantization
         embed = get("embed_tokens.weight")
         groups = quantize_groups8(embed) if quantization != "none" else None
