@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 INT4_GROUP = 32
 Kind = Literal["none", "int4", "int8", "int8-groups"]  # how one Linear stores its weight (see Linear)
 Groups8 = tuple[torch.Tensor, torch.Tensor]  # quantize_groups8's (q, d)
+Groups4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # quantize_groups4's (q, scale, minimum)
 MIXED_ROWS = 8  # mixed: from this many rows int8 beats int4 here (16.3 vs 16.0 ms a step at 8, 22 vs 28 at 16)
 
 
@@ -146,16 +147,17 @@ class Linear:
         quantization: Kind,
         groups8: Groups8 | None = None,
         device: torch.device | None = None,
+        groups4: Groups4 | None = None,
     ) -> None:
-        """groups8: quantize_groups8(weight) where the caller has it already (a tied embedding). device: where
-        dense weights live (the quantized kinds are CPU kernels)."""
+        """groups8, groups4: quantize_groups8(weight) or quantize_groups4(weight) where the caller has them already
+        (a tied embedding; auto's check). device: where dense weights live (the quantized kinds are CPU kernels)."""
         self.out_features, self.in_features = weight.shape
         self.quantization = quantization
         if quantization in ("int4", "int8-groups") and self.in_features % INT4_GROUP:
             self.quantization = "none"
         if self.quantization == "int4":
             # Asymmetric 4-bit per group: w = (q - 8) * scale + zero, q in 0..15 (torch's int4pack layout).
-            q, scale, lo = (t.unsqueeze(-1) for t in quantize_groups4(weight))
+            q, scale, lo = (t.unsqueeze(-1) for t in groups4 or quantize_groups4(weight))
             self.planes = [_int4_plane(q.to(torch.int32).reshape(self.out_features, -1), scale, lo + 8 * scale)]
             self.dtype = torch.bfloat16
         elif self.quantization == "int8-groups":
@@ -217,13 +219,13 @@ def quantize_groups4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return q, scale, lo
 
 
-def lossless_at_4_bits(weight: torch.Tensor) -> bool:
-    """Whether quantize_groups4 gives this weight back within a thousandth of a step: it is 4-bit groups of 32
-    already (a GGUF's Q4_0 or Q4_1), so int4 adds no rounding of its own. A Q4_K or Q6_K tensor, or float weights,
-    would round a second time."""
-    q, scale, lo = quantize_groups4(weight)
-    back = q.float() * scale.unsqueeze(-1) + lo.unsqueeze(-1)
-    return bool(((back - weight.float().reshape(back.shape)).abs() <= 1e-3 * scale.unsqueeze(-1)).all())
+def lossless_at_4_bits(weight: torch.Tensor, groups: Groups4) -> bool:
+    """Whether its quantize_groups4 groups give this weight back within a thousandth of a step: it is 4-bit groups
+    of 32 already (a GGUF's Q4_0 or Q4_1), so int4 adds no rounding of its own. A Q4_K or Q6_K tensor, or float
+    weights, would round a second time."""
+    q, scale, lo = groups
+    error = q.float().mul_(scale.unsqueeze(-1)).add_(lo.unsqueeze(-1)).sub_(weight.float().reshape(q.shape)).abs_()
+    return bool((error <= 1e-3 * scale.unsqueeze(-1)).all())
 
 
 def quantize_groups8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,6 +285,7 @@ def linear(
     head: bool = False,
     groups8: Groups8 | None = None,
     device: torch.device | None = None,
+    groups4: Groups4 | None = None,
 ) -> Linear | MixedLinear:
     """A projection under the quantization asked for. The output head is kept at 8 bits where the layers take
     4: 4-bit logits moved the next-token distribution 50x further from the weights' own (KL 0.052 against
@@ -292,7 +295,7 @@ def linear(
         return MixedLinear(weight, dtype, four, groups8)
     if quantization == "auto":
         raise ValueError("quantization 'auto' is resolved by the runner, per model")
-    return Linear(weight, dtype, four if quantization == "int4" else quantization, groups8, device)
+    return Linear(weight, dtype, four if quantization == "int4" else quantization, groups8, device, groups4)
 
 
 def _visible(keys: torch.Tensor, queries: torch.Tensor, window: int) -> torch.Tensor:
@@ -398,10 +401,18 @@ class LlamaRunner:
                 raise ValueError(f"biases on some of {names} but not all: not a layout this runner implements")
             return torch.cat([get(f"{n}.bias") for n in names]).float().to(dev)
 
+        groups4: dict[str, Groups4] = {}  # auto's check: each projection's 4-bit groups, kept for packing
         if quantization == "auto":
-            matrices = [k for k in w if k.endswith("proj.weight")]
-            exact = all(w[k].shape[1] % INT4_GROUP == 0 and lossless_at_4_bits(w[k]) for k in matrices)
-            quantization = "int4" if exact and dev.type == "cpu" else "none"
+            exact = dev.type == "cpu"
+            for k in (k for k in w if k.endswith("proj.weight")):
+                if not exact or w[k].shape[1] % INT4_GROUP:
+                    exact = False
+                    break
+                groups4[k] = quantize_groups4(w[k])
+                exact = lossless_at_4_bits(w[k], groups4[k])
+            quantization = "int4" if exact else "none"
+            if not exact:
+                groups4.clear()
             state = "are" if exact else "are not"
             log.info("quantization auto: %s (layer weights %s 4-bit groups already)", quantization, state)
         self.quantization = quantization
@@ -417,13 +428,19 @@ class LlamaRunner:
         def norm(name: str) -> torch.Tensor:
             return _copy(get(name), dev) + offset
 
+        def project(*names: str) -> Linear | MixedLinear:
+            """The named projections, concatenated along their outputs, under the quantization."""
+            keys = [f"model.{n}.weight" if f"model.{n}.weight" in w else f"{n}.weight" for n in names]
+            weight = torch.cat([w[k] for k in keys]) if len(keys) > 1 else w[keys[0]]
+            found = [groups4[k] for k in keys if k in groups4]
+            groups = tuple(torch.cat(parts) for parts in zip(*found, strict=True)) if found else None
+            return linear(weight, dtype, quantization, device=dev, groups4=groups)  # type: ignore[arg-type]
+
         self.norm = norm("norm.weight")
         self._eps = np.float32(c.rms_norm_eps)
         self.layers = []
         for i in range(c.num_layers):
             p = f"layers.{i}."
-            qkv = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-            gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
             gemma = (
                 {
                     "q_norm": norm(p + "self_attn.q_norm.weight"),
@@ -437,13 +454,13 @@ class LlamaRunner:
             self.layers.append(
                 Layer(
                     attn_norm=norm(p + "input_layernorm.weight"),
-                    qkv=linear(qkv, dtype, quantization, device=dev),
-                    o=linear(get(p + "self_attn.o_proj.weight"), dtype, quantization, device=dev),
+                    qkv=project(*(p + f"self_attn.{n}_proj" for n in "qkv")),
+                    o=project(p + "self_attn.o_proj"),
                     mlp_norm=norm(
                         p + ("pre_feedforward_layernorm" if c.gemma else "post_attention_layernorm") + ".weight"
                     ),
-                    gate_up=linear(gate_up, dtype, quantization, device=dev),
-                    down=linear(get(p + "mlp.down_proj.weight"), dtype, quantization, device=dev),
+                    gate_up=project(p + "mlp.gate_proj", p + "mlp.up_proj"),
+                    down=project(p + "mlp.down_proj"),
                     qkv_bias=biases(*(p + f"self_attn.{n}_proj" for n in "qkv")),
                     o_bias=biases(p + "self_attn.o_proj"),
                     gate_up_bias=biases(p + "mlp.gate_proj", p + "mlp.up_proj"),
@@ -539,12 +556,12 @@ class LlamaRunner:
                 )  # fmt: skip
             else:
                 attn = self._attend(i, qkv, slots, rows, b, rope, window, float(scale))
-            out = _biased(layer.o(attn), layer.o_bias).float()  # bfloat16 outputs add as float32
-            x = x + (out if layer.attn_out_norm is None else self._norm(out, layer.attn_out_norm))
+            out = _biased(layer.o(attn), layer.o_bias)  # bfloat16 outputs add as float32
+            x = x + (out if layer.attn_out_norm is None else self._norm(out.float(), layer.attn_out_norm))
             gate, up = _biased(layer.gate_up(self._norm(x, layer.mlp_norm)), layer.gate_up_bias).chunk(2, -1)
             act = F.gelu(gate.float(), approximate="tanh") if c.gemma else F.silu(gate)
-            out = _biased(layer.down(act * up), layer.down_bias).float()
-            x = x + (out if layer.mlp_out_norm is None else self._norm(out, layer.mlp_out_norm))
+            out = _biased(layer.down(act * up), layer.down_bias)
+            x = x + (out if layer.mlp_out_norm is None else self._norm(out.float(), layer.mlp_out_norm))
         if chunk:
             x = torch.cat([x[:b], x[-1:]])  # a chunk samples its last position only
         return self.lm_head(self._norm(x, self.norm))  # (B, vocab)
