@@ -15,15 +15,20 @@ from shared.catalog import ModelCatalog
 from tests.shared.backends.test_conformance import model_dir
 
 
+def smol(catalog: ModelCatalog, dtype: torch.dtype, quantization: str, slots: int, max_len: int) -> LlamaRunner:
+    """The batched runner on the embedded SmolLM2."""
+    path = model_dir(catalog)
+    config = LlamaConfig.from_dir(path)
+    assert config is not None
+    return LlamaRunner(path, config, dtype=dtype, quantization=quantization, slots=slots, max_len=max_len)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("quantization", ["int4", "int8"])
 def test_quantized_logits_of_a_row_do_not_depend_on_its_batch(
     catalog: ModelCatalog, quantization: Literal["int4", "int8"]
 ) -> None:
     """int4 and int8 decode a sequence to the same bits alone and as one of 16 rows of different lengths."""
-    path = model_dir(catalog)
-    config = LlamaConfig.from_dir(path)
-    assert config is not None
-    runner = LlamaRunner(path, config, dtype=torch.bfloat16, quantization=quantization, slots=17, max_len=256)
+    runner = smol(catalog, torch.bfloat16, quantization, 17, 256)
     lengths = [20 + 7 * i for i in range(16)]
     for slot, length in enumerate(lengths):
         runner.prefill(slot, list(range(100 + slot, 100 + slot + length)), 0)
@@ -39,10 +44,7 @@ def test_quantized_logits_of_a_row_do_not_depend_on_its_batch(
 
 def test_a_prompt_chunk_riding_along_a_decode_step_changes_nothing(catalog: ModelCatalog) -> None:
     """int8: one pass with 4 decode rows and a 30-token chunk gives the bits of the two passes apart."""
-    path = model_dir(catalog)
-    config = LlamaConfig.from_dir(path)
-    assert config is not None
-    runner = LlamaRunner(path, config, dtype=torch.float32, quantization="int8", slots=6, max_len=256)
+    runner = smol(catalog, torch.float32, "int8", 6, 256)
     lengths = [12, 40, 25, 33]
     for slot, length in enumerate(lengths):
         runner.prefill(slot, list(range(200 + slot, 200 + slot + length)), 0)
@@ -63,14 +65,8 @@ def test_a_prompt_chunk_riding_along_a_decode_step_changes_nothing(catalog: Mode
 
 def test_mixed_runs_int4_for_a_few_rows_and_int8_from_eight(catalog: ModelCatalog) -> None:
     """Over the same cache, mixed gives int4's bits for one decode row and int8's for a step of 16 rows."""
-    path = model_dir(catalog)
-    config = LlamaConfig.from_dir(path)
-    assert config is not None
     lengths, tokens = [20 + 7 * i for i in range(16)], [7 + i for i in range(16)]
-    runners = {
-        q: LlamaRunner(path, config, dtype=torch.bfloat16, quantization=q, slots=16, max_len=256)
-        for q in ("int4", "int8", "mixed")
-    }
+    runners = {q: smol(catalog, torch.bfloat16, q, 16, 256) for q in ("int4", "int8", "mixed")}
     for slot, length in enumerate(lengths):
         runners["int8"].prefill(slot, list(range(100 + slot, 100 + slot + length)), 0)
     cache = runners["int8"].kv_cache.clone()
@@ -86,10 +82,7 @@ def test_mixed_runs_int4_for_a_few_rows_and_int8_from_eight(catalog: ModelCatalo
 
 
 def test_a_step_past_the_cache_is_refused(catalog: ModelCatalog) -> None:
-    path = model_dir(catalog)
-    config = LlamaConfig.from_dir(path)
-    assert config is not None
-    runner = LlamaRunner(path, config, dtype=torch.float32, quantization="none", slots=2, max_len=64)
+    runner = smol(catalog, torch.float32, "none", 2, 64)
     with pytest.raises(ValueError, match="past the KV cache"):
         runner.decode([5], [64])
     with pytest.raises(ValueError, match="past the KV cache"):
@@ -112,14 +105,12 @@ def _resident_bytes(address: int) -> int:
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
 def test_the_kv_cache_takes_memory_only_for_positions_in_use(catalog: ModelCatalog) -> None:
     """32 slots of 2048 positions are 2.8 GiB of address space; one 100-token prompt makes a few MB of it resident."""
-    path = model_dir(catalog)
-    config = LlamaConfig.from_dir(path)
-    assert config is not None
-    runner = LlamaRunner(path, config, dtype=torch.bfloat16, quantization="int4", slots=32, max_len=2048)
+    runner = smol(catalog, torch.bfloat16, "int4", 32, 2048)
     runner.prefill(3, list(range(100, 200)), 0)
     cache = runner.kv_cache
     size = cache.numel() * cache.element_size()
     resident = _resident_bytes(cache.data_ptr())
+    config = runner.config
     per_position = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
     assert size > 2 * 2**30
     assert 100 * per_position <= resident < 4 * 100 * per_position + (1 << 20)  # pages round each (layer, head) up
@@ -132,11 +123,8 @@ def test_a_quantized_runner_keeps_no_float32_checkpoint_in_memory(catalog: Model
     """The checkpoint is memory-mapped while the weights are packed; nothing may keep it (540 MB for SmolLM2)."""
     import gc
 
-    path = model_dir(catalog)
-    config = LlamaConfig.from_dir(path)
-    assert config is not None
-    runner = LlamaRunner(path, config, dtype=torch.bfloat16, quantization="int4", slots=2, max_len=64)
+    runner = smol(catalog, torch.bfloat16, "int4", 2, 64)
     gc.collect()
-    checkpoint = str(path / "model.safetensors")
+    checkpoint = str(model_dir(catalog) / "model.safetensors")
     assert not any(checkpoint in line for line in open("/proc/self/maps"))
-    assert runner.decode([5], [0]).shape == (1, config.vocab_size)
+    assert runner.decode([5], [0]).shape == (1, runner.config.vocab_size)
