@@ -1,0 +1,102 @@
+"""MLX batched (mlx-lm's batch cache behind the engine's BatchRunner) gives MLX unbatched's greedy tokens.
+
+mlx[cpu] runs the same numerics on Linux as Metal's kernels do on a Mac, slowly: these runs stay short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import Iterator
+from typing import Literal
+
+import pytest
+
+from shared.catalog import ModelCatalog
+from shared.generation.model import GenerationModel
+from shared.generation.params import SamplingParams
+from shared.settings import Settings
+from tests.shared.backends.test_conformance import PROMPTS, greedy, greedy_rows
+
+pytestmark = [
+    pytest.mark.mlx,
+    pytest.mark.skipif(importlib.util.find_spec("mlx_lm") is None, reason="mlx-lm is not installed"),
+]
+
+
+def mlx_catalog(engine: Literal["batched", "simple"]) -> ModelCatalog:
+    # A small chunk makes the engine prefill each prompt in pieces, with other sequences' rows as placeholders.
+    return ModelCatalog(
+        Settings(backend="mlx", engine=engine, preload=[], max_running=3, prefill_chunk=16, prefix_cache_slots=2)
+    )
+
+
+@pytest.fixture(scope="module")
+def batched() -> Iterator[GenerationModel]:
+    catalog = mlx_catalog("batched")
+    yield catalog.generation("default")
+    catalog.close()
+
+
+@pytest.fixture(scope="module")
+def simple() -> Iterator[GenerationModel]:
+    catalog = mlx_catalog("simple")
+    yield catalog.generation("default")
+    catalog.close()
+
+
+def test_the_batched_runner_serves_llama_family_models(batched: GenerationModel, simple: GenerationModel) -> None:
+    from shared.backends.mlx_backend import MLXBatchRunner, MLXRunner
+
+    assert isinstance(batched.runner, MLXBatchRunner)
+    assert isinstance(simple.runner, MLXRunner)
+
+
+def test_rows_decoded_together_equal_each_alone(batched: GenerationModel, simple: GenerationModel) -> None:
+    """Three prompts of different lengths as rows of one step (left-padded in mlx-lm's batch cache): the
+    per-sequence runner's tokens, and the batch runner's own for each prompt alone."""
+    from shared.backends.mlx_backend import MLXBatchRunner
+
+    runner = batched.runner
+    assert isinstance(runner, MLXBatchRunner)
+    prompts = [batched.encode_chat(messages) for messages in PROMPTS]
+    alone = [greedy(simple.runner, prompt, 10)[0] for prompt in prompts]
+    assert [greedy(runner, prompt, 10)[0] for prompt in prompts] == alone
+    assert greedy_rows(runner, prompts, 10) == alone
+
+
+async def _generate(model: GenerationModel, prompts: list[list[int]], params: SamplingParams) -> list[str]:
+    async def one(prompt: list[int]) -> str:
+        return "".join([step.text async for step in model.generate(prompt, params)])
+
+    return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def test_the_engine_batches_on_mlx_as_it_steps_each_alone(batched: GenerationModel, simple: GenerationModel) -> None:
+    """Five requests through three running places: prompts prefilled in chunks beside decoding rows, sequences
+    joining and leaving the batch, and a repeated prompt taken from the prefix cache, all give the tokens of
+    the per-sequence engine."""
+    contents = [
+        "What is the capital of France?",
+        "Write a haiku about autumn leaves falling on a quiet river at dusk.",
+        "Name a colour.",
+        "What is the capital of France?",
+        "Explain in plain words how a bicycle stays upright while it is moving.",
+    ]
+    prompts = [batched.encode_chat([{"role": "user", "content": c}]) for c in contents]
+    assert max(len(p) for p in prompts) > 2 * 16
+    params = SamplingParams(temperature=0.0, max_tokens=10)
+    want = asyncio.run(_generate(simple, prompts, params))
+    assert asyncio.run(_generate(batched, prompts, params)) == want
+    assert batched.engine.stats.prefix_hits >= 1
+    assert want[0].startswith("The capital of France is Paris")
+
+
+def test_models_with_rotating_caches_step_each_sequence(catalog: ModelCatalog) -> None:
+    """Gemma 3's sliding layers use mlx-lm's rotating cache, which the batch runner does not take."""
+    from shared.backends import select_backend
+    from shared.backends.mlx_backend import MLXRunner
+    from shared.sources import resolve_generation_model
+
+    path = resolve_generation_model(catalog.config("gemma-3-270m"), catalog.settings.cache_dir)
+    assert isinstance(select_backend(Settings(backend="mlx")).load(path), MLXRunner)
