@@ -53,6 +53,7 @@ class LlamaConfig:
     # own rotary base; RMSNorm weights are offsets from 1; q and k are RMS-normed per head; the attention and
     # MLP outputs are normed before the residual add; the embedding is scaled; the MLP is GELU (tanh).
     gemma: bool = False
+    qk_norm: bool = False  # q and k RMS-normed per head before the rotation (Gemma 3, Qwen3)
     layer_windows: tuple[int | None, ...] = ()
     layer_rope_thetas: tuple[float, ...] = ()
     attention_scale: float | None = None  # None: head_dim ** -0.5
@@ -85,6 +86,7 @@ class LlamaConfig:
                 **common,
                 rope_theta=float(rope["full_attention"]["rope_theta"]),
                 gemma=True,
+                qk_norm=True,
                 layer_windows=tuple(c["sliding_window"] if t == "sliding_attention" else None for t in types),
                 layer_rope_thetas=tuple(float(rope[t]["rope_theta"]) for t in types),
                 attention_scale=c["query_pre_attn_scalar"] ** -0.5,
@@ -94,8 +96,9 @@ class LlamaConfig:
             **common,
             rope_theta=theta,
             sliding_window=c.get("sliding_window")
-            if c["model_type"] != "qwen2" or c.get("use_sliding_window")
+            if c["model_type"] not in ("qwen2", "qwen3") or c.get("use_sliding_window")
             else None,
+            qk_norm=c["model_type"] == "qwen3",
             layer_windows=(None,) * layers,
             layer_rope_thetas=(theta,) * layers,
         )
@@ -118,7 +121,7 @@ def unsupported(c: dict[str, Any]) -> str | None:
         ]
         return next((what for ok, what in checks if not ok), None)
     checks = [
-        (kind in ("llama", "mistral", "qwen2"), f"model_type {kind!r}"),
+        (kind in ("llama", "mistral", "qwen2", "qwen3"), f"model_type {kind!r}"),
         (rope.get("rope_type", rope.get("type", "default")) == "default", f"rope scaling {rope!r}"),
         (c.get("hidden_act", "silu") == "silu", f"hidden_act {c.get('hidden_act')!r}"),
         (c.get("pretraining_tp", 1) == 1, "pretraining_tp"),
@@ -441,16 +444,14 @@ class LlamaRunner:
         self.layers = []
         for i in range(c.num_layers):
             p = f"layers.{i}."
-            gemma = (
-                {
-                    "q_norm": norm(p + "self_attn.q_norm.weight"),
-                    "k_norm": norm(p + "self_attn.k_norm.weight"),
-                    "attn_out_norm": norm(p + "post_attention_layernorm.weight"),
-                    "mlp_out_norm": norm(p + "post_feedforward_layernorm.weight"),
-                }
-                if c.gemma
+            extra = (
+                {"q_norm": norm(p + "self_attn.q_norm.weight"), "k_norm": norm(p + "self_attn.k_norm.weight")}
+                if c.qk_norm
                 else {}
             )
+            if c.gemma:
+                extra["attn_out_norm"] = norm(p + "post_attention_layernorm.weight")
+                extra["mlp_out_norm"] = norm(p + "post_feedforward_layernorm.weight")
             self.layers.append(
                 Layer(
                     attn_norm=norm(p + "input_layernorm.weight"),
@@ -465,7 +466,7 @@ class LlamaRunner:
                     o_bias=biases(p + "self_attn.o_proj"),
                     gate_up_bias=biases(p + "mlp.gate_proj", p + "mlp.up_proj"),
                     down_bias=biases(p + "mlp.down_proj"),
-                    **gemma,
+                    **extra,
                 )
             )
         # Keys and values of every layer, slot and position: (L, 2, S, K, P, D), float32 whatever the weights

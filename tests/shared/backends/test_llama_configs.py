@@ -1,8 +1,8 @@
 """Checkpoints the batched runner implements run through it and match transformers: Llama (with or without
-attention and MLP biases), Mistral (its sliding window caps the context), Qwen2 (q/k/v biases), Gemma 3 (per-layer
-sliding windows and rotary bases, q/k norms, output norms, the scaled embedding). Those with what it does not
-implement (another activation, rope scaling, another architecture) go to transformers' own model. Tiny models,
-randomly initialised from a config made here (no weights to download)."""
+attention and MLP biases), Mistral (its sliding window caps the context), Qwen2 (q/k/v biases), Qwen3 (q/k
+norms), Gemma 3 (per-layer sliding windows and rotary bases, q/k norms, output norms, the scaled embedding).
+Those with what it does not implement (another activation, rope scaling, another architecture) go to
+transformers' own model. Tiny models, randomly initialised from a config made here (no weights to download)."""
 
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ def tiny_model(path: Path, model_type: str = "llama", **overrides: Any) -> PreTr
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **{**TINY, **overrides})
     model = AutoModelForCausalLM.from_config(config).eval()
-    if overrides.get("attention_bias") or overrides.get("mlp_bias") or model_type == "qwen2":
-        for name, param in model.named_parameters():  # biases start at zero: make them count
-            if name.endswith(".bias"):
-                torch.nn.init.normal_(param, std=0.5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # biases start at zero, q/k norms at one: make them count
+            if name.endswith(".bias") or name.endswith(("q_norm.weight", "k_norm.weight")):
+                torch.nn.init.normal_(param, mean=float(name.endswith("weight")), std=0.5)
     model.save_pretrained(path)
     return model
 
@@ -55,8 +55,9 @@ def reference(model: PreTrainedModel) -> np.ndarray:
         ("llama", {"attention_bias": True, "mlp_bias": True}),
         ("mistral", {"sliding_window": 16}),
         ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1_000_000.0}),
+        ("qwen3", {"head_dim": 8, "attention_bias": True}),
     ],
-    ids=["llama", "llama-biases", "mistral", "qwen2"],
+    ids=["llama", "llama-biases", "mistral", "qwen2", "qwen3"],
 )
 def test_an_implemented_checkpoint_runs_batched_and_matches_transformers(
     tmp_path: Path, model_type: str, overrides: dict[str, Any]
@@ -77,11 +78,11 @@ def test_an_implemented_checkpoint_runs_batched_and_matches_transformers(
     [
         ("llama", {"hidden_act": "gelu"}),
         ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
-        ("qwen3", {"head_dim": 8}),
+        ("qwen3", {"head_dim": 8, "hidden_act": "gelu"}),
         ("gemma3_text", {"head_dim": 8, "final_logit_softcapping": 30.0}),
         ("gemma3_text", {"head_dim": 8, "hidden_activation": "gelu"}),
     ],
-    ids=["gelu", "rope_scaling", "qwen3", "gemma3-softcapping", "gemma3-gelu"],
+    ids=["gelu", "rope_scaling", "qwen3-gelu", "gemma3-softcapping", "gemma3-gelu"],
 )
 def test_what_the_runner_does_not_implement_goes_to_transformers(
     tmp_path: Path, model_type: str, overrides: dict[str, Any]
