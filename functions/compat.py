@@ -62,7 +62,7 @@ class ChatResponse(BaseModel):
     message: ChatMessageOut
     model: str
     tokens_generated: int
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 def _sampling(request: GenerateRequest) -> dict[str, Any]:

@@ -133,6 +133,10 @@ class Settings(BaseSettings):
     max_messages: int = Field(default=1024, ge=1, description="messages per chat request")
     max_stop: int = Field(default=16, ge=0, description="stop strings per request")
     max_logit_bias: int = Field(default=300, ge=0, description="logit_bias entries per request")
+    max_schema_bytes: int = Field(
+        default=32 * 1024, ge=256, description="a response_format schema or a request's tools, as JSON"
+    )
+    grammar_timeout: float = Field(default=5.0, gt=0, description="seconds to compile a schema into its grammar")
     max_embedding_inputs: int = Field(default=2048, ge=1, description="inputs per embedding request")
     max_embedding_input_tokens: int = Field(
         default=8192, ge=1, description="tokens per embedding input (longer inputs than the model reads are truncated)"

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from shared.backends import BatchRunner, ModelRunner
 from shared.errors import ContextLengthExceededError, InvalidRequestError
+from shared.generation.constraint import Constraint, Grammars
 from shared.generation.engine import Engine, Stream
 from shared.generation.params import SamplingParams
 from shared.generation.sequence import Sequence
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 Message = dict[str, Any]
 
@@ -35,6 +39,8 @@ class GenerationModel:
         self.id = model_id
         self.tokenizer = load_tokenizer(model_dir)
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
+        # Constrained decoding's tokenizer adapter builds on its own thread while the weights load.
+        self.grammars = Grammars(self.tokenizer, self.eos_ids)
         # The engine loads the weights on its own thread (see Engine) and serves from there.
         self.engine = Engine(
             load, max_running=max_running, max_queue=max_queue, prefill_chunk=prefill_chunk, name=model_id
@@ -48,7 +54,12 @@ class GenerationModel:
     def has_chat_template(self) -> bool:
         return bool(self.tokenizer.chat_template)
 
-    def encode_chat(self, messages: list[Message]) -> list[int]:
+    @property
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template lays out a `tools` list itself (else the prompt format of docs/tools)."""
+        return "tools" in str(self.tokenizer.chat_template or "")
+
+    def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a conversation through the model's own chat template, ready for the reply."""
         if not self.has_chat_template:
             raise InvalidRequestError(
@@ -58,7 +69,12 @@ class GenerationModel:
                 code="chat_template_missing",
             )
         try:
-            ids: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids: Any = self.tokenizer.apply_chat_template(
+                messages,
+                tools=tools,  # type: ignore[arg-type]  # transformers types the list's items narrowly
+                add_generation_prompt=True,
+                tokenize=True,
+            )
         except Exception as exc:  # templates raise on conversations they do not support (jinja errors)
             raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc
         if isinstance(ids, dict) or hasattr(ids, "keys"):
@@ -72,8 +88,11 @@ class GenerationModel:
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
-    def sequence(self, prompt_ids: list[int], params: SamplingParams, param: str = "messages") -> Sequence:
-        """A sequence ready for the engine, after the context-length checks."""
+    def sequence(
+        self, prompt_ids: list[int], params: SamplingParams, param: str = "messages", grammar: LLMatcher | None = None
+    ) -> Sequence:
+        """A sequence ready for the engine, after the context-length checks; `grammar` (compiled by self.grammars)
+        constrains its output."""
         n = len(prompt_ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty", param=param)
@@ -97,7 +116,8 @@ class GenerationModel:
                 "prompt or max_tokens.",
                 param="max_tokens",
             )
-        return Sequence(prompt_ids, params, max_tokens, self.tokenizer, self.eos_ids)
+        constraint = Constraint(grammar, self.grammars.tokenizer().vocab_size) if grammar is not None else None
+        return Sequence(prompt_ids, params, max_tokens, self.tokenizer, self.eos_ids, constraint=constraint)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Stream:
         """Queue a generation now (OverloadedError at once when the queue is full); its steps to come."""

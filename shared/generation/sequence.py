@@ -7,6 +7,7 @@ from typing import Literal
 
 import numpy as np
 
+from shared.generation.constraint import Constraint
 from shared.generation.detokenizer import Decoder, IncrementalDetokenizer, StopMatcher
 from shared.generation.params import SamplingParams
 from shared.generation.sampling import log_softmax, make_logits_processor, make_sampler, top_logprobs
@@ -41,6 +42,7 @@ class Sequence:
     cancelled: bool = False
     finished: bool = False
     admitted_at: float | None = None  # perf_counter() when the engine took it into the running batch
+    constraint: Constraint | None = None  # a grammar the output must follow (structured outputs, tool calls)
 
     def __post_init__(self) -> None:
         self._process = make_logits_processor(self.params, self.prompt_ids, self.eos_ids)
@@ -51,9 +53,13 @@ class Sequence:
 
     def step(self, logits: np.ndarray) -> StepOutput:
         """Sample the next token from this step's logits and say what it adds to the text."""
-        processed = self._process(logits, self.output_ids)
+        processed = self._process(logits, self.output_ids)  # a copy: logprobs read the model's own logits
+        if self.constraint is not None:
+            self.constraint.mask(processed)
         token = self._sample(processed)
         self.output_ids.append(token)
+        if self.constraint is not None and token not in self._stop_ids:
+            self.constraint.advance(token)
         logprob, top = None, None
         if self.params.logprobs:
             lp = log_softmax(logits)  # the model's own distribution, as OpenAI reports it
@@ -67,6 +73,10 @@ class Sequence:
         else:
             text, hit = self._stops.feed(self._detok.add(token))
             if hit:
+                finish = "stop"
+            elif self.constraint is not None and self.constraint.finished:  # the grammar takes no more tokens
+                tail, _ = self._drain()
+                text += tail
                 finish = "stop"
             elif len(self.output_ids) >= self.max_tokens:
                 tail, hit = self._drain()

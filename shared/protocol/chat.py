@@ -10,6 +10,7 @@ from shared.errors import InvalidRequestError
 from shared.generation.params import SamplingParams
 from shared.protocol.common import OpenAIModel, StreamOptions, TokenLogprob, UsageInfo
 from shared.protocol.sampling import build_sampling_params
+from shared.protocol.structured import ToolPlan, response_format_grammar, tool_plan
 from shared.settings import Settings
 
 Number = StrictInt | StrictFloat
@@ -20,10 +21,23 @@ class TextContentPart(OpenAIModel):
     text: StrictStr
 
 
+class FunctionCall(OpenAIModel):
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as the model wrote it
+
+
+class ToolCall(OpenAIModel):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextContentPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages: the calls it made
+    tool_call_id: StrictStr | None = None  # tool messages: the call this is the result of
 
     def text(self) -> str:
         if self.content is None:
@@ -45,13 +59,14 @@ class ChatCompletionRequest(OpenAIModel):
     n: StrictInt | None = 1
     presence_penalty: Number | None = 0.0
     response_format: dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
     seed: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     temperature: Number | None = 1.0
     top_p: Number | None = 1.0
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None
     tool_choice: Any = None
     user: StrictStr | None = None
 
@@ -69,16 +84,32 @@ class ChatCompletionRequest(OpenAIModel):
             raise ValueError("messages must include at least one user or assistant message")
         return messages
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as chat templates expect them: plain text content; developer is OpenAI's newer system."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    @field_validator("messages")
+    @classmethod
+    def _tool_messages_answer_a_call(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        for m in messages:
+            if m.role == "tool" and m.content is None:
+                raise ValueError("a tool message must carry the tool's result as content")
+            if m.tool_calls is not None and m.role != "assistant":
+                raise ValueError("only assistant messages carry tool_calls")
+        return messages
+
+    def grammar(self, limits: Settings) -> tuple[ToolPlan | None, str | None, str]:
+        """The request's tool plan, the grammar its reply must follow (or None), and the field it comes from."""
+        plan = tool_plan(self.tools, self.tool_choice, self.parallel_tool_calls, limits)
+        text = response_format_grammar(self.response_format, limits)
+        if plan is not None and plan.calls_allowed:
+            if text is not None:
+                raise InvalidRequestError(
+                    "response_format json together with tools the model may call is not supported; "
+                    "set tool_choice 'none', or leave out one of them",
+                    param="response_format",
+                )
+            return plan, plan.grammar(), "tools"
+        return plan, text, "response_format"
 
     def to_sampling_params(self, limits: Settings) -> SamplingParams:
         """The engine's parameters for this request, after every check of its values (400 naming the field)."""
-        if self.tools:
-            raise InvalidRequestError("tools / function calling is not supported by this server", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidRequestError("only response_format {'type': 'text'} is supported", param="response_format")
         if len(self.messages) > limits.max_messages:
             raise InvalidRequestError(
                 f"messages holds {len(self.messages)} messages; the limit is {limits.max_messages} (max_messages)",
@@ -94,16 +125,20 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None  # None, never an empty list
 
 
 class ChatCompletionChoice(BaseModel):
     index: int
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: ChatFinishReason | None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -119,13 +154,16 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    # As OpenAI streams them: a call's first delta has index, id, type, function.name and arguments "";
+    # later ones only index and an arguments fragment (no null id or name), hence plain dicts.
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatCompletionChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

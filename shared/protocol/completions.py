@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
@@ -27,6 +27,8 @@ class CompletionRequest(OpenAIModel):
     max_tokens: StrictInt | None = Field(default=16, description="OpenAI's default for completions is 16")
     n: StrictInt | None = 1
     presence_penalty: Number | None = 0.0
+    # Not in OpenAI's completions API: chat's response_format, here too (text, json_object, json_schema).
+    response_format: dict[str, Any] | None = None
     seed: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool | None = False

@@ -15,16 +15,23 @@ from shared.generation.model import GenerationModel
 from shared.http import generation_model, sse_frames
 from shared.protocol.common import SYSTEM_FINGERPRINT, TokenLogprob, UsageInfo, now, random_id
 from shared.protocol.completions import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from shared.protocol.structured import response_format_grammar
 from shared.serving.jobs import Deltas, Tracker, collect_jobs, expand, finish_reason, submit, token_logprob
 
 
 async def create(
     request: CompletionRequest, catalog: ModelCatalog, http: Request
 ) -> CompletionResponse | EventSourceResponse:
-    params = request.to_sampling_params(catalog.settings)
+    settings = catalog.settings
+    params = request.to_sampling_params(settings)
+    grammar_text = response_format_grammar(request.response_format, settings)
     model = await generation_model(catalog, request.model)
+    grammar = None
+    if grammar_text is not None:
+        grammar = await model.grammars.compile(grammar_text, "response_format", settings.grammar_timeout)
     prompts = await asyncio.to_thread(prompt_ids, model, request)  # tokenizing off the event loop
-    streams = submit(model, expand(model, prompts, params, request.n or 1, param="prompt"))  # a full queue: 503
+    sequences = expand(model, prompts, params, request.n or 1, param="prompt", grammar=grammar)
+    streams = submit(model, sequences)  # a full queue: 503
     tracker = Tracker.of(http, model)
     if tracker.log_content:
         tracker.ctx.content["prompt"] = request.prompts()

@@ -7,7 +7,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from starlette.requests import HTTPConnection
 
@@ -18,6 +18,9 @@ from shared.generation.sequence import FinishReason, Sequence, StepOutput
 from shared.guards.access import RequestContext, request_context
 from shared.metrics import Metrics
 from shared.protocol.common import TokenLogprob, TopLogprob
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 
 @dataclass
@@ -37,13 +40,19 @@ def choice_params(params: SamplingParams, index: int) -> SamplingParams:
 
 
 def expand(
-    model: GenerationModel, prompts: list[list[int]], params: SamplingParams, n: int, param: str = "messages"
+    model: GenerationModel,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    n: int,
+    param: str = "messages",
+    grammar: LLMatcher | None = None,
 ) -> list[Sequence]:
-    """One checked sequence per choice: prompt i's choice j is sequence i * n + j, OpenAI's choice index.
+    """One checked sequence per choice: prompt i's choice j is sequence i * n + j, OpenAI's choice index; each
+    with its own copy of the grammar's state where the reply is constrained.
 
     Built before anything is queued or streamed, so a bad request fails with its status code.
     """
-    return [model.sequence(prompt, choice_params(params, j), param) for prompt in prompts for j in range(n)]
+    return [model.sequence(prompt, choice_params(params, j), param, grammar) for prompt in prompts for j in range(n)]
 
 
 def submit(model: GenerationModel, sequences: list[Sequence]) -> list[Stream]:
