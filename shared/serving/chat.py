@@ -83,8 +83,9 @@ async def _chunks(
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
 
+    opening = None if calls is not None else ""  # a reply that may be calls has content null until it is text
     for i in range(len(steps.streams)):
-        yield chunk([ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        yield chunk([ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=opening))])
     async for delta in steps:
         logprobs = None
         if delta.step.logprob is not None:

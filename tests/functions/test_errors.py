@@ -122,7 +122,7 @@ CASES: list[tuple[str, str, str, Any, int, str | None, str | None]] = [
         "top_logprobs",
     ),
     (
-        "tools unsupported",
+        "malformed tool",
         "POST",
         "/v1/chat/completions",
         {"messages": MSG, "tools": [{"type": "function"}]},

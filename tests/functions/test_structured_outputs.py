@@ -1,0 +1,319 @@
+"""Structured outputs and tool calls end to end: the real server process, the official openai client and
+LangChain, on the embedded SmolLM2. Every reply is checked against its schema, whatever the model chose."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from enum import Enum
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
+from pydantic import BaseModel, ConfigDict, Field
+
+WEATHER: ChatCompletionToolParam = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME: ChatCompletionToolParam = {
+    "type": "function",
+    "function": {"name": "get_time", "description": "The current time", "parameters": {"type": "object"}},
+}
+ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+class Colour(str, Enum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+class Address(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # additionalProperties false: a schema without it lets keys run on
+
+    city: str = Field(max_length=30)
+    country: str = Field(max_length=30)
+
+
+class Person(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=30)
+    age: int = Field(ge=0, le=150)
+    favourite_colour: Colour
+    nickname: str | None = Field(max_length=20)
+    home: Address
+    hobbies: list[str] = Field(max_length=3)
+
+
+@pytest.fixture(scope="module")
+def client(server_url: str) -> Iterator[OpenAI]:
+    with OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0) as client:
+        yield client
+
+
+def schema_of(tool: ChatCompletionToolParam) -> dict[str, Any]:
+    return dict(tool["function"].get("parameters") or {})
+
+
+@pytest.mark.parametrize(("temperature", "seed"), [(0.0, None), (1.0, 1), (1.0, 2), (1.0, 3)])
+def test_the_sdk_parses_a_pydantic_model(client: OpenAI, temperature: float, seed: int | None) -> None:
+    """Nested objects, an enum, an optional field and an array, at temperature 0 and 1: always a Person."""
+    completion = client.chat.completions.parse(
+        model="default",
+        messages=[{"role": "user", "content": "Describe a person who lives in Paris."}],
+        response_format=Person,
+        temperature=temperature,
+        seed=seed,
+        max_tokens=400,
+    )
+    person = completion.choices[0].message.parsed
+    assert isinstance(person, Person)
+    assert completion.choices[0].finish_reason == "stop"
+
+
+def test_a_cut_reply_raises_the_sdks_length_error(client: OpenAI) -> None:
+    with pytest.raises(openai.LengthFinishReasonError):
+        client.chat.completions.parse(model="default", messages=ASK, response_format=Person, max_tokens=5)
+
+
+def test_json_object_replies_always_load(client: OpenAI) -> None:
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "Tell me about cats, as JSON."}],
+            response_format={"type": "json_object"},
+            temperature=1.0,
+            seed=seed,
+            max_tokens=300,
+        )
+        choice = reply.choices[0]
+        if choice.finish_reason == "stop":
+            assert isinstance(json.loads(choice.message.content or ""), dict)
+        else:  # cut by max_tokens: still one line of JSON, never runaway whitespace
+            assert "\n" not in (choice.message.content or "") and "  " not in (choice.message.content or "")
+
+
+def test_n_two_choices_each_validate_against_the_schema(client: OpenAI) -> None:
+    schema = Person.model_json_schema()
+    reply = client.chat.completions.create(
+        model="default",
+        messages=[{"role": "user", "content": "Describe a person."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+        n=2,
+        seed=5,
+        temperature=1.0,
+        max_tokens=400,
+    )
+    assert len(reply.choices) == 2
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content or ""), schema)
+
+
+def test_completions_take_a_response_format(client: OpenAI) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    reply = client.completions.create(
+        model="default",
+        prompt="Two plus two is",
+        max_tokens=40,
+        temperature=0,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "sum", "schema": schema}}},
+    )
+    jsonschema.validate(json.loads(reply.choices[0].text), schema)
+
+
+def test_required_forces_a_valid_call(client: OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="default", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    calls = choice.message.tool_calls
+    assert calls and all(c.id.startswith("call_") and len(c.id) > 5 and c.type == "function" for c in calls)
+    tools = {"get_weather": WEATHER, "get_time": TIME}
+    for call in calls:
+        assert call.type == "function"
+        jsonschema.validate(json.loads(call.function.arguments), schema_of(tools[call.function.name]))
+    assert calls[0].function.name == "get_weather" and "Paris" in calls[0].function.arguments
+
+
+def test_a_named_tool_is_called_and_finishes_with_stop(client: OpenAI) -> None:
+    """As OpenAI does: a named tool_choice ends with finish_reason stop; its empty arguments are "{}"."""
+    reply = client.chat.completions.create(
+        model="default",
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        temperature=0,
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.message.tool_calls is not None and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_time"
+    assert isinstance(json.loads(call.function.arguments), dict)
+
+
+def test_parallel_tool_calls_false_gives_at_most_one_call(client: OpenAI) -> None:
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "Weather in Paris, London and Rome, and the time?"}],
+            tools=[WEATHER, TIME],
+            tool_choice="required",
+            parallel_tool_calls=False,
+            temperature=1.0,
+            seed=seed,
+        )
+        assert len(reply.choices[0].message.tool_calls or []) == 1
+
+
+def test_none_and_auto_answer_in_text_without_reporting_json_in_it_as_a_call(client: OpenAI) -> None:
+    """With tool_choice none the model writes text; with auto this model chooses text here, and JSON (or code)
+    in that text is content, never a call."""
+    for choice_name in ("none", "auto"):
+        reply = client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "Use the get_weather function to get the weather in London."}],
+            tools=[WEATHER],
+            tool_choice=choice_name,  # type: ignore[arg-type]
+            temperature=0,
+            max_tokens=60,
+        )
+        choice = reply.choices[0]
+        assert choice.message.tool_calls is None
+        assert choice.message.content and choice.finish_reason in ("stop", "length")
+        if choice_name == "auto":
+            assert "{" in choice.message.content  # the JSON-looking text that stayed content
+
+
+def test_a_conversation_with_earlier_calls_and_results(client: OpenAI) -> None:
+    messages: list[ChatCompletionMessageParam] = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21, "sky": "sunny"}'},
+    ]
+    reply = client.chat.completions.create(model="default", messages=messages, tools=[WEATHER], temperature=0)
+    assert reply.choices[0].message.content
+    again = client.chat.completions.create(
+        model="default",
+        messages=[*messages, {"role": "user", "content": "And in Rome?"}],
+        tools=[WEATHER],
+        tool_choice="required",
+        temperature=0,
+    )
+    calls = again.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].function.arguments), schema_of(WEATHER))
+
+
+@pytest.mark.parametrize(
+    "tool_choice",
+    ["required", "auto", {"type": "function", "function": {"name": "get_time"}}],
+    ids=["required", "auto", "named"],
+)
+def test_streamed_calls_and_content_equal_the_plain_reply(client: OpenAI, tool_choice: Any) -> None:
+    """The SDK's stream helper accumulates the same calls (to the last brace, "{}" included), content and
+    finish_reason as the plain request, under greedy decoding."""
+    request: dict[str, Any] = {
+        "model": "default",
+        "messages": [{"role": "user", "content": "What is the weather in Paris, and the time?"}],
+        "tools": [WEATHER, TIME],
+        "tool_choice": tool_choice,
+        "temperature": 0,
+        "max_tokens": 80,
+    }
+    plain = client.chat.completions.create(**request).choices[0]
+    with client.chat.completions.stream(**request) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.get_final_completion().choices[0]
+    assert streamed.finish_reason == plain.finish_reason
+    assert streamed.message.content == plain.message.content
+
+    def calls(message: Any) -> list[tuple[str, str]]:
+        return [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+
+    assert calls(streamed.message) == calls(plain.message)
+    if tool_choice != "auto":
+        assert calls(plain.message)
+
+
+def test_raw_stream_deltas_follow_openais_shape(server_url: str) -> None:
+    """A call's first delta carries index, id, type, name and arguments ""; later ones only index and arguments."""
+    body = {"messages": ASK, "tools": [WEATHER], "tool_choice": "required", "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server_url}/v1/chat/completions", json=body, timeout=60) as response:
+        frames = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(f) for f in frames if f != "[DONE]"]
+    deltas = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls") or []]
+    first, rest = deltas[0], deltas[1:]
+    assert first["id"].startswith("call_") and first["type"] == "function"
+    assert first["function"] == {"name": "get_weather", "arguments": ""}
+    assert rest and all(set(d) == {"index", "function"} and set(d["function"]) == {"arguments"} for d in rest)
+    arguments = "".join(d["function"]["arguments"] for d in rest)
+    jsonschema.validate(json.loads(arguments), schema_of(WEATHER))
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "tool_calls"
+    assert all(c["choices"][0]["delta"].get("content") is None for c in chunks[1:])
+
+
+def test_langchain_structured_output_and_bound_tools(server_url: str) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=f"{server_url}/v1", api_key="unused", model="default", temperature=0, max_retries=0)  # type: ignore[arg-type]
+    person = llm.with_structured_output(Person).invoke("Describe a person who lives in Rome.")
+    assert isinstance(person, Person)
+    bound = llm.bind_tools([WEATHER], tool_choice="required")
+    message = bound.invoke("What is the weather in Paris?")
+    assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"  # type: ignore[attr-defined]
+    jsonschema.validate(message.tool_calls[0]["args"], schema_of(WEATHER))  # type: ignore[attr-defined]
+
+
+BAD = [
+    ("unsupported keyword", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "dependentRequired": {"a": ["b"]}}}}}, "response_format", "dependentRequired"),  # noqa: E501
+    ("schema over the limit", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "description": "x" * 40_000}}}}, "response_format", "max_schema_bytes"),  # noqa: E501
+    ("unknown format", {"response_format": {"type": "yaml"}}, "response_format", "yaml"),
+    ("named tool missing", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),  # noqa: E501
+    ("empty tools", {"tools": []}, "tools", "non-empty"),
+    ("tool_choice without tools", {"tool_choice": "required"}, "tool_choice", "tools"),
+    ("malformed tool", {"tools": [{"type": "function"}]}, "tools", "tools[0]"),
+    ("bad tool name", {"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools", "name"),
+    ("unsupported keyword in a tool", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "dependentRequired": {"a": ["b"]}}}}]}, "tools", "dependentRequired"),  # noqa: E501
+    ("json with tools", {"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format", "tools"),
+]
+
+
+@pytest.mark.parametrize(("case", "extra", "param", "named"), BAD, ids=[b[0] for b in BAD])
+def test_what_cannot_be_honoured_is_a_400_naming_its_field(
+    server_url: str, case: str, extra: dict[str, Any], param: str, named: str
+) -> None:
+    body = {"messages": ASK, **extra}
+    response = httpx.post(f"{server_url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and named in error["message"]
