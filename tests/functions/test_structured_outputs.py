@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import httpx
@@ -36,7 +36,7 @@ TIME: ChatCompletionToolParam = {
 ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-class Colour(str, Enum):
+class Colour(StrEnum):
     red = "red"
     green = "green"
     blue = "blue"
@@ -68,6 +68,11 @@ def client(server_url: str) -> Iterator[OpenAI]:
 
 def schema_of(tool: ChatCompletionToolParam) -> dict[str, Any]:
     return dict(tool["function"].get("parameters") or {})
+
+
+def calls_of(message: Any) -> list[tuple[str, str]]:
+    """A reply's function calls as (name, arguments)."""
+    return [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
 
 
 @pytest.mark.parametrize(("temperature", "seed"), [(0.0, None), (1.0, 1), (1.0, 2), (1.0, 3)])
@@ -147,10 +152,9 @@ def test_required_forces_a_valid_call(client: OpenAI) -> None:
     calls = choice.message.tool_calls
     assert calls and all(c.id.startswith("call_") and len(c.id) > 5 and c.type == "function" for c in calls)
     tools = {"get_weather": WEATHER, "get_time": TIME}
-    for call in calls:
-        assert call.type == "function"
-        jsonschema.validate(json.loads(call.function.arguments), schema_of(tools[call.function.name]))
-    assert calls[0].function.name == "get_weather" and "Paris" in calls[0].function.arguments
+    for name, arguments in calls_of(choice.message):
+        jsonschema.validate(json.loads(arguments), schema_of(tools[name]))
+    assert calls_of(choice.message)[0][0] == "get_weather" and "Paris" in calls_of(choice.message)[0][1]
 
 
 def test_a_named_tool_is_called_and_finishes_with_stop(client: OpenAI) -> None:
@@ -165,9 +169,9 @@ def test_a_named_tool_is_called_and_finishes_with_stop(client: OpenAI) -> None:
     choice = reply.choices[0]
     assert choice.finish_reason == "stop"
     assert choice.message.tool_calls is not None and len(choice.message.tool_calls) == 1
-    call = choice.message.tool_calls[0]
-    assert call.type == "function" and call.function.name == "get_time"
-    assert isinstance(json.loads(call.function.arguments), dict)
+    [(name, arguments)] = calls_of(choice.message)
+    assert name == "get_time" and choice.message.tool_calls[0].type == "function"
+    assert isinstance(json.loads(arguments), dict)
 
 
 def test_parallel_tool_calls_false_gives_at_most_one_call(client: OpenAI) -> None:
@@ -192,7 +196,7 @@ def test_none_and_auto_answer_in_text_without_reporting_json_in_it_as_a_call(cli
             model="default",
             messages=[{"role": "user", "content": "Use the get_weather function to get the weather in London."}],
             tools=[WEATHER],
-            tool_choice=choice_name,  # type: ignore[arg-type]
+            tool_choice=choice_name,
             temperature=0,
             max_tokens=60,
         )
@@ -228,9 +232,9 @@ def test_a_conversation_with_earlier_calls_and_results(client: OpenAI) -> None:
         tool_choice="required",
         temperature=0,
     )
-    calls = again.choices[0].message.tool_calls
-    assert calls and calls[0].function.name == "get_weather"
-    jsonschema.validate(json.loads(calls[0].function.arguments), schema_of(WEATHER))
+    calls = calls_of(again.choices[0].message)
+    assert calls and calls[0][0] == "get_weather"
+    jsonschema.validate(json.loads(calls[0][1]), schema_of(WEATHER))
 
 
 @pytest.mark.parametrize(
@@ -256,13 +260,9 @@ def test_streamed_calls_and_content_equal_the_plain_reply(client: OpenAI, tool_c
         streamed = stream.get_final_completion().choices[0]
     assert streamed.finish_reason == plain.finish_reason
     assert streamed.message.content == plain.message.content
-
-    def calls(message: Any) -> list[tuple[str, str]]:
-        return [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
-
-    assert calls(streamed.message) == calls(plain.message)
+    assert calls_of(streamed.message) == calls_of(plain.message)
     if tool_choice != "auto":
-        assert calls(plain.message)
+        assert calls_of(plain.message)
 
 
 def test_raw_stream_deltas_follow_openais_shape(server_url: str) -> None:
@@ -288,22 +288,59 @@ def test_langchain_structured_output_and_bound_tools(server_url: str) -> None:
     llm = ChatOpenAI(base_url=f"{server_url}/v1", api_key="unused", model="default", temperature=0, max_retries=0)  # type: ignore[arg-type]
     person = llm.with_structured_output(Person).invoke("Describe a person who lives in Rome.")
     assert isinstance(person, Person)
-    bound = llm.bind_tools([WEATHER], tool_choice="required")
+    bound = llm.bind_tools([dict(WEATHER)], tool_choice="required")
     message = bound.invoke("What is the weather in Paris?")
-    assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"  # type: ignore[attr-defined]
-    jsonschema.validate(message.tool_calls[0]["args"], schema_of(WEATHER))  # type: ignore[attr-defined]
+    assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"
+    jsonschema.validate(message.tool_calls[0]["args"], schema_of(WEATHER))
 
 
 BAD = [
-    ("unsupported keyword", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "dependentRequired": {"a": ["b"]}}}}}, "response_format", "dependentRequired"),  # noqa: E501
-    ("schema over the limit", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "description": "x" * 40_000}}}}, "response_format", "max_schema_bytes"),  # noqa: E501
+    (
+        "unsupported keyword",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "object", "dependentRequired": {"a": ["b"]}}},
+            }
+        },
+        "response_format",
+        "dependentRequired",
+    ),  # noqa: E501
+    (
+        "schema over the limit",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "object", "description": "x" * 40_000}},
+            }
+        },
+        "response_format",
+        "max_schema_bytes",
+    ),  # noqa: E501
     ("unknown format", {"response_format": {"type": "yaml"}}, "response_format", "yaml"),
-    ("named tool missing", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),  # noqa: E501
+    (
+        "named tool missing",
+        {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        "tool_choice",
+        "nope",
+    ),  # noqa: E501
     ("empty tools", {"tools": []}, "tools", "non-empty"),
     ("tool_choice without tools", {"tool_choice": "required"}, "tool_choice", "tools"),
     ("malformed tool", {"tools": [{"type": "function"}]}, "tools", "tools[0]"),
     ("bad tool name", {"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools", "name"),
-    ("unsupported keyword in a tool", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "dependentRequired": {"a": ["b"]}}}}]}, "tools", "dependentRequired"),  # noqa: E501
+    (
+        "unsupported keyword in a tool",
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"type": "object", "dependentRequired": {"a": ["b"]}}},
+                }
+            ]
+        },
+        "tools",
+        "dependentRequired",
+    ),  # noqa: E501
     ("json with tools", {"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format", "tools"),
 ]
 
