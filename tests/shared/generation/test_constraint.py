@@ -83,7 +83,7 @@ def test_logprobs_are_the_models_own_distribution(smol: GenerationModel) -> None
     assert smol.decode([first.token_id or 0]).startswith("{")
     assert first.top_logprobs == free.top_logprobs  # the same five, with the same values
     assert first.token_id not in [t for t, _ in first.top_logprobs or []][:1]
-    assert first.logprob is not None and first.logprob < first.top_logprobs[0][1]  # type: ignore[index]
+    assert first.logprob is not None and first.logprob < first.top_logprobs[0][1]
 
 
 def test_grammars_are_cached_by_their_text(smol: GenerationModel) -> None:
