@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,8 @@ def _chat(args: argparse.Namespace) -> int:
         options["max_tokens"] = args.max_tokens
     if args.temperature is not None:
         options["temperature"] = args.temperature
+    if args.json_schema:
+        options["response_format"] = _json_schema_format(Path(args.json_schema))
     if args.stream:
         for chunk in client.chat.completions.create(**options, stream=True):
             if chunk.choices and chunk.choices[0].delta.content:
@@ -185,6 +188,16 @@ def _chat(args: argparse.Namespace) -> int:
     else:
         print(client.chat.completions.create(**options).choices[0].message.content)
     return 0
+
+
+def _json_schema_format(path: Path) -> dict[str, Any]:
+    """response_format for a JSON Schema file: the reply is JSON that validates against it."""
+    try:
+        schema = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"fnserve chat: --json-schema {path}: {exc}") from None
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)[:64] or "schema"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -247,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--stream", action="store_true", help="print tokens as they come")
     chat.add_argument("--max-tokens", type=int)
     chat.add_argument("--temperature", type=float)
+    chat.add_argument("--json-schema", metavar="FILE", help="reply with JSON that validates against this schema")
     chat.add_argument("--list-models", action="store_true", help="list the server's models instead")
     chat.add_argument("--url", default=url, help="API base URL (FNSERVE_URL; default %(default)s)")
     chat.set_defaults(run=_chat)

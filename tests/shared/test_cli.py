@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 from openai import OpenAI
 
@@ -35,6 +36,27 @@ def test_chat_command_answers_plain_and_streamed(server_url: str) -> None:
     assert plain.returncode == 0 and "Paris" in plain.stdout
     streamed = fnserve("chat", "What is the capital of France?", "--temperature", "0", "--stream", env=env)
     assert streamed.stdout == plain.stdout
+
+
+def test_chat_command_replies_in_json_for_a_schema_file(server_url: str, tmp_path: Path) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"type": "string", "maxLength": 30}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    path = tmp_path / "place.json"
+    path.write_text(json.dumps(schema))
+    env = {"FNSERVE_URL": f"{server_url}/v1"}
+    ask = ["chat", "Name a famous city.", "--json-schema", str(path), "--temperature", "0"]
+    done = fnserve(*ask, env=env)
+    assert done.returncode == 0, done.stderr
+    jsonschema.validate(json.loads(done.stdout), schema)
+    streamed = fnserve(*ask, "--stream", env=env)
+    assert streamed.stdout == done.stdout
+    (tmp_path / "broken.json").write_text("{not json")
+    broken = fnserve("chat", "hi", "--json-schema", str(tmp_path / "broken.json"), env=env)
+    assert broken.returncode != 0 and "broken.json" in broken.stderr
 
 
 def test_chat_command_lists_models(server_url: str) -> None:
