@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from functions import chat, compat, completions, embeddings, models
+from functions import chat, compat, completions, embeddings, models, sessions
 from shared.asgi import create_app
 from shared.settings import Settings
 
 
 def build(settings: Settings | None = None) -> FastAPI:
     return create_app(
-        chat.router, completions.router, embeddings.router, models.router, compat.router, settings=settings
+        chat.router,
+        completions.router,
+        embeddings.router,
+        models.router,
+        sessions.router,
+        compat.router,
+        settings=settings,
     )

@@ -25,6 +25,7 @@ FUNCTION_PRELOAD = {
     "completions": ["default"],
     "embeddings": ["default-embedding"],
     "models": [],
+    "sessions": [],
 }
 FUNCTIONS = tuple(FUNCTION_PRELOAD)
 

@@ -66,6 +66,11 @@ class ModelNotFoundError(FnserveError):
     default_code = "model_not_found"
 
 
+class NotFoundError(FnserveError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
 class RequestTooLargeError(FnserveError):
     status_code = 413
     error_type = "invalid_request_error"

@@ -137,6 +137,14 @@ class Settings(BaseSettings):
         default=32 * 1024, ge=256, description="a response_format schema or a request's tools, as JSON"
     )
     grammar_timeout: float = Field(default=5.0, gt=0, description="seconds to compile a schema into its grammar")
+
+    # --- conversations kept on the server (/v1/sessions, session_id) ---
+    session_store: str | None = Field(
+        default=None,
+        description="sqlite:///path (None: sessions.db in cache_dir), redis://host:port/db, or dynamodb://table",
+    )
+    session_ttl: float = Field(default=30 * 24 * 3600, gt=0, description="seconds a session lives after a change")
+    max_sessions: int = Field(default=1000, ge=1, description="sessions per owner (API key); the oldest go first")
     max_embedding_inputs: int = Field(default=2048, ge=1, description="inputs per embedding request")
     max_embedding_input_tokens: int = Field(
         default=8192, ge=1, description="tokens per embedding input (longer inputs than the model reads are truncated)"

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import subprocess
+import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from fastapi import FastAPI
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
@@ -19,7 +23,7 @@ from shared.generation.model import GenerationModel  # noqa: E402
 from shared.generation.params import SamplingParams  # noqa: E402
 from shared.generation.sequence import StepOutput  # noqa: E402
 from shared.settings import Settings  # noqa: E402
-from tests.servers import running_server  # noqa: E402
+from tests.servers import free_port, running_server  # noqa: E402
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 SERVER_LOGS: list[Path] = []  # the session server's log, shown under any test that fails while using it
@@ -37,8 +41,9 @@ def pytest_runtest_makereport(
 
 
 @pytest.fixture(scope="session")
-def settings() -> Settings:
-    return Settings(preload=[], max_running=16, max_model_len=2048)
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    store = tmp_path_factory.mktemp("sessions") / "sessions.db"
+    return Settings(preload=[], max_running=16, max_model_len=2048, session_store=f"sqlite:///{store}")
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +85,11 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `fnserve serve` process on a free port, ready (its preloaded model loaded); its base URL."""
     log_path = tmp_path_factory.mktemp("server") / "fnserve.log"
     SERVER_LOGS.append(log_path)
-    env = {"FNSERVE_MAX_BODY_BYTES": str(1024 * 1024), "FNSERVE_MAX_MODEL_LEN": "2048"}
+    env = {
+        "FNSERVE_MAX_BODY_BYTES": str(1024 * 1024),
+        "FNSERVE_MAX_MODEL_LEN": "2048",
+        "FNSERVE_SESSION_STORE": f"sqlite:///{log_path.parent / 'sessions.db'}",
+    }
     with running_server(log_path, env) as server:
         yield server.url
         status = server.stop()
@@ -113,3 +122,32 @@ def aws_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (Debian's package) on a free port, for the whole session."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("redis-server did not start")
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -76,6 +76,9 @@ class ChatCompletionRequest(OpenAIModel):
     repetition_penalty: Number | None = Field(default=None, description="CTRL-style penalty over prompt+output")
     ignore_eos: StrictBool | None = Field(default=None, description="keep generating past end-of-sequence")
     min_tokens: StrictInt | None = Field(default=None, description="generate at least this many tokens")
+    session_id: StrictStr | None = Field(
+        default=None, description="continue this stored session: its history comes first, this turn is kept"
+    )
 
     @field_validator("messages")
     @classmethod

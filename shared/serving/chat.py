@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 
 from shared.catalog import ModelCatalog
 from shared.generation.model import GenerationModel
+from shared.generation.params import SamplingParams
 from shared.http import generation_model, sse_frames
 from shared.protocol.chat import (
     ChatCompletionChoice,
@@ -17,6 +19,7 @@ from shared.protocol.chat import (
     ChatCompletionChunkChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     ChoiceLogprobs,
     DeltaMessage,
     ResponseMessage,
@@ -24,6 +27,7 @@ from shared.protocol.chat import (
 from shared.protocol.common import SYSTEM_FINGERPRINT, UsageInfo, now, random_id
 from shared.protocol.structured import ToolPlan
 from shared.serving.jobs import Deltas, Tracker, collect_jobs, expand, finish_reason, submit, token_logprob
+from shared.serving.sessions import Turn, begin_turn, trimmed
 from shared.serving.tools import StreamedCalls, finish, reply, template_messages
 
 
@@ -36,19 +40,25 @@ async def create(
     model = await generation_model(catalog, request.model)
     grammar = await model.grammars.compile(grammar_text, param, settings.grammar_timeout) if grammar_text else None
     native = model.template_renders_tools
-    messages, tools = template_messages(request.messages, plan, native)
-    prompt_ids = await asyncio.to_thread(model.encode_chat, messages, tools)  # off the event loop
+    turn = await begin_turn(http, request.session_id, request.messages, request.n or 1) if request.session_id else None
+    if turn is None:
+        messages, tools = template_messages(request.messages, plan, native)
+        prompt_ids = await asyncio.to_thread(model.encode_chat, messages, tools)  # off the event loop
+    else:
+        messages, tools, prompt_ids = await asyncio.to_thread(_session_prompt, model, turn, plan, native, params)
     streams = submit(model, expand(model, [prompt_ids], params, request.n or 1, grammar=grammar))  # full: 503
     tracker = Tracker.of(http, model)
     if tracker.log_content:
         tracker.ctx.content["prompt"] = messages
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        chunks = _chunks(model, Deltas(streams, tracker, params.logprobs), len(prompt_ids), include_usage, plan)
-        return EventSourceResponse(sse_frames(chunks))
+        steps = Deltas(streams, tracker, params.logprobs)
+        return EventSourceResponse(sse_frames(_chunks(model, steps, len(prompt_ids), include_usage, plan, turn)))
 
     choices = await collect_jobs(model, streams, http.is_disconnected, tracker)
     replies = [reply(c.text, plan) for c in choices]
+    if turn is not None and choices[0].finish_reason in ("stop", "length"):  # cancelled: nothing is kept
+        await turn.commit(*replies[0], len(prompt_ids), len(choices[0].token_ids))
     return ChatCompletionResponse(
         id=random_id("chatcmpl"),
         created=now(),
@@ -67,8 +77,33 @@ async def create(
     )
 
 
+def _session_prompt(
+    model: GenerationModel, turn: Turn, plan: ToolPlan | None, native: bool, params: SamplingParams
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, list[int]]:
+    """The session's history and this turn through the template, the oldest turns left out until it fits the
+    context with room for the reply (max_tokens, else a quarter of the context up to 512 tokens)."""
+    room = params.max_tokens or min(model.context_length // 4, 512)
+    encoded: dict[int, tuple[list[dict[str, Any]], list[dict[str, Any]] | None, list[int]]] = {}
+
+    def encode(conversation: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, list[int]]:
+        if len(conversation) not in encoded:
+            messages, tools = template_messages(conversation, plan, native)
+            encoded[len(conversation)] = (messages, tools, model.encode_chat(messages, tools))
+        return encoded[len(conversation)]
+
+    def fits(conversation: list[ChatMessage]) -> bool:
+        return len(encode(conversation)[2]) + room <= model.context_length
+
+    return encode(trimmed(turn.history(), turn.new, fits))
+
+
 async def _chunks(
-    model: GenerationModel, steps: Deltas, prompt_tokens: int, include_usage: bool, plan: ToolPlan | None
+    model: GenerationModel,
+    steps: Deltas,
+    prompt_tokens: int,
+    include_usage: bool,
+    plan: ToolPlan | None,
+    turn: Turn | None = None,
 ) -> AsyncIterator[ChatCompletionChunk]:
     completion_id, created = random_id("chatcmpl"), now()
     calls = [StreamedCalls(plan) for _ in steps.streams] if plan is not None and plan.calls_allowed else None
@@ -86,7 +121,10 @@ async def _chunks(
     opening = None if calls is not None else ""  # a reply that may be calls has content null until it is text
     for i in range(len(steps.streams)):
         yield chunk([ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=opening))])
+    text, finished = "", None
     async for delta in steps:
+        text += delta.text
+        finished = delta.finish_reason or finished
         logprobs = None
         if delta.step.logprob is not None:
             logprobs = ChoiceLogprobs(content=[token_logprob(model, delta.step)])
@@ -106,5 +144,7 @@ async def _chunks(
             finish_reason=reason,
         )
         yield chunk([choice])  # with include_usage, OpenAI sends "usage": null on every chunk but the last
+    if turn is not None and finished is not None:  # the reply is whole: the turn is kept (409 frame if not)
+        await turn.commit(*reply(text, plan), prompt_tokens, steps.completion_tokens)
     if include_usage:
         yield chunk([], UsageInfo.of(prompt_tokens, steps.completion_tokens))

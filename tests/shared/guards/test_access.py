@@ -33,6 +33,8 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/api/generate/stream", {"prompt": "Once", "max_tokens": 2}),
     ("POST", "/api/chat", {"messages": MSG, "max_tokens": 2}),
     ("GET", "/api/models", None),
+    ("GET", "/v1/sessions", None),
+    ("POST", "/sessions", {}),
 ]
 PROBES = ["/health", "/health/live", "/readiness", "/health/ready", "/metrics"]
 
@@ -57,7 +59,11 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, di
     # carol's key is disabled by hand, as an operator would
     head, _, tail = text.partition('name = "carol"')
     keys_file.write_text(head + 'name = "carol"' + tail.replace("enabled = true", "enabled = false", 1))
-    env = {"FNSERVE_API_KEYS_FILE": str(keys_file), "FNSERVE_PRELOAD": "[]"}
+    env = {
+        "FNSERVE_API_KEYS_FILE": str(keys_file),
+        "FNSERVE_PRELOAD": "[]",
+        "FNSERVE_SESSION_STORE": f"sqlite:///{folder / 'sessions.db'}",
+    }
     with running_server(folder / "fnserve.log", env) as server:
         yield server, keys, keys_file
 

@@ -3,52 +3,19 @@ changes nothing, token budgets are charged, and two servers sharing one real Red
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 import redis
 
 from shared.guards.ratelimit import duration, parse_duration
-from tests.servers import Server, free_port, running_server
+from tests.servers import Server, running_server
 
 
 def test_durations_are_written_as_openai_writes_them() -> None:
     assert [duration(s) for s in (0.059, 1.5, 360.0, 61.2)] == ["59ms", "1.5s", "6m0s", "1m1s"]
     assert [parse_duration(t) for t in ("59ms", "1.5s", "6m0s")] == [0.059, 1.5, 360.0]
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server (Debian's package) on a free port, for this module only."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does)")
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("redis-server did not start")
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def models(server: Server, headers: dict[str, str] | None = None) -> httpx.Response:
