@@ -18,4 +18,5 @@ def build(settings: Settings | None = None) -> FastAPI:
         sessions.router,
         compat.router,
         settings=settings,
+        unguarded=(chat.socket_router,),
     )

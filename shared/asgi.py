@@ -77,8 +77,14 @@ async def get_metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(*routers: APIRouter, settings: Settings | None = None, title: str = "fnserve") -> FastAPI:
-    """An app serving the given routers behind the guards. The catalog is made here, empty.
+def create_app(
+    *routers: APIRouter,
+    settings: Settings | None = None,
+    title: str = "fnserve",
+    unguarded: tuple[APIRouter, ...] = (),
+) -> FastAPI:
+    """An app serving the given routers behind the guards (`unguarded` ones call them themselves). The catalog is
+    made here, empty.
 
     The lifespan preloads in the background (readiness says 503 until it is done) and closes, so the same app
     works where no lifespan runs (Mangum with lifespan="off", where a container's models then load on its first
@@ -125,6 +131,8 @@ def create_app(*routers: APIRouter, settings: Settings | None = None, title: str
     install_error_handlers(app)
     for router in routers:
         app.include_router(router, dependencies=GUARDED)
+    for router in unguarded:  # routes that run the guards themselves (a WebSocket's key may come in a message)
+        app.include_router(router)
     app.include_router(health)
     return app
 

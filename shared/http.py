@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
 
 from shared.catalog import ModelCatalog
 from shared.errors import FnserveError, InvalidRequestError, RequestTooLargeError
@@ -96,8 +97,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(error, _request_id(request))
 
 
-def get_catalog(request: Request) -> ModelCatalog:
-    catalog: ModelCatalog = request.app.state.catalog
+def get_catalog(connection: HTTPConnection) -> ModelCatalog:
+    catalog: ModelCatalog = connection.app.state.catalog
     return catalog
 
 

@@ -145,6 +145,8 @@ class Settings(BaseSettings):
     )
     session_ttl: float = Field(default=30 * 24 * 3600, gt=0, description="seconds a session lives after a change")
     max_sessions: int = Field(default=1000, ge=1, description="sessions per owner (API key); the oldest go first")
+    ws_idle_timeout: float = Field(default=300.0, gt=0, description="seconds a WebSocket may stay silent")
+    ws_max_seconds: float = Field(default=3600.0, gt=0, description="seconds a WebSocket connection may last")
     max_embedding_inputs: int = Field(default=2048, ge=1, description="inputs per embedding request")
     max_embedding_input_tokens: int = Field(
         default=8192, ge=1, description="tokens per embedding input (longer inputs than the model reads are truncated)"

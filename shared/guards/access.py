@@ -61,11 +61,11 @@ class Guards:
         self.limiter = RateLimiter(settings.rate_limit_storage)
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
 
-    def authenticate(self, headers: Headers) -> ApiKey | None:
-        """The caller's key entry; None when authentication is off."""
+    def authenticate(self, headers: Headers, presented: str | None = None) -> ApiKey | None:
+        """The caller's key entry (from the headers, else `presented`); None when authentication is off."""
         if not self.keys.enabled:
             return None
-        presented = presented_key(headers)
+        presented = presented_key(headers) or presented
         if presented is None:
             raise AuthenticationError(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' or an 'api-key' header."
@@ -77,9 +77,11 @@ class Guards:
             raise PermissionDeniedError(f"The API key {key.name!r} is disabled.", code="api_key_disabled")
         return key
 
-    async def admit(self, connection: HTTPConnection) -> None:
+    async def admit(self, connection: HTTPConnection, presented: str | None = None) -> None:
+        """Authenticate and rate-limit one request. `presented`: a key sent in the body, where no header can carry
+        one (a browser's WebSocket)."""
         ctx = request_context(connection)
-        key = self.authenticate(connection.headers)
+        key = self.authenticate(connection.headers, presented)
         ctx.key_name = key.name if key else None
         requests = (key.requests_per_minute if key else None) or self.settings.rate_limit_requests
         tokens = (key.tokens_per_minute if key else None) or self.settings.rate_limit_tokens

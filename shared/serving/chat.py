@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from sse_starlette import EventSourceResponse
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 
 from shared.catalog import ModelCatalog
+from shared.generation.engine import Stream
 from shared.generation.model import GenerationModel
 from shared.generation.params import SamplingParams
 from shared.http import generation_model, sse_frames
@@ -31,25 +33,54 @@ from shared.serving.sessions import Turn, begin_turn, trimmed
 from shared.serving.tools import StreamedCalls, finish, reply, template_messages
 
 
-async def create(
-    request: ChatCompletionRequest, catalog: ModelCatalog, http: Request
-) -> ChatCompletionResponse | EventSourceResponse:
+@dataclass
+class Started:
+    """A chat request queued on its model: what answering it needs."""
+
+    model: GenerationModel
+    params: SamplingParams
+    plan: ToolPlan | None
+    prompt_ids: list[int]
+    streams: list[Stream]
+    tracker: Tracker
+    turn: Turn | None
+
+
+async def start(request: ChatCompletionRequest, catalog: ModelCatalog, connection: HTTPConnection) -> Started:
+    """Check the request, build its prompt (a session's history first) and queue its choices (503 when full)."""
     settings = catalog.settings
     params = request.to_sampling_params(settings)
     plan, grammar_text, param = request.grammar(settings)
     model = await generation_model(catalog, request.model)
     grammar = await model.grammars.compile(grammar_text, param, settings.grammar_timeout) if grammar_text else None
     native = model.template_renders_tools
-    turn = await begin_turn(http, request.session_id, request.messages, request.n or 1) if request.session_id else None
+    n = request.n or 1
+    turn = await begin_turn(connection, request.session_id, request.messages, n) if request.session_id else None
     if turn is None:
         messages, tools = template_messages(request.messages, plan, native)
         prompt_ids = await asyncio.to_thread(model.encode_chat, messages, tools)  # off the event loop
     else:
         messages, tools, prompt_ids = await asyncio.to_thread(_session_prompt, model, turn, plan, native, params)
-    streams = submit(model, expand(model, [prompt_ids], params, request.n or 1, grammar=grammar))  # full: 503
-    tracker = Tracker.of(http, model)
+    streams = submit(model, expand(model, [prompt_ids], params, n, grammar=grammar))  # full: 503
+    tracker = Tracker.of(connection, model)
     if tracker.log_content:
         tracker.ctx.content["prompt"] = messages
+    return Started(model, params, plan, prompt_ids, streams, tracker, turn)
+
+
+async def create(
+    request: ChatCompletionRequest, catalog: ModelCatalog, http: Request
+) -> ChatCompletionResponse | EventSourceResponse:
+    started = await start(request, catalog, http)
+    model, params, plan, prompt_ids, streams, tracker, turn = (
+        started.model,
+        started.params,
+        started.plan,
+        started.prompt_ids,
+        started.streams,
+        started.tracker,
+        started.turn,
+    )
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         steps = Deltas(streams, tracker, params.logprobs)
