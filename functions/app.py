@@ -5,12 +5,13 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from functions import chat, compat, completions, embeddings, models, sessions
+from shared import ui
 from shared.asgi import create_app
 from shared.settings import Settings
 
 
 def build(settings: Settings | None = None) -> FastAPI:
-    return create_app(
+    app = create_app(
         chat.router,
         completions.router,
         embeddings.router,
@@ -20,3 +21,5 @@ def build(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         unguarded=(chat.socket_router,),
     )
+    ui.mount(app)
+    return app

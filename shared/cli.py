@@ -168,17 +168,24 @@ def _chat(args: argparse.Namespace) -> int:
         for model in client.models.list():
             print(f"{model.id}\t{getattr(model, 'kind', '')}")
         return 0
+    sampling: dict[str, Any] = {}
+    if args.max_tokens:
+        sampling["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        sampling["temperature"] = args.temperature
     if not args.prompt:
-        print("fnserve chat: give a prompt, or --list-models", file=sys.stderr)
-        return 2
+        if not sys.stdin.isatty():
+            print("fnserve chat: give a prompt, or --list-models (or run it in a terminal)", file=sys.stderr)
+            return 2
+        from shared.repl import Repl
+
+        return Repl(client, args.model, args.system, sampling, args.session).run()
     messages = [{"role": "user", "content": args.prompt}]
     if args.system:
         messages.insert(0, {"role": "system", "content": args.system})
-    options: dict[str, Any] = {"model": args.model, "messages": messages}
-    if args.max_tokens:
-        options["max_tokens"] = args.max_tokens
-    if args.temperature is not None:
-        options["temperature"] = args.temperature
+    options: dict[str, Any] = {"model": args.model, "messages": messages, **sampling}
+    if args.session:
+        options["extra_body"] = {"session_id": args.session}
     if args.json_schema:
         options["response_format"] = _json_schema_format(Path(args.json_schema))
     if args.stream:
@@ -255,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
 
     url = os.environ.get("FNSERVE_URL", "http://127.0.0.1:8000/v1")
     chat = commands.add_parser("chat", help="ask a running server (the official openai client)")
-    chat.add_argument("prompt", nargs="?")
+    chat.add_argument("prompt", nargs="?", help="one question; none: an interactive conversation (/help there)")
+    chat.add_argument("--session", metavar="ID", help="continue a stored session (/v1/sessions)")
     chat.add_argument("--model", default="default")
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--stream", action="store_true", help="print tokens as they come")

@@ -112,13 +112,21 @@ class SessionStore(Protocol):
 
 
 def open_store(settings: Settings) -> SessionStore:
-    """The store `session_store` names: sqlite:///path (the default, under the cache folder), redis://...,
-    or dynamodb://table."""
-    url = settings.session_store or f"sqlite:///{settings.cache_dir / 'sessions.db'}"
+    """The store `session_store` names: sqlite:///path, redis://... or dynamodb://table. Unset: the rate limits'
+    Redis where they use one, else sessions.db in the cache folder."""
+    url = settings.session_store
+    if url is None:  # several instances share the rate limits' Redis: then they share sessions there too
+        limits = settings.rate_limit_storage or ""
+        url = (
+            limits
+            if limits.startswith(("redis://", "rediss://"))
+            else f"sqlite:///{settings.cache_dir / 'sessions.db'}"
+        )
     if url.startswith("sqlite://"):
         from shared.sessions.sqlite import SQLiteStore
 
-        return SQLiteStore(url.removeprefix("sqlite://"), settings.session_ttl, settings.max_sessions)
+        path = url.removeprefix("sqlite://")  # sqlite:///abs/path (a file URL), sqlite://relative/path
+        return SQLiteStore(path[1:] if path.startswith("//") else path, settings.session_ttl, settings.max_sessions)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from shared.sessions.redis import RedisStore
 

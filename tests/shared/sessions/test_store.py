@@ -161,3 +161,12 @@ def test_two_processes_appending_at_once_lose_nothing(url: str, tmp_path: Path) 
 def test_messages_round_trip_as_json() -> None:
     m = Message("tool", "42", created=time.time(), tokens=1, tool_call_id="call_1")
     assert Message.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+
+
+def test_the_default_store_follows_the_rate_limits_redis(redis_url: str, tmp_path: Path) -> None:
+    from shared.sessions.redis import RedisStore
+    from shared.sessions.sqlite import SQLiteStore
+
+    assert isinstance(open_store(Settings(preload=[], rate_limit_storage=redis_url)), RedisStore)
+    local = open_store(Settings(preload=[], cache_dir=tmp_path))
+    assert isinstance(local, SQLiteStore) and local.path == tmp_path / "sessions.db"
