@@ -23,7 +23,7 @@ def stack() -> tuple[Recorder, dict[str, Any]]:
 def test_every_buffered_function_runs_a_handler_that_exists(stack: tuple[Recorder, dict[str, Any]]) -> None:
     recorder, _ = stack
     functions = {r.inputs["name"]: r.inputs for r in recorder.of(FUNCTION)}
-    assert set(functions) == {f"fnserve-{n}" for n in ("models", "embeddings", "chat", "completions")} | {
+    assert set(functions) == {f"fnserve-{n}" for n in ("models", "embeddings", "chat", "completions", "sessions")} | {
         "fnserve-chat-stream",
         "fnserve-completions-stream",
     }
@@ -79,3 +79,28 @@ def test_roles_may_write_their_logs_and_read_the_secret_only(stack: tuple[Record
     for policy in recorder.of("aws:iam/rolePolicy:RolePolicy"):
         assert "logs:CreateLogGroup" not in recorder.text(policy)  # the stack makes the groups, with retention
     assert all(g.inputs["retentionInDays"] > 0 for g in recorder.of("aws:cloudwatch/logGroup:LogGroup"))
+
+
+def test_sessions_live_in_a_dynamodb_table_shaped_as_the_store_expects(
+    stack: tuple[Recorder, dict[str, Any]],
+) -> None:
+    """The table the store's create_table makes: id key, the owner/updated index, TTL on expires; every function
+    is told where it is, and only chat and sessions may use it."""
+    from shared.sessions.dynamodb import OWNER_INDEX
+
+    recorder, outputs = stack
+    table = recorder.one("aws:dynamodb/table:Table").inputs
+    assert table["hashKey"] == "id" and table["billingMode"] == "PAY_PER_REQUEST"
+    [index] = table["globalSecondaryIndexes"]
+    assert (index["name"], index["hashKey"], index["rangeKey"]) == (OWNER_INDEX, "owner", "updated")
+    assert table["ttl"] == {"attributeName": "expires", "enabled": True}
+    assert "sessions_table" in outputs
+    routes = {r.inputs["routeKey"] for r in recorder.of("aws:apigatewayv2/route:Route")}
+    assert {"GET /v1/sessions", "POST /v1/sessions/{session_id}/rollback"} <= routes
+    for fn in recorder.of(FUNCTION):
+        assert fn.inputs["environment"]["variables"]["FNSERVE_SESSION_STORE"].startswith("dynamodb://")
+    users = {p.name for p in recorder.of("aws:iam/rolePolicy:RolePolicy") if "dynamodb:" in recorder.text(p)}
+    assert users == {"fnserve-chat", "fnserve-chat-stream", "fnserve-sessions"}
+    for name in users:
+        text = recorder.text(next(p for p in recorder.of("aws:iam/rolePolicy:RolePolicy") if p.name == name))
+        assert "dynamodb:*" not in text and "dynamodb:Scan" not in text
