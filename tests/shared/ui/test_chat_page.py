@@ -33,10 +33,24 @@ def test_the_vendored_libraries_are_the_recorded_ones() -> None:
             assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
 
 
+def stored_answer(server_url: str, title: str, answer: str) -> str:
+    """A session whose first answer is `answer`: a turn may carry earlier messages, the assistant's included."""
+    sid = str(httpx.post(f"{server_url}/v1/sessions", json={"title": title}).json()["id"])
+    messages = [
+        {"role": "user", "content": "Show me."},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "Thanks."},
+    ]
+    turn = {"session_id": sid, "max_tokens": 2, "messages": messages}
+    assert httpx.post(f"{server_url}/v1/chat/completions", json=turn, timeout=60).status_code == 200
+    return sid
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=20_000)  # answers stream on a CPU, maybe a busy one: waits are for events, not speed
     if not Path(CHROMIUM).exists():
         pytest.fail("chromium is not installed (apt-get install chromium; .ci/run does)")
     with sync_playwright() as p:
@@ -129,17 +143,7 @@ def test_chatting_in_the_browser(browser: object, server_url: str) -> None:
     page.screenshot(path=str(ARTIFACTS / "chat-dark.png"))
 
     # An answer holding HTML and a script shows them as text; nothing in it runs.
-    sid = httpx.post(f"{server_url}/v1/sessions", json={"title": "untrusted"}).json()["id"]
-    turn = {
-        "session_id": sid,
-        "max_tokens": 2,
-        "messages": [
-            {"role": "user", "content": "Show me HTML."},
-            {"role": "assistant", "content": XSS},
-            {"role": "user", "content": "Thanks."},
-        ],
-    }
-    assert httpx.post(f"{server_url}/v1/chat/completions", json=turn, timeout=60).status_code == 200
+    stored_answer(server_url, "untrusted", XSS)
     page.reload()
     page.locator("#sessions li .title", has_text="untrusted").click()
     reply = page.locator(".message.assistant").first
@@ -160,18 +164,7 @@ def test_code_blocks_are_highlighted_with_a_copy_button(browser: object, server_
     from playwright.sync_api import Browser, expect
 
     assert isinstance(browser, Browser)
-    sid = httpx.post(f"{server_url}/v1/sessions", json={"title": "code"}).json()["id"]
-    code = "Try this:\n\n```python\ndef add(a, b):\n    return a + b\n```\n"
-    turn = {
-        "session_id": sid,
-        "max_tokens": 2,
-        "messages": [
-            {"role": "user", "content": "Code?"},
-            {"role": "assistant", "content": code},
-            {"role": "user", "content": "ok"},
-        ],
-    }
-    assert httpx.post(f"{server_url}/v1/chat/completions", json=turn, timeout=60).status_code == 200
+    sid = stored_answer(server_url, "code", "Try this:\n\n```python\ndef add(a, b):\n    return a + b\n```\n")
     context = browser.new_context()
     context.add_init_script(f"localStorage.setItem('fnserve.session', JSON.stringify({json.dumps(sid)}))")
     page = context.new_page()
