@@ -51,6 +51,8 @@ async def serve(socket: WebSocket, catalog: ModelCatalog) -> None:
             try:
                 raw = await asyncio.wait_for(socket.receive_text(), min(settings.ws_idle_timeout, max(left, 0.0)))
             except TimeoutError:
+                if left > settings.ws_idle_timeout and running is not None and not running.done():
+                    continue  # answering is not idle
                 await socket.close(CLOSE_NORMAL, "idle" if left > settings.ws_idle_timeout else "time limit")
                 return
             if len(raw.encode()) > settings.max_body_bytes:
