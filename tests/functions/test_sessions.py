@@ -157,6 +157,9 @@ def test_a_cancelled_turn_is_not_kept(server: Server) -> None:
             if '"content"' in line:
                 break  # the client leaves mid-reply
     assert call(server, "GET", f"/v1/sessions/{sid}").json()["messages"] == []
+    failed = turn(server, sid, "word " * 1200)  # longer than the context alone: refused, nothing kept
+    assert failed.status_code == 400 and failed.json()["error"]["code"] == "context_length_exceeded"
+    assert call(server, "GET", f"/v1/sessions/{sid}").json()["messages"] == []
 
 
 def test_concurrent_turns_on_one_session_never_interleave(server: Server) -> None:
