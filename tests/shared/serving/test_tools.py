@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 
+from shared.generation.model import GenerationModel
 from shared.protocol.chat import ChatMessage
 from shared.protocol.structured import ToolPlan, tool_plan
 from shared.serving.tools import StreamedCalls, reply, template_messages
@@ -86,3 +88,27 @@ def test_templates_without_tools_get_them_in_the_system_turn_and_calls_in_the_fo
     assert definitions and definitions[0]["function"]["name"] == "get_weather"
     assert native[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Rome"}
     assert template_messages(messages, plan("none"), native=False)[0][0]["content"] == "Be brief."
+
+
+def test_a_template_that_renders_tools_gets_them_and_earlier_calls_as_objects(smol: GenerationModel) -> None:
+    """A chat template that lays out `tools` itself (as Qwen's and Llama 3's do) receives them from fnserve."""
+    template = (
+        "{% if tools %}TOOLS:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}"
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+        "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} {{ c.function.arguments.city }}{% endfor %}\n"
+        "{% endfor %}assistant:"
+    )
+    tokenizer = copy.deepcopy(smol.tokenizer)
+    tokenizer.chat_template = template
+    messages = [
+        ChatMessage(role="user", content="Weather?"),
+        ChatMessage.model_validate(
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": "c1", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}],
+            }
+        ),
+    ]
+    conversation, tools = template_messages(messages, plan(), native="tools" in template)
+    text = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False)  # type: ignore[arg-type]
+    assert "TOOLS: get_weather now" in text and "CALL get_weather Rome" in text
