@@ -226,6 +226,8 @@ class Engine:
         """One forward pass: a decode token for every sequence that has one, and one prompt chunk."""
         running = self._running
         self._remove({i: "cancelled" for i, s in enumerate(running) if s.seq.cancelled})
+        if not running:  # every sequence it had was cancelled: no step to run
+            return
         done: dict[int, Outcome] = {}
         chunk: Chunk | None = None
         pending = next((i for i, s in enumerate(running) if s.prefilled < len(s.seq.prompt_ids)), None)

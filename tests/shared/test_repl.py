@@ -36,6 +36,7 @@ def test_two_turns_reset_and_ctrl_c_during_an_answer(server_url: str) -> None:
     child.expect(r"\(conversation cleared\)")
     before = cancelled(server_url)
     child.sendline("Write a very long story about a dragon, with many chapters.")
+    child.expect_exact("chapters.\r\n")  # the terminal's echo of the line
     child.expect(r"\w+ \w+ \w+")  # the answer has started
     child.sendintr()  # Ctrl-C
     child.expect(r"\(stopped\)")

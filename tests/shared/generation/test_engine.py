@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -278,3 +279,25 @@ async def test_a_cancelled_handler_cancels_its_generation(smol: GenerationModel)
         await asyncio.sleep(0.01)
     assert smol.engine.stats.running == 0
     assert all(len(s.seq.output_ids) < 400 for s in streams)
+
+
+async def test_cancelling_the_only_running_sequence_counts_a_cancel_and_no_failure(
+    smol: GenerationModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With its last sequence cancelled, a step used to run with no rows at all, fail in the runner (an empty
+    index), and log a generation error."""
+    while smol.engine.stats.running:
+        await asyncio.sleep(0.01)
+    before = smol.engine.stats
+    prompt_ids = smol.encode_chat([{"role": "user", "content": "Tell me a long story."}])
+    stream = smol.generate(prompt_ids, SamplingParams(max_tokens=400, ignore_eos=True, temperature=0))
+    await stream.__anext__()
+    await stream.aclose()
+    for _ in range(500):
+        if smol.engine.stats.running == 0:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # a step after the removal, where the failure was
+    after = smol.engine.stats
+    assert after.cancelled == before.cancelled + 1 and after.failed == before.failed
+    assert not [r for r in caplog.records if r.name == "shared.generation.engine" and r.levelno >= logging.ERROR]
