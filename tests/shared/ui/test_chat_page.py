@@ -47,6 +47,17 @@ def stored_answer(server_url: str, title: str, answer: str) -> str:
 
 
 @pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server of this module's own, so its sessions list holds only what these tests make."""
+    from tests.servers import running_server
+
+    folder = tmp_path_factory.mktemp("page")
+    env = {"FNSERVE_SESSION_STORE": f"sqlite:///{folder / 'sessions.db'}", "FNSERVE_MAX_MODEL_LEN": "2048"}
+    with running_server(folder / "fnserve.log", env) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     from playwright.sync_api import expect, sync_playwright
 
