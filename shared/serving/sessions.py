@@ -4,6 +4,7 @@ history before the new messages, trimmed to the context; the turn's messages com
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,20 +16,24 @@ from shared.protocol.chat import ChatMessage, ToolCall
 from shared.sessions.store import Message, Session, SessionStore, open_store
 from shared.settings import Settings
 
-_lock = asyncio.Lock()
+_opening = threading.Lock()  # a thread lock, not an asyncio one: apps may run on several event loops
 TITLE_CHARS = 60
 
 
 async def store_of(connection: HTTPConnection) -> SessionStore:
     """The app's session store, opened on first use (a function that never touches sessions opens nothing)."""
     state = connection.app.state
-    if getattr(state, "sessions", None) is None:
-        async with _lock:
+
+    def opened() -> SessionStore:
+        with _opening:
             if getattr(state, "sessions", None) is None:
                 settings: Settings = state.settings
-                state.sessions = await asyncio.to_thread(open_store, settings)
-    store: SessionStore = state.sessions
-    return store
+                state.sessions = open_store(settings)
+            store: SessionStore = state.sessions
+            return store
+
+    existing: SessionStore | None = getattr(state, "sessions", None)
+    return existing if existing is not None else await asyncio.to_thread(opened)
 
 
 def owner_of(connection: HTTPConnection) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -48,9 +49,17 @@ def create_table(name: str, client: Any = None) -> None:
 
 class DynamoDBStore:
     def __init__(self, table: str, ttl: float, max_sessions: int) -> None:
-        self.table = boto3.resource("dynamodb").Table(table)
+        self.name = table
         self.ttl = ttl
         self.max_sessions = max_sessions
+        self._local = threading.local()
+
+    @property
+    def table(self) -> Any:
+        """This thread's Table: boto3 resources are not safe to share between threads (its clients are)."""
+        if getattr(self._local, "table", None) is None:
+            self._local.table = boto3.resource("dynamodb").Table(self.name)
+        return self._local.table
 
     async def _run(self, work: Callable[[], T]) -> T:
         return await asyncio.to_thread(work)
