@@ -41,6 +41,12 @@ class RequestContext:
     finished: float | None = None  # perf_counter() of the last token
     content: dict[str, Any] = field(default_factory=dict)  # prompt/completion, only when log_content is on
 
+    async def charge(self) -> None:
+        """Charge the request's tokens to its budget, once it has ended (a stream's included)."""
+        if self.token_budget is not None:
+            limiter, identity, item = self.token_budget
+            await limiter.charge(identity, item, self.prompt_tokens + self.completion_tokens)
+
 
 def request_context(connection: HTTPConnection) -> RequestContext:
     ctx: RequestContext | None = getattr(connection.state, "fnserve", None)

@@ -98,9 +98,7 @@ class RequestMiddleware:
             await self.app(scope, receive, send_with_headers)
         finally:
             self.lifecycle.in_flight -= 1
-            if ctx.token_budget is not None:
-                limiter, identity, item = ctx.token_budget
-                await limiter.charge(identity, item, ctx.prompt_tokens + ctx.completion_tokens)
+            await ctx.charge()
             self._finish(scope, ctx, status)
 
     def _finish(self, scope: Scope, ctx: RequestContext, status: int, counted: bool = False) -> None:

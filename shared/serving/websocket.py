@@ -149,9 +149,7 @@ async def _answer(
     except FnserveError as exc:
         await _error(socket, exc)
     finally:
-        if ctx.token_budget is not None:  # the tokens of this request, as the HTTP middleware charges them
-            limiter, identity, item = ctx.token_budget
-            await limiter.charge(identity, item, ctx.prompt_tokens + ctx.completion_tokens)
+        await ctx.charge()  # this request's tokens, as the HTTP middleware charges a request's
 
 
 async def _error(socket: WebSocket, error: FnserveError) -> None:
