@@ -72,21 +72,14 @@ async def create(
     request: ChatCompletionRequest, catalog: ModelCatalog, http: Request
 ) -> ChatCompletionResponse | EventSourceResponse:
     started = await start(request, catalog, http)
-    model, params, plan, prompt_ids, streams, tracker, turn = (
-        started.model,
-        started.params,
-        started.plan,
-        started.prompt_ids,
-        started.streams,
-        started.tracker,
-        started.turn,
-    )
+    model, params, plan, turn = started.model, started.params, started.plan, started.turn
+    prompt_ids = started.prompt_ids
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        steps = Deltas(streams, tracker, params.logprobs)
+        steps = Deltas(started.streams, started.tracker, params.logprobs)
         return EventSourceResponse(sse_frames(_chunks(model, steps, len(prompt_ids), include_usage, plan, turn)))
 
-    choices = await collect_jobs(model, streams, http.is_disconnected, tracker)
+    choices = await collect_jobs(model, started.streams, http.is_disconnected, started.tracker)
     replies = [reply(c.text, plan) for c in choices]
     if turn is not None and choices[0].finish_reason in ("stop", "length"):  # cancelled: nothing is kept
         await turn.commit(*replies[0], len(prompt_ids), len(choices[0].token_ids))
@@ -152,10 +145,11 @@ async def _chunks(
     opening = None if calls is not None else ""  # a reply that may be calls has content null until it is text
     for i in range(len(steps.streams)):
         yield chunk([ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=opening))])
-    text, finished = "", None
+    text, finished = "", None  # a session turn's reply, kept when it is whole
     async for delta in steps:
-        text += delta.text
-        finished = delta.finish_reason or finished
+        if turn is not None:
+            text += delta.text
+            finished = delta.finish_reason or finished
         logprobs = None
         if delta.step.logprob is not None:
             logprobs = ChoiceLogprobs(content=[token_logprob(model, delta.step)])
