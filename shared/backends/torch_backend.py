@@ -81,6 +81,7 @@ class TorchBackend:
                 slots=s.max_running + s.prefix_cache_slots,
                 max_len=s.max_model_len or min(2048, config.max_position_embeddings),
                 device=self.device,
+                packed_dir=s.cache_dir / "packed",
             )
         from transformers import AutoModelForCausalLM  # 1.7 s of imports the batched runner never needs
 

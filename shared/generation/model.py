@@ -39,7 +39,7 @@ class GenerationModel:
         self.id = model_id
         self.tokenizer = load_tokenizer(model_dir)
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
-        # Constrained decoding's tokenizer adapter builds on its own thread while the weights load.
+        # Constrained decoding's tokenizer adapter is built on the first request that needs it.
         self.grammars = Grammars(self.tokenizer, self.eos_ids)
         # The engine loads the weights on its own thread (see Engine) and serves from there.
         self.engine = Engine(
