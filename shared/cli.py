@@ -151,8 +151,24 @@ def _prepare(args: argparse.Namespace) -> int:
     for config in settings.all_models:
         if config.id in wanted:
             resolve = resolve_embedding_model if config.kind == "embedding" else resolve_generation_model
-            print(f"{config.id}: {resolve(config, settings.cache_dir)}")
+            path = resolve(config, settings.cache_dir)
+            print(f"{config.id}: {path}")
+            if config.kind != "embedding" and settings.backend in ("auto", "cpu"):
+                _pack(settings, path)
     return 0
+
+
+def _pack(settings: Settings, model_dir: Path) -> None:
+    """Load a generation model once on the CPU backend, as a start would: its weights are packed for the kernels
+    and kept in the cache (shared.backends.llama.PackedWeights), so an image's starts map them."""
+    from shared.backends import select_backend
+    from shared.backends.llama import LlamaConfig
+
+    if LlamaConfig.from_dir(model_dir) is None:
+        return  # served by transformers' own model: nothing to pack
+    backend = select_backend(settings.model_copy(update={"max_running": 1, "prefix_cache_slots": 0}))
+    if backend.name == "cpu":
+        backend.load(model_dir)
 
 
 def _client(args: argparse.Namespace) -> Any:

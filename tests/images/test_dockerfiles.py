@@ -83,6 +83,7 @@ def test_lambda_entry_points_write_nothing_outside_tmp(tmp_path: Path) -> None:
     # The build runs as root and the image as uid 10001: whatever the build wrote must be readable by others.
     for path in cache.rglob("*"):
         assert path.stat().st_mode & (0o005 if path.is_dir() else 0o004), f"{path} is not readable by the image's user"
+    assert list((cache / "packed").glob("SmolLM2*.safetensors"))  # the int4 weights, packed as a start needs them
     question = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
     events: list[list[Any]] = [
         ["functions.models", api_gateway_v2("GET", "/v1/models")],
@@ -99,6 +100,7 @@ def test_lambda_entry_points_write_nothing_outside_tmp(tmp_path: Path) -> None:
         cwd=writable,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    assert "packed weights" not in done.stderr  # mapped as prepared: neither packed again nor written
     models, chat, embeddings = json.loads(done.stdout.splitlines()[-1])
     assert [r["statusCode"] for r in (models, chat, embeddings)] == [200, 200, 200], done.stdout[-2000:]
     assert "Paris" in json.loads(chat["body"])["choices"][0]["message"]["content"]
