@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctx", type=int, default=512, help="tokens a chunk (llama-perplexity's -c)")
     parser.add_argument("--chunks", type=int, default=6)
     parser.add_argument(
-        "--configs", default="int4,int8,mixed,bfloat16", help="quantizations (bfloat16 weights) beside float32"
+        "--configs",
+        default="int4,int8,mixed,bfloat16",
+        help="quantizations (bfloat16 weights) beside float32; auto is what the default configuration runs",
     )
     parser.add_argument("--model", default="default", help="an embedded generation model's id")
     parser.add_argument("--out", help="write the figures here (JSON)")

@@ -428,7 +428,7 @@ def _load_weights(
         quantization = "int4" if exact else "none"
         if not exact:
             groups4.clear()
-        state = "are" if exact else "are not"
+        state = "are" if exact else f"are not: weights in {str(dtype).removeprefix('torch.')}"
         log.info("quantization auto: %s (layer weights %s 4-bit groups already)", quantization, state)
     embed = get("embed_tokens.weight")
     groups = quantize_groups8(embed) if quantization != "none" else None
