@@ -160,7 +160,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _pack(settings: Settings, model_dir: Path) -> None:
     """Load a generation model once on the CPU backend, as a start would: its weights are packed for the kernels
-    and kept in the cache (shared.backends.llama.PackedWeights), so an image's starts map them."""
+    and kept in the cache (shared.backends.packed.PackedWeights), so an image's starts map them."""
     from shared.backends import select_backend
     from shared.backends.llama import LlamaConfig
 

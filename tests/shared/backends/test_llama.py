@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -129,62 +128,3 @@ def test_a_quantized_runner_keeps_no_float32_checkpoint_in_memory(catalog: Model
     checkpoint = str(model_dir(catalog) / "model.safetensors")
     assert not any(checkpoint in line for line in open("/proc/self/maps"))
     assert runner.decode([5], [0]).shape == (1, runner.config.vocab_size)
-
-
-def test_packed_weights_kept_from_one_start_give_the_same_bits_at_the_next(
-    catalog: ModelCatalog, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """`auto` packs SmolLM2 to int4 once and keeps it; the next start maps that file (no check, no packing) and
-    computes the same logits, bit for bit. A damaged file is packed and written again."""
-    path = model_dir(catalog)
-    config = LlamaConfig.from_dir(path)
-    assert config is not None
-
-    def start() -> LlamaRunner:
-        return LlamaRunner(
-            path, config, dtype=torch.float32, quantization="auto", slots=4, max_len=64, packed_dir=tmp_path
-        )
-
-    def logits(runner: LlamaRunner) -> np.ndarray:
-        runner.prefill(1, [1, 504, 3459, 282, 4649, 314], 0)
-        return runner.decode([28, 46, 9], [6, 0, 0])
-
-    caplog.set_level("INFO", logger="shared.backends.llama")
-    first = start()
-    (saved,) = tmp_path.glob("*.safetensors")
-    assert "loaded packed weights" not in caplog.text
-    caplog.clear()
-    again = start()
-    assert "loaded packed weights" in caplog.text and "quantization auto" not in caplog.text
-    assert again.quantization == first.quantization == "int4"
-    assert any(str(saved) in line for line in open("/proc/self/maps"))  # mapped, not copied
-    np.testing.assert_array_equal(logits(again), logits(first))
-
-    saved.write_bytes(saved.read_bytes()[:1000])  # cut short, as by a full disk
-    caplog.clear()
-    damaged = start()
-    assert "ignoring the packed weights" in caplog.text
-    np.testing.assert_array_equal(logits(damaged), logits(first))
-    caplog.clear()
-    start()
-    assert "loaded packed weights" in caplog.text  # written anew
-
-
-def test_auto_remembers_a_checkpoint_that_is_not_4_bit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A float checkpoint stays as stored under `auto`; the check runs once, and the mark it leaves holds no
-    weights (the model's own file is what the kernels read)."""
-    from tests.shared.backends.test_llama_configs import tiny_model
-
-    model = tmp_path / "model"
-    tiny_model(model)
-    config = LlamaConfig.from_dir(model)
-    assert config is not None
-    caplog.set_level("INFO", logger="shared.backends.llama")
-    for _ in range(2):
-        runner = LlamaRunner(
-            model, config, dtype=torch.float32, quantization="auto", slots=1, max_len=32, packed_dir=tmp_path / "p"
-        )
-        assert runner.quantization == "none"
-    assert caplog.text.count("quantization auto: none") == 1
-    (mark,) = (tmp_path / "p").glob("*.safetensors")
-    assert mark.stat().st_size < 1024
