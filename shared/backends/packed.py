@@ -49,7 +49,9 @@ class PackedWeights:
             fingerprint(model_dir / "model.safetensors"),
         ]
         key = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
-        self.path = directory / f"{model_dir.name}-{quantization}-{key}.safetensors"
+        self._stem = f"{model_dir.name}-{quantization}"
+        self._made_by = f"{PACK_FORMAT} torch {torch.__version__}"  # what a file's readers must match
+        self.path = directory / f"{self._stem}-{key}.safetensors"
 
     def quantization(self) -> Quantization | None:
         """What the saved weights were prepared for, or None when nothing (readable) is saved."""
@@ -112,7 +114,12 @@ class PackedWeights:
                     tensors[f"{name}/"] = value
                 elif value is not None:
                     raise TypeError(f"{name}: {type(value).__name__} weights are not saved")
-        meta = {"quantization": weights.quantization, "kinds": json.dumps(kinds), "layers": str(len(weights.layers))}
+        meta = {
+            "quantization": weights.quantization,
+            "kinds": json.dumps(kinds),
+            "layers": str(len(weights.layers)),
+            "made_by": self._made_by,
+        }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}-", dir=self.path.parent)
@@ -125,3 +132,20 @@ class PackedWeights:
                 Path(tmp).unlink(missing_ok=True)
         except OSError as exc:
             log.warning("could not keep the packed weights in %s: %s", self.path, exc)
+            return
+        self._prune()
+
+    def _prune(self) -> None:
+        """Remove this model's files that an earlier torch or file format made: nothing here can read them again
+        (130 MB each for SmolLM2). Files of other settings (another dtype, quantization or model) stay."""
+        for other in self.path.parent.glob(f"{self._stem}-*.safetensors"):
+            if other == self.path:
+                continue
+            try:
+                with safe_open(other, "pt") as f:
+                    made_by = (f.metadata() or {}).get("made_by")
+                if made_by != self._made_by:
+                    other.unlink()
+                    log.info("removed packed weights an earlier version made: %s", other)
+            except Exception:  # unreadable (damaged): left alone
+                continue

@@ -70,3 +70,28 @@ def test_auto_remembers_a_checkpoint_that_is_not_4_bit(tmp_path: Path, caplog: p
     assert caplog.text.count("quantization auto: none") == 1
     (mark,) = (tmp_path / "p").glob("*.safetensors")
     assert mark.stat().st_size < 1024
+
+
+def test_files_an_earlier_version_made_are_removed_and_other_settings_kept(
+    catalog: ModelCatalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new file replaces this model's files of an earlier format or torch (nothing can read them again); a file
+    of other settings (another dtype) stays."""
+    from shared.backends import packed
+    from shared.backends.llama import Embedding, Linear, Weights
+
+    path = model_dir(catalog)
+    row = torch.zeros(1, 32)
+    mark = Weights("none", Embedding(row, torch.float32, None), Linear(row, torch.float32, "none"), row[0], [])
+    current = packed.PACK_FORMAT
+    monkeypatch.setattr(packed, "PACK_FORMAT", current - 1)
+    earlier = packed.PackedWeights(tmp_path, path, "auto", torch.float32)
+    earlier.save(mark)
+    monkeypatch.setattr(packed, "PACK_FORMAT", current)
+    other = packed.PackedWeights(tmp_path, path, "auto", torch.bfloat16)
+    other.save(mark)
+    assert not earlier.path.exists() and other.path.exists()
+    now = packed.PackedWeights(tmp_path, path, "auto", torch.float32)
+    now.save(mark)
+    assert sorted(tmp_path.iterdir()) == sorted([other.path, now.path])
+    assert now.quantization() == other.quantization() == "none"
