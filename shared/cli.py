@@ -166,7 +166,7 @@ def _pack(settings: Settings, model_dir: Path) -> None:
 
     if LlamaConfig.from_dir(model_dir) is None:
         return  # served by transformers' own model: nothing to pack
-    backend = select_backend(settings.model_copy(update={"max_running": 1, "prefix_cache_slots": 0}))
+    backend = select_backend(settings)
     if backend.name == "cpu":
         backend.load(model_dir)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from shared.settings import Quantization
 
@@ -70,9 +70,9 @@ class PackedWeights:
         from shared.backends.llama import Embedding, Layer, Linear, Weights  # that module imports this one
 
         try:
-            with safe_open(self.path, "pt") as f:
+            with safe_open(self.path, "pt") as f:  # the tensors map the file, as safetensors' load_file does
                 meta = f.metadata()
-            tensors = load_file(self.path)
+                tensors = f.get_tensors()
             kinds: dict[str, Kind] = json.loads(meta["kinds"])
             parts: dict[str, dict[str, torch.Tensor]] = {}
             for name, t in tensors.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -12,15 +13,31 @@ import torch
 from shared.backends import Chunk
 from shared.backends.llama import LlamaConfig, LlamaRunner
 from shared.catalog import ModelCatalog
+from shared.settings import Quantization
 from tests.shared.backends.test_conformance import model_dir
 
 
-def smol(catalog: ModelCatalog, dtype: torch.dtype, quantization: str, slots: int, max_len: int) -> LlamaRunner:
+def smol(
+    catalog: ModelCatalog,
+    dtype: torch.dtype,
+    quantization: Quantization,
+    slots: int,
+    max_len: int,
+    packed_dir: Path | None = None,
+) -> LlamaRunner:
     """The batched runner on the embedded SmolLM2."""
     path = model_dir(catalog)
     config = LlamaConfig.from_dir(path)
     assert config is not None
-    return LlamaRunner(path, config, dtype=dtype, quantization=quantization, slots=slots, max_len=max_len)  # type: ignore[arg-type]
+    return LlamaRunner(
+        path,
+        config,
+        dtype=dtype,
+        quantization=quantization,
+        slots=slots,
+        max_len=max_len,
+        packed_dir=packed_dir,
+    )
 
 
 @pytest.mark.parametrize("quantization", ["int4", "int8"])

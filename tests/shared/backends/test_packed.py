@@ -11,6 +11,7 @@ import torch
 from shared.backends.llama import LlamaConfig, LlamaRunner
 from shared.catalog import ModelCatalog
 from tests.shared.backends.test_conformance import model_dir
+from tests.shared.backends.test_llama import smol
 
 
 def test_packed_weights_kept_from_one_start_give_the_same_bits_at_the_next(
@@ -18,14 +19,9 @@ def test_packed_weights_kept_from_one_start_give_the_same_bits_at_the_next(
 ) -> None:
     """`auto` packs SmolLM2 to int4 once and keeps it; the next start maps that file (no check, no packing) and
     computes the same logits, bit for bit. A damaged file is packed and written again."""
-    path = model_dir(catalog)
-    config = LlamaConfig.from_dir(path)
-    assert config is not None
 
     def start() -> LlamaRunner:
-        return LlamaRunner(
-            path, config, dtype=torch.float32, quantization="auto", slots=4, max_len=64, packed_dir=tmp_path
-        )
+        return smol(catalog, torch.float32, "auto", 4, 64, packed_dir=tmp_path)
 
     def logits(runner: LlamaRunner) -> np.ndarray:
         runner.prefill(1, [1, 504, 3459, 282, 4649, 314], 0)
