@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from shared.backends import BatchRunner, ModelRunner
 from shared.errors import ContextLengthExceededError, InvalidRequestError
@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from llguidance import LLMatcher
 
 Message = dict[str, Any]
+
+# transformers' tokenizer of a tokenizer.json as it is, under its two names
+GENERIC_TOKENIZERS = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
 
 
 class GenerationModel:
@@ -132,12 +135,18 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 
     When tokenizer_config.json names the tokenizer's class, that class loads it directly: AutoTokenizer would
     first build the model's own config class, which imports transformers' modeling code (1.5 s of a 3 s cold
-    start here) only to learn the class the file already names.
+    start here) only to learn the class the file already names. transformers' generic class (what the models
+    converted from a GGUF name) is imported as itself: finding a class by its name imports transformers' registry
+    of every model, ~0.4 s of a function's cold start.
     """
-    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
-
     config = model_dir / "tokenizer_config.json"
     name = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if name in GENERIC_TOKENIZERS:
+        generic: PreTrainedTokenizerBase = PreTrainedTokenizerFast.from_pretrained(model_dir)
+        return generic
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
     cls = tokenizer_class_from_name(name) if isinstance(name, str) else None
     tokenizer: PreTrainedTokenizerBase = (cls or AutoTokenizer).from_pretrained(model_dir)
     return tokenizer
