@@ -187,25 +187,24 @@ def test_chat_without_a_template_is_a_clear_error(catalog) -> None:  # type: ign
 def test_the_generic_tokenizer_loads_without_transformers_model_registry(catalog) -> None:  # type: ignore[no-untyped-def]
     """The embedded models name transformers' generic tokenizer; loading it as itself skips transformers' registry
     of every model (~0.4 s of a function's cold start) and tokenizes exactly as that registry's class does."""
+    from transformers import AutoTokenizer
+
     from tests.shared.backends.test_conformance import model_dir
 
     path = model_dir(catalog)
+    messages = [{"role": "user", "content": "What is 17 times 23?"}]
     code = (
-        "import json, sys; from shared.generation.model import load_tokenizer; "
-        f"t = load_tokenizer(__import__('pathlib').Path({str(path)!r})); "
-        "chat = t.apply_chat_template([{'role': 'user', 'content': 'What is 17 times 23?'}], "
-        "add_generation_prompt=True, tokenize=True); "
-        "print(json.dumps([list(chat['input_ids'] if hasattr(chat, 'keys') else chat), "
-        "t('12 cafés  déjà-vu')['input_ids'], 'transformers.models' in sys.modules]))"
+        "import json, pathlib, sys; from shared.generation.model import load_tokenizer; "
+        f"t = load_tokenizer(pathlib.Path({str(path)!r})); "
+        f"chat = t.apply_chat_template({messages!r}, add_generation_prompt=True, tokenize=False); "
+        "print(json.dumps([chat, t(chat, add_special_tokens=False)['input_ids'], t('12 cafés  déjà-vu')['input_ids'], "
+        "'transformers.models' in sys.modules]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    chat, plain, registry_imported = json.loads(out.splitlines()[-1])
+    chat, chat_ids, plain_ids, registry_imported = json.loads(out.splitlines()[-1])
     assert not registry_imported
-    from transformers import AutoTokenizer
-
     reference = AutoTokenizer.from_pretrained(path)
-    expected = reference.apply_chat_template(
-        [{"role": "user", "content": "What is 17 times 23?"}], add_generation_prompt=True, tokenize=True
-    )
-    assert chat == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
-    assert plain == reference("12 cafés  déjà-vu")["input_ids"]
+    expected = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert chat == expected and "17 times 23" in chat
+    assert chat_ids == reference(expected, add_special_tokens=False)["input_ids"]
+    assert plain_ids == reference("12 cafés  déjà-vu")["input_ids"]
