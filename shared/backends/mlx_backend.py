@@ -2,8 +2,10 @@
 
 Models whose mlx-lm cache is a plain KV cache in every layer (Llama, Qwen, Mistral without a rotating window)
 run batched: decode rows go through mlx-lm's own `BatchKVCache` (right-aligned rows with per-row left padding,
-the layout its `BatchGenerator` uses) and prompt chunks through a sequence's own `KVCache`. Others (Gemma 3's
-sliding layers) step each sequence in turn.
+the layout its `BatchGenerator` uses) and prompt chunks through a sequence's own `KVCache`. So does Gemma 3,
+whose sliding layers mask their window themselves: there those layers keep every position in a plain cache
+(more memory than mlx-lm's rotating cache of the window, the same attention). Other models with rotating caches
+step each sequence in turn.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.utils import load_model
 
 from shared.backends import Chunk
 from shared.settings import Settings
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+
+# mlx-lm models whose sliding-window layers build their masks with the window (`window_size`), so a plain cache
+# of every position attends as their rotating cache of the window does.
+WINDOW_MASKED = frozenset({"gemma3_text", "gemma3"})
 
 # One sequence's cache: (keys, values) of each layer, each (1, kv heads, positions, head dim).
 Content = list[tuple[mx.array, mx.array]]
@@ -189,7 +195,7 @@ class MLXBatchRunner:
         return []
 
     def _chunk(self, chunk: Chunk) -> np.ndarray:
-        caches = make_prompt_cache(self.model)
+        caches = [KVCache() for _ in range(self._layers)]
         if chunk.start:
             for cache, (k, v) in zip(caches, self._content(chunk.slot, chunk.start), strict=True):
                 cache.keys, cache.values, cache.offset = k, v, k.shape[2]
@@ -208,18 +214,31 @@ def _copy(content: Content) -> Content:
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, dtype: str, slots: int, engine: str) -> None:
+    def __init__(self, dtype: str, slots: int, engine: str, max_model_len: int | None = None) -> None:
         self.dtype = dtype
         self.slots = slots
         self.engine = engine
+        self.max_model_len = max_model_len
 
     def load(self, model_dir: Path) -> MLXRunner | MLXBatchRunner:
         model, config = load_model(Path(model_dir))
         model.set_dtype(_DTYPES[self.dtype])
         context = int(config.get("max_position_embeddings", 2048))
-        if self.engine == "batched" and all(type(c) is KVCache for c in make_prompt_cache(model)):
-            return MLXBatchRunner(model, context, self.slots)
+        if self.engine == "batched" and batchable(model):
+            # the batched engine's context, as on torch: 2048 unless max_model_len says otherwise
+            return MLXBatchRunner(model, self.max_model_len or min(2048, context), self.slots)
         return MLXRunner(model, context)
+
+
+def batchable(model: Any) -> bool:
+    """Whether the batch runner's plain caches give this model's attention: every layer's mlx-lm cache is plain,
+    or it is a rotating cache of a window the model also masks (and keeps no first positions)."""
+    caches = make_prompt_cache(model)
+    if all(type(c) is KVCache for c in caches):
+        return True
+    return getattr(model, "model_type", None) in WINDOW_MASKED and all(
+        type(c) is KVCache or (type(c) is RotatingKVCache and c.keep == 0) for c in caches
+    )
 
 
 def create(name: str, settings: Settings) -> MLXBackend:
@@ -228,4 +247,5 @@ def create(name: str, settings: Settings) -> MLXBackend:
         "float32" if settings.dtype == "auto" else settings.dtype,
         settings.max_running + settings.prefix_cache_slots,
         settings.engine,
+        settings.max_model_len,
     )

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pytest
 
 from shared.catalog import ModelCatalog
@@ -92,11 +94,62 @@ def test_the_engine_batches_on_mlx_as_it_steps_each_alone(batched: GenerationMod
     assert want[0].startswith("The capital of France is Paris")
 
 
-def test_models_with_rotating_caches_step_each_sequence(catalog: ModelCatalog) -> None:
-    """Gemma 3's sliding layers use mlx-lm's rotating cache, which the batch runner does not take."""
+def test_gemma_3_runs_batched_and_other_rotating_caches_step_each_sequence(catalog: ModelCatalog) -> None:
+    """Gemma 3's sliding layers mask their window themselves, so the batch runner takes it (in the batched engine's
+    context); a model with rotating caches that is not known to mask its window steps each sequence."""
+    from mlx_lm.utils import load_model
+
     from shared.backends import select_backend
-    from shared.backends.mlx_backend import MLXRunner
+    from shared.backends.mlx_backend import MLXBatchRunner, batchable
+
+    path = gemma_dir(catalog)
+    runner = select_backend(Settings(backend="mlx")).load(path)
+    assert isinstance(runner, MLXBatchRunner)
+    assert runner.context_length == 2048  # the batched engine's, as on torch (Gemma 3's own is 32768)
+    assert select_backend(Settings(backend="mlx", max_model_len=4096)).load(path).context_length == 4096
+    model, _ = load_model(path)
+    assert batchable(model)
+    model.model_type = "another_model"
+    assert not batchable(model)
+
+
+def test_gemma_3_batched_attends_within_its_sliding_window(catalog: ModelCatalog) -> None:
+    """With the window cut to 10 positions, so that every prompt outgrows it: mlx-lm's per-sequence steps (its
+    rotating caches of 10) give the batch runner's greedy tokens for each prompt alone, prefilled whole or in
+    chunks of 7, and for the prompts decoded together as rows of one step."""
+    from mlx_lm.utils import load_model
+
+    from shared.backends.mlx_backend import MLXBatchRunner, MLXRunner
+    from shared.generation.model import load_tokenizer
+
+    path = gemma_dir(catalog)
+    model, _ = load_model(path, model_config={"sliding_window": 10})
+    tokenizer = load_tokenizer(path)
+    prompts = [
+        [int(i) for i in tokenizer(text)["input_ids"]]
+        for text in (
+            "The capital of France is Paris, and the capital of Italy is",
+            "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+            "One, two, three, four, five, six, seven, eight, nine,",
+        )
+    ]
+    assert min(len(p) for p in prompts) > 10
+    want = [greedy(MLXRunner(model, 2048), prompt, 6)[0] for prompt in prompts]
+    batch = MLXBatchRunner(model, 2048, slots=4)
+    assert [greedy(batch, prompt, 6)[0] for prompt in prompts] == want
+    assert greedy_rows(batch, prompts, 6) == want
+    chunked = []
+    for prompt in prompts:
+        for start in range(0, len(prompt), 7):
+            logits = batch.prefill(0, prompt[start : start + 7], start)
+        chunked.append(int(np.argmax(logits)))
+    assert chunked == [w[0] for w in want]
+    # the cut window is what these runs attended through: the model's own 512 positions give other logits
+    full = MLXRunner(load_model(path)[0], 2048)
+    assert not np.allclose(full.forward(full.new_cache(), prompts[1]), batch.prefill(0, prompts[1], 0), atol=1e-3)
+
+
+def gemma_dir(catalog: ModelCatalog) -> Path:
     from shared.sources import resolve_generation_model
 
-    path = resolve_generation_model(catalog.config("gemma-3-270m"), catalog.settings.cache_dir)
-    assert isinstance(select_backend(Settings(backend="mlx")).load(path), MLXRunner)
+    return resolve_generation_model(catalog.config("gemma-3-270m"), catalog.settings.cache_dir)
