@@ -298,6 +298,8 @@ class Engine:
         """Drop these running sequences, moving the last one into each hole so slots stay 0..n-1; count each."""
         running = self._running
         for i in sorted(outcomes, reverse=True):
+            if outcomes[i] == "completed" and self.batch_runner is not None:
+                self._keep(self.batch_runner, i)
             end = len(running) - 1
             if i < end and self.batch_runner is not None:  # before the list changes, in case the copy fails
                 self.batch_runner.move_slot(end, i, running[end].length)
@@ -311,6 +313,19 @@ class Engine:
                 self._stats.failed += 1
             else:
                 self._stats.completed += 1
+
+    def _keep(self, runner: BatchRunner, index: int) -> None:
+        """Keep a finished sequence's prompt and reply (the positions its cache holds) for prefix reuse: the next
+        turn of its conversation sends them back. A failed copy only costs that reuse."""
+        slot = self._running[index]
+        written = (slot.seq.prompt_ids + slot.seq.output_ids)[: slot.length]
+        if (keep := self.prefixes.store(written)) is None:
+            return
+        try:
+            runner.move_slot(index, keep, slot.length)
+        except Exception:
+            self.prefixes.forget(keep)  # else a later prompt would reuse what was never copied
+            log.exception("could not keep a finished sequence for prefix reuse in model %r", self.name)
 
     def _step(self, runner: ModelRunner, slot: _Slot) -> None:
         seq = slot.seq

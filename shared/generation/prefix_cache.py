@@ -1,6 +1,7 @@
 """Prompt prefixes kept in spare KV-cache slots, so a repeated system prompt or conversation is not recomputed.
 
-Keys are whole prompts; a lookup finds the stored prompt sharing the longest prefix with a new one. Causal
+Keys are whole prompts, and finished sequences' prompts with their replies (a conversation's next turn sends
+both back); a lookup finds the stored entry sharing the longest prefix with a new prompt. Causal
 attention makes the cached keys and values of positions 0..k-1 depend on tokens 0..k-1 alone, so reusing them
 for any prompt that starts with those tokens is exact, up to the order of floating-point sums: a prompt run
 in two chunks instead of one moved float32 logits by at most 4e-5 here (see docs/engine.md).
@@ -35,15 +36,23 @@ class PrefixCache:
         return best
 
     def store(self, prompt: list[int]) -> int | None:
-        """The slot to copy this prompt's cache into (evicting the least recently used), or None to skip."""
+        """The slot to copy this prompt's cache into, or None to skip: the slot of a stored entry the prompt
+        extends (a conversation's earlier turn), else a free one, else the least recently used one."""
         if len(prompt) < MIN_REUSE or not (self._free or self._entries):
             return None
         tokens = np.asarray(prompt)
+        extended = None
         for slot, stored in self._entries.items():
             if len(stored) >= len(tokens) and np.array_equal(stored[: len(tokens)], tokens):
                 self._entries.move_to_end(slot)
                 return None  # already covered
-        slot = self._free.pop() if self._free else self._entries.popitem(last=False)[0]
+            if extended is None and np.array_equal(tokens[: len(stored)], stored):
+                extended = slot
+        if extended is not None:
+            del self._entries[extended]
+            slot = extended
+        else:
+            slot = self._free.pop() if self._free else self._entries.popitem(last=False)[0]
         self._entries[slot] = tokens
         return slot
 

@@ -55,3 +55,42 @@ def test_a_repeated_system_prompt_is_not_prefilled_again(smol: GenerationModel) 
         assert asyncio.run(fresh()) == "".join(s.text for s in reused)
     finally:
         smol.engine.prefixes = saved
+
+
+def test_store_hands_an_extended_entry_its_slot() -> None:
+    cache = PrefixCache([1, 2])
+    turn = list(range(40))
+    assert cache.store(turn) == 2 and cache.store(list(range(100, 140))) == 1
+    assert cache.store(turn + [7] * 30) == 2  # the conversation's next turn takes its earlier turn's slot
+    assert cache.lookup(list(range(100, 140))) == (1, 40)  # not the least recently used entry
+    assert cache.lookup(turn + [7] * 30 + [1]) == (2, 70)
+
+
+def test_a_conversations_next_turn_reuses_the_previous_reply(smol: GenerationModel) -> None:
+    """A finished sequence's prompt and reply stay in the prefix cache, so the next turn, which sends the reply
+    back inside its prompt, prefills only its new message, and answers as if it had computed every position."""
+    question = {"role": "user", "content": "Write one sentence about the sea."}
+    first = smol.encode_chat([question])
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    steps = run_steps(smol, first, params)
+    reply = "".join(s.text for s in steps)
+    written = first + [s.token_id for s in steps][:-1]  # the last token was sampled, never run
+    second = smol.encode_chat([question, {"role": "assistant", "content": reply}, {"role": "user", "content": "Why?"}])
+    common = next(i for i, (a, b) in enumerate(zip(second, written + [-1], strict=False)) if a != b)
+    assert common >= len(first) + len(steps) - 1  # the reply comes back token for token
+
+    middle = smol.engine.stats
+    reused = run_steps(smol, second, params)
+    after = smol.engine.stats
+    assert after.prefix_tokens - middle.prefix_tokens >= common  # the previous prompt and the reply
+    assert after.prompt_tokens - middle.prompt_tokens <= len(second) - common
+
+    async def fresh() -> str:
+        smol.engine.prefixes = type(smol.engine.prefixes)([])  # no cached prefixes for this run
+        return "".join([s.text async for s in smol.generate(second, params)])
+
+    saved = smol.engine.prefixes
+    try:
+        assert asyncio.run(fresh()) == "".join(s.text for s in reused)
+    finally:
+        smol.engine.prefixes = saved
