@@ -110,6 +110,7 @@ class ModelCatalog:
                     max_running=self.settings.max_running,
                     prefill_chunk=self.settings.prefill_chunk,
                     max_queue=self.settings.max_queue,
+                    prefix_tokens=self.settings.prefix_cache_tokens,
                 )
                 self.load_seconds[config.id] = time.perf_counter() - started
                 log.info("loaded %s in %.1f s", config.id, self.load_seconds[config.id])

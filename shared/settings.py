@@ -124,7 +124,14 @@ class Settings(BaseSettings):
     )
     max_running: int = Field(default=MAX_RUNNING, ge=1, le=1024, description="sequences a model's engine runs together")
     prefill_chunk: int = Field(default=PREFILL_CHUNK, ge=16, description="prompt tokens prefilled per engine step")
-    prefix_cache_slots: int = Field(default=4, ge=0, description="prompts kept for prefix reuse (batched engine)")
+    prefix_cache_slots: int = Field(
+        default=16, ge=0, description="prompts and conversations kept for prefix reuse (batched engine)"
+    )
+    prefix_cache_tokens: int = Field(
+        default=8192,
+        ge=0,
+        description="positions the kept prompts and conversations hold together (SmolLM2: 46 KB each on CPU)",
+    )
     max_queue: int = Field(default=MAX_QUEUE, ge=1, description="requests waiting per model before 503")
     allowed_models: list[str] | None = Field(
         default=None, description="serve only these model ids (the defaults must be among them); None: all"

@@ -70,6 +70,10 @@ class BatchRunner(Protocol):
         """Copy the first `length` cached positions of slot src to slot dst."""
         ...
 
+    def release_slot(self, slot: int) -> None:
+        """Give back the memory a slot's cache holds, where it can be (its content is gone)."""
+        ...
+
 
 class Backend(Protocol):
     name: str

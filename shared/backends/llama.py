@@ -535,7 +535,7 @@ class LlamaRunner:
         # On another device (kernels="torch") the cache is one allocation in the model dtype, made here, once.
         shape = (c.num_layers, 2, slots, c.num_kv_heads, self.context_length, c.head_dim)
         if self.numba:
-            pages = mmap.mmap(-1, math.prod(shape) * 4)
+            pages = self._pages = mmap.mmap(-1, math.prod(shape) * 4)
             self._kv_arrays = np.frombuffer(pages, dtype=np.float32).reshape(shape)  # for the attention kernel
             self.kv_cache = torch.from_numpy(self._kv_arrays)  # the same memory
         else:
@@ -576,6 +576,21 @@ class LlamaRunner:
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's cache to another slot (the engine compacts its running set)."""
         self.kv_cache[:, :, dst, :, :length] = self.kv_cache[:, :, src, :, :length]
+
+    def release_slot(self, slot: int) -> None:
+        """Return the pages of a slot's cache to the system: the CPU kernels' cache is a shared anonymous mapping,
+        whose removed pages read as zeros after and take memory again only when written. A device's cache stays
+        allocated."""
+        if not self.numba:
+            return
+        layers, kinds, slots, heads, positions, dim = self._kv_arrays.shape
+        block = heads * positions * dim * 4  # one layer's keys (or values) of one slot: contiguous
+        page = mmap.PAGESIZE
+        for i in range(layers * kinds):
+            start = (i * slots + slot) * block
+            first, end = -(-start // page) * page, (start + block) // page * page  # whole pages of this slot only
+            if end > first:
+                self._pages.madvise(mmap.MADV_REMOVE, first, end - first)
 
     def _forward(self, token_ids: list[int], positions: np.ndarray, chunk: Chunk | None) -> torch.Tensor:
         """Logits for B decode rows (slots 0..B-1, one token each) and the last token of a prompt chunk.

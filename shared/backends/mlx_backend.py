@@ -187,6 +187,9 @@ class MLXBatchRunner:
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self._own[dst] = _copy(self._content(src, length))
 
+    def release_slot(self, slot: int) -> None:
+        self._own.pop(slot, None)
+
     def _content(self, slot: int, length: int) -> Content:
         if slot in self._own:
             return [(k[:, :, :length], v[:, :, :length]) for k, v in self._own[slot]]

@@ -64,9 +64,12 @@ class Engine:
         max_running: int = MAX_RUNNING,
         max_queue: int = MAX_QUEUE,
         prefill_chunk: int = PREFILL_CHUNK,
+        prefix_tokens: int | None = None,
         name: str = "",
     ) -> None:
         """Start the engine's thread, which loads the model with `load` and then serves; blocks until loaded.
+
+        prefix_tokens: the positions the prefix cache's entries may hold together (None: as its slots allow).
 
         The model is loaded on the thread that will run it: with OpenMP, the thread that first runs parallel
         work keeps the warm worker pool, and steps driven from any other thread ran at half speed here.
@@ -100,7 +103,11 @@ class Engine:
                 if self.batch_runner is not None:
                     # Slots past the running ones hold cached prompt prefixes.
                     self.max_running = min(max_running, self.batch_runner.slots)
-                    self.prefixes = PrefixCache(list(range(self.max_running, self.batch_runner.slots)))
+                    self.prefixes = PrefixCache(
+                        list(range(self.max_running, self.batch_runner.slots)),
+                        prefix_tokens,
+                        self.batch_runner.release_slot,
+                    )
             except BaseException as exc:
                 failure.append(exc)
                 return

@@ -38,6 +38,7 @@ class GenerationModel:
         max_running: int,
         max_queue: int,
         prefill_chunk: int,
+        prefix_tokens: int | None = None,
     ) -> None:
         self.id = model_id
         self.tokenizer = load_tokenizer(model_dir)
@@ -46,7 +47,12 @@ class GenerationModel:
         self.grammars = Grammars(self.tokenizer, self.eos_ids)
         # The engine loads the weights on its own thread (see Engine) and serves from there.
         self.engine = Engine(
-            load, max_running=max_running, max_queue=max_queue, prefill_chunk=prefill_chunk, name=model_id
+            load,
+            max_running=max_running,
+            max_queue=max_queue,
+            prefill_chunk=prefill_chunk,
+            prefix_tokens=prefix_tokens,
+            name=model_id,
         )
         self.runner = self.engine.runner
         self.context_length = min(self.runner.context_length, max_model_len or self.runner.context_length)

@@ -10,6 +10,7 @@ in two chunks instead of one moved float32 logits by at most 4e-5 here (see docs
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -17,9 +18,24 @@ MIN_REUSE = 16  # shorter matches are not worth a copy
 
 
 class PrefixCache:
-    def __init__(self, slots: list[int]) -> None:
+    """Entries in spare slots, least recently used first out, holding at most `tokens` positions together.
+
+    `release` gives back the memory of a slot whose entry leaves (evicted, or its copy failed), so the budget
+    bounds what the entries hold, not just what they hold now.
+    """
+
+    def __init__(
+        self, slots: list[int], tokens: int | None = None, release: Callable[[int], None] | None = None
+    ) -> None:
         self._free = list(slots)
-        self._entries: OrderedDict[int, np.ndarray] = OrderedDict()  # slot -> prompt, least recently used first
+        self._entries: OrderedDict[int, np.ndarray] = OrderedDict()  # slot -> tokens, least recently used first
+        self._budget = tokens
+        self._release = release
+
+    @property
+    def tokens(self) -> int:
+        """Positions the entries hold together."""
+        return sum(len(stored) for stored in self._entries.values())
 
     def lookup(self, prompt: list[int]) -> tuple[int, int] | None:
         """(slot, length) of the longest stored prefix of this prompt, or None."""
@@ -37,8 +53,10 @@ class PrefixCache:
 
     def store(self, prompt: list[int]) -> int | None:
         """The slot to copy this prompt's cache into, or None to skip: the slot of a stored entry the prompt
-        extends (a conversation's earlier turn), else a free one, else the least recently used one."""
-        if len(prompt) < MIN_REUSE or not (self._free or self._entries):
+        extends (a conversation's earlier turn), else a free one, else the least recently used one. Entries
+        leave, least recently used first, until the budget holds the new one."""
+        too_long = self._budget is not None and len(prompt) > self._budget
+        if len(prompt) < MIN_REUSE or too_long or not (self._free or self._entries):
             return None
         tokens = np.asarray(prompt)
         extended = None
@@ -49,10 +67,14 @@ class PrefixCache:
             if extended is None and np.array_equal(tokens[: len(stored)], stored):
                 extended = slot
         if extended is not None:
-            del self._entries[extended]
+            del self._entries[extended]  # its positions are the new entry's first ones: nothing to give back
             slot = extended
+        elif self._free:
+            slot = self._free.pop()
         else:
-            slot = self._free.pop() if self._free else self._entries.popitem(last=False)[0]
+            slot = self._evict()
+        while self._budget is not None and self._entries and self.tokens + len(tokens) > self._budget:
+            self._free.append(self._evict())
         self._entries[slot] = tokens
         return slot
 
@@ -60,3 +82,12 @@ class PrefixCache:
         """Drop the entry of this slot (its copy failed), leaving the slot free."""
         if self._entries.pop(slot, None) is not None:
             self._free.append(slot)
+            if self._release is not None:
+                self._release(slot)
+
+    def _evict(self) -> int:
+        """The least recently used entry's slot, its memory given back."""
+        slot = self._entries.popitem(last=False)[0]
+        if self._release is not None:
+            self._release(slot)
+        return slot

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+
+import numpy as np
 
 from shared.generation.model import GenerationModel
 from shared.generation.params import SamplingParams
@@ -94,3 +97,44 @@ def test_a_conversations_next_turn_reuses_the_previous_reply(smol: GenerationMod
         assert asyncio.run(fresh()) == "".join(s.text for s in reused)
     finally:
         smol.engine.prefixes = saved
+
+
+def test_entries_stay_within_the_token_budget_and_give_back_what_leaves() -> None:
+    released: list[int] = []
+    cache = PrefixCache([1, 2, 3, 4], tokens=100, release=released.append)
+    a, b, c = list(range(40)), list(range(100, 140)), list(range(200, 250))
+    assert cache.store(a) == 4 and cache.store(b) == 3 and cache.tokens == 80
+    assert cache.lookup(a) == (4, 40)  # `b` is now the least recently used
+    assert cache.store(c) == 2  # 130 > 100: `b` leaves, its slot released
+    assert released == [3] and cache.tokens == 90
+    assert cache.lookup(b) is None and cache.lookup(a) == (4, 40) and cache.lookup(c) == (2, 50)
+    assert cache.store(list(range(101))) is None  # longer than the whole budget: not kept
+    assert cache.store(a + [7] * 20) == 4  # extends `a` in its own slot; `c` leaves to make room
+    assert released == [3, 2] and cache.tokens == 60
+    cache.forget(4)
+    assert released == [3, 2, 4] and cache.tokens == 0
+
+
+def test_a_released_slot_gives_its_memory_back_and_leaves_the_others_as_they_were(catalog) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from tests.shared.backends.test_llama import smol
+
+    runner = smol(catalog, torch.float32, "int4", slots=3, max_len=1024)
+    prompt = [(7 * i) % 5000 + 10 for i in range(1000)]
+    for slot in range(3):
+        runner.prefill(slot, prompt, 0)
+    kept = runner.kv_cache[:, :, [0, 2]].clone()
+
+    def resident_mb() -> float:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+    before = resident_mb()
+    runner.release_slot(1)
+    after = resident_mb()
+    written = runner.kv_cache[:, :, 1, :, :1000].numel() * 4 / 2**20  # 44 MB of keys and values
+    assert before - after > 0.8 * written, (before, after, written)
+    assert not runner.kv_cache[:, :, 1].any()  # reads as zeros
+    assert torch.equal(runner.kv_cache[:, :, [0, 2]], kept)
+    assert np.array_equal(runner.prefill(1, prompt, 0), runner.prefill(0, prompt, 0))  # and works as before
