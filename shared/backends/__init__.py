@@ -66,8 +66,8 @@ class BatchRunner(Protocol):
         """One token per slot 0..B-1 at the given positions; logits (B, vocab) float32."""
         ...
 
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` cached positions of slot src to slot dst."""
+    def move_slot(self, src: int, dst: int, length: int, start: int = 0) -> None:
+        """Copy cached positions start..length-1 of slot src to slot dst (whose first `start` are the same)."""
         ...
 
     def release_slot(self, slot: int) -> None:

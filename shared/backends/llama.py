@@ -573,9 +573,10 @@ class LlamaRunner:
         logits = self._forward(token_ids, np.asarray(positions, dtype=np.int64), chunk).float().cpu().numpy()
         return logits[:b], (logits[b] if chunk else None)
 
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy a sequence's cache to another slot (the engine compacts its running set)."""
-        self.kv_cache[:, :, dst, :, :length] = self.kv_cache[:, :, src, :, :length]
+    def move_slot(self, src: int, dst: int, length: int, start: int = 0) -> None:
+        """Copy a sequence's cache to another slot (the engine compacts its running set, the prefix cache keeps
+        it), from position `start` when dst holds the ones before already."""
+        self.kv_cache[:, :, dst, :, start:length] = self.kv_cache[:, :, src, :, start:length]
 
     def release_slot(self, slot: int) -> None:
         """Return the pages of a slot's cache to the system: the CPU kernels' cache is a shared anonymous mapping,

@@ -184,8 +184,8 @@ class MLXBatchRunner:
         out = np.array(logits.astype(mx.float32))
         return out, chunk_logits
 
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        self._own[dst] = _copy(self._content(src, length))
+    def move_slot(self, src: int, dst: int, length: int, start: int = 0) -> None:
+        self._own[dst] = _copy(self._content(src, length))  # whole: a slot's content is one array a layer
 
     def release_slot(self, slot: int) -> None:
         self._own.pop(slot, None)

@@ -269,9 +269,9 @@ class Engine:
             if slot.prefilled == len(slot.seq.prompt_ids):
                 if (keep := self.prefixes.store(slot.seq.prompt_ids)) is not None:
                     try:
-                        runner.move_slot(chunk.slot, keep, slot.prefilled)
+                        runner.move_slot(chunk.slot, keep.slot, slot.prefilled, keep.start)
                     except Exception:
-                        self.prefixes.forget(keep)  # else a later prompt would reuse what was never copied
+                        self.prefixes.forget(keep.slot)  # else a later prompt would reuse what was never copied
                         raise
                 self._emit(slot, chunk_logits, chunk.slot, done)
         for i in ready:
@@ -329,9 +329,9 @@ class Engine:
         if (keep := self.prefixes.store(written)) is None:
             return
         try:
-            runner.move_slot(index, keep, slot.length)
+            runner.move_slot(index, keep.slot, slot.length, keep.start)
         except Exception:
-            self.prefixes.forget(keep)  # else a later prompt would reuse what was never copied
+            self.prefixes.forget(keep.slot)  # else a later prompt would reuse what was never copied
             log.exception("could not keep a finished sequence for prefix reuse in model %r", self.name)
 
     def _step(self, runner: ModelRunner, slot: _Slot) -> None:

@@ -11,10 +11,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
 MIN_REUSE = 16  # shorter matches are not worth a copy
+
+
+class Keep(NamedTuple):
+    """Where to copy an entry: its slot, and how many of its first positions the slot holds already."""
+
+    slot: int
+    start: int
 
 
 class PrefixCache:
@@ -51,21 +59,21 @@ class PrefixCache:
             self._entries.move_to_end(best[0])
         return best
 
-    def store(self, prompt: list[int]) -> int | None:
-        """The slot to copy this prompt's cache into, or None to skip: the slot of a stored entry the prompt
-        extends (a conversation's earlier turn), else a free one, else the least recently used one. Entries
-        leave, least recently used first, until the budget holds the new one."""
+    def store(self, prompt: list[int]) -> Keep | None:
+        """Where to copy this prompt's cache, or None to skip: the slot of a stored entry the prompt extends (a
+        conversation's earlier turn, whose positions are there already), else a free one, else the least
+        recently used one. Entries leave, least recently used first, until the budget holds the new one."""
         too_long = self._budget is not None and len(prompt) > self._budget
         if len(prompt) < MIN_REUSE or too_long or not (self._free or self._entries):
             return None
         tokens = np.asarray(prompt)
-        extended = None
+        extended, start = None, 0
         for slot, stored in self._entries.items():
             if len(stored) >= len(tokens) and np.array_equal(stored[: len(tokens)], tokens):
                 self._entries.move_to_end(slot)
                 return None  # already covered
             if extended is None and np.array_equal(tokens[: len(stored)], stored):
-                extended = slot
+                extended, start = slot, len(stored)
         if extended is not None:
             del self._entries[extended]  # its positions are the new entry's first ones: nothing to give back
             slot = extended
@@ -76,7 +84,7 @@ class PrefixCache:
         while self._budget is not None and self._entries and self.tokens + len(tokens) > self._budget:
             self._free.append(self._evict())
         self._entries[slot] = tokens
-        return slot
+        return Keep(slot, start)
 
     def forget(self, slot: int) -> None:
         """Drop the entry of this slot (its copy failed), leaving the slot free."""

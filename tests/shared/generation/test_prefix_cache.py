@@ -15,7 +15,7 @@ def test_lookup_finds_the_longest_shared_prefix() -> None:
     cache = PrefixCache([7, 8])
     a = list(range(100))
     b = list(range(50)) + [999] * 50
-    assert cache.store(a) == 8 and cache.store(b) == 7
+    assert cache.store(a) == (8, 0) and cache.store(b) == (7, 0)
     assert cache.lookup(list(range(80)) + [5, 5]) == (8, 80)
     assert cache.lookup(list(range(50)) + [999, 1]) == (7, 51)
     assert cache.lookup([1, 2, 3]) is None
@@ -25,9 +25,9 @@ def test_lookup_finds_the_longest_shared_prefix() -> None:
 def test_store_skips_covered_prompts_and_evicts_the_least_recently_used() -> None:
     cache = PrefixCache([1])
     first, second = list(range(40)), list(range(100, 140))
-    assert cache.store(first) == 1
+    assert cache.store(first) == (1, 0)
     assert cache.store(first[:30]) is None  # already covered by a stored prompt
-    assert cache.store(second) == 1  # evicts `first`
+    assert cache.store(second) == (1, 0)  # evicts `first`
     assert cache.lookup(first) is None and cache.lookup(second) == (1, 40)
     assert PrefixCache([]).store(first) is None
 
@@ -63,8 +63,8 @@ def test_a_repeated_system_prompt_is_not_prefilled_again(smol: GenerationModel) 
 def test_store_hands_an_extended_entry_its_slot() -> None:
     cache = PrefixCache([1, 2])
     turn = list(range(40))
-    assert cache.store(turn) == 2 and cache.store(list(range(100, 140))) == 1
-    assert cache.store(turn + [7] * 30) == 2  # the conversation's next turn takes its earlier turn's slot
+    assert cache.store(turn) == (2, 0) and cache.store(list(range(100, 140))) == (1, 0)
+    assert cache.store(turn + [7] * 30) == (2, 40)  # the next turn takes its earlier turn's slot, and its positions
     assert cache.lookup(list(range(100, 140))) == (1, 40)  # not the least recently used entry
     assert cache.lookup(turn + [7] * 30 + [1]) == (2, 70)
 
@@ -103,13 +103,13 @@ def test_entries_stay_within_the_token_budget_and_give_back_what_leaves() -> Non
     released: list[int] = []
     cache = PrefixCache([1, 2, 3, 4], tokens=100, release=released.append)
     a, b, c = list(range(40)), list(range(100, 140)), list(range(200, 250))
-    assert cache.store(a) == 4 and cache.store(b) == 3 and cache.tokens == 80
+    assert cache.store(a) == (4, 0) and cache.store(b) == (3, 0) and cache.tokens == 80
     assert cache.lookup(a) == (4, 40)  # `b` is now the least recently used
-    assert cache.store(c) == 2  # 130 > 100: `b` leaves, its slot released
+    assert cache.store(c) == (2, 0)  # 130 > 100: `b` leaves, its slot released
     assert released == [3] and cache.tokens == 90
     assert cache.lookup(b) is None and cache.lookup(a) == (4, 40) and cache.lookup(c) == (2, 50)
     assert cache.store(list(range(101))) is None  # longer than the whole budget: not kept
-    assert cache.store(a + [7] * 20) == 4  # extends `a` in its own slot; `c` leaves to make room
+    assert cache.store(a + [7] * 20) == (4, 40)  # extends `a` in its own slot; `c` leaves to make room
     assert released == [3, 2] and cache.tokens == 60
     cache.forget(4)
     assert released == [3, 2, 4] and cache.tokens == 0
