@@ -48,14 +48,19 @@ def test_a_repeated_system_prompt_is_not_prefilled_again(smol: GenerationModel) 
     assert middle.prompt_tokens - before.prompt_tokens == len(first)
     assert after.prompt_tokens - middle.prompt_tokens == len(second) - shared_tokens  # less prefill work
 
-    # The same output as a run that computed every position itself.
+    assert computed_afresh(smol, second, params) == "".join(s.text for s in reused)
+
+
+def computed_afresh(smol: GenerationModel, prompt: list[int], params: SamplingParams) -> str:
+    """The text of a run that computes every position itself (no cached prefixes)."""
+
     async def fresh() -> str:
-        smol.engine.prefixes = type(smol.engine.prefixes)([])  # no cached prefixes for this run
-        return "".join([s.text async for s in smol.generate(second, params)])
+        smol.engine.prefixes = type(smol.engine.prefixes)([])
+        return "".join([s.text async for s in smol.generate(prompt, params)])
 
     saved = smol.engine.prefixes
     try:
-        assert asyncio.run(fresh()) == "".join(s.text for s in reused)
+        return asyncio.run(fresh())
     finally:
         smol.engine.prefixes = saved
 
@@ -87,16 +92,7 @@ def test_a_conversations_next_turn_reuses_the_previous_reply(smol: GenerationMod
     after = smol.engine.stats
     assert after.prefix_tokens - middle.prefix_tokens >= common  # the previous prompt and the reply
     assert after.prompt_tokens - middle.prompt_tokens <= len(second) - common
-
-    async def fresh() -> str:
-        smol.engine.prefixes = type(smol.engine.prefixes)([])  # no cached prefixes for this run
-        return "".join([s.text async for s in smol.generate(second, params)])
-
-    saved = smol.engine.prefixes
-    try:
-        assert asyncio.run(fresh()) == "".join(s.text for s in reused)
-    finally:
-        smol.engine.prefixes = saved
+    assert computed_afresh(smol, second, params) == "".join(s.text for s in reused)
 
 
 def test_entries_stay_within_the_token_budget_and_give_back_what_leaves() -> None:
