@@ -534,6 +534,7 @@ class LlamaRunner:
         # pages, 2 MB of which span several slots' whole contexts).
         # On another device (kernels="torch") the cache is one allocation in the model dtype, made here, once.
         shape = (c.num_layers, 2, slots, c.num_kv_heads, self.context_length, c.head_dim)
+        self._keep_pages = False  # set when the system cannot take pages back (see release_slot)
         if self.numba:
             pages = self._pages = mmap.mmap(-1, math.prod(shape) * 4)
             self._kv_arrays = np.frombuffer(pages, dtype=np.float32).reshape(shape)  # for the attention kernel
@@ -582,7 +583,8 @@ class LlamaRunner:
         """Return the pages of a slot's cache to the system: the CPU kernels' cache is a shared anonymous mapping,
         whose removed pages read as zeros after and take memory again only when written. A device's cache stays
         allocated."""
-        if not self.numba:
+        remove = getattr(mmap, "MADV_REMOVE", None)  # Linux's; elsewhere (macOS) the pages stay until reused
+        if not self.numba or remove is None or self._keep_pages:
             return
         layers, kinds, slots, heads, positions, dim = self._kv_arrays.shape
         block = heads * positions * dim * 4  # one layer's keys (or values) of one slot: contiguous
@@ -591,7 +593,12 @@ class LlamaRunner:
             start = (i * slots + slot) * block
             first, end = -(-start // page) * page, (start + block) // page * page  # whole pages of this slot only
             if end > first:
-                self._pages.madvise(mmap.MADV_REMOVE, first, end - first)
+                try:
+                    self._pages.madvise(remove, first, end - first)
+                except OSError as exc:  # a kernel without it: the pages stay until the slot is written again
+                    log.warning("cannot give KV-cache pages back (%s); a slot keeps its memory until reused", exc)
+                    self._keep_pages = True
+                    return
 
     def _forward(self, token_ids: list[int], positions: np.ndarray, chunk: Chunk | None) -> torch.Tensor:
         """Logits for B decode rows (slots 0..B-1, one token each) and the last token of a prompt chunk.

@@ -134,3 +134,30 @@ def test_a_released_slot_gives_its_memory_back_and_leaves_the_others_as_they_wer
     assert not runner.kv_cache[:, :, 1].any()  # reads as zeros
     assert torch.equal(runner.kv_cache[:, :, [0, 2]], kept)
     assert np.array_equal(runner.prefill(1, prompt, 0), runner.prefill(0, prompt, 0))  # and works as before
+
+
+def test_a_system_that_cannot_take_pages_back_keeps_them_and_serves_on(catalog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """madvise failing (a kernel or sandbox without MADV_REMOVE) must not end the engine's step: the slot keeps
+    its memory until it is written again, and the entry's copy still lands."""
+    import mmap
+
+    import torch
+
+    from tests.shared.backends.test_llama import smol
+
+    runner = smol(catalog, torch.float32, "int4", slots=2, max_len=64)
+    prompt = list(range(10, 40))
+    runner.prefill(1, prompt, 0)
+
+    class Refusing(mmap.mmap):
+        def madvise(self, *args: int) -> None:
+            raise OSError(22, "Invalid argument")
+
+    refusing = Refusing(-1, len(runner._pages))
+    refusing.write(runner._pages[:])
+    monkeypatch.setattr(runner, "_pages", refusing)
+    runner.release_slot(1)
+    runner.release_slot(1)  # tried once, then left alone
+    assert runner._keep_pages
+    runner.move_slot(1, 0, len(prompt))
+    assert np.array_equal(runner.prefill(0, [5], len(prompt)), runner.prefill(1, [5], len(prompt)))
