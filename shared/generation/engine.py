@@ -241,7 +241,7 @@ class Engine:
         if pending is not None:
             slot = running[pending]
             prompt = slot.seq.prompt_ids
-            if slot.prefilled == 0 and (hit := self.prefixes.lookup(prompt)) is not None:
+            if slot.prefilled == 0 and (hit := self.prefixes.lookup(prompt, slot.seq.scope)) is not None:
                 reuse = min(hit[1], len(prompt) - 1)  # the last prompt token still runs, for its logits
                 runner.move_slot(hit[0], pending, reuse)
                 slot.prefilled = slot.length = reuse
@@ -267,7 +267,7 @@ class Engine:
             slot.prefilled = slot.length = chunk.start + len(chunk.token_ids)
             self._stats.prompt_tokens += len(chunk.token_ids)
             if slot.prefilled == len(slot.seq.prompt_ids):
-                if (keep := self.prefixes.store(slot.seq.prompt_ids)) is not None:
+                if (keep := self.prefixes.store(slot.seq.prompt_ids, slot.seq.scope)) is not None:
                     try:
                         runner.move_slot(chunk.slot, keep.slot, slot.prefilled, keep.start)
                     except Exception:
@@ -326,7 +326,7 @@ class Engine:
         turn of its conversation sends them back. A failed copy only costs that reuse."""
         slot = self._running[index]
         written = (slot.seq.prompt_ids + slot.seq.output_ids)[: slot.length]
-        if (keep := self.prefixes.store(written)) is None:
+        if (keep := self.prefixes.store(written, slot.seq.scope)) is None:
             return
         try:
             runner.move_slot(index, keep.slot, slot.length, keep.start)

@@ -98,10 +98,15 @@ class GenerationModel:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
     def sequence(
-        self, prompt_ids: list[int], params: SamplingParams, param: str = "messages", grammar: LLMatcher | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        param: str = "messages",
+        grammar: LLMatcher | None = None,
+        scope: str | None = None,
     ) -> Sequence:
         """A sequence ready for the engine, after the context-length checks; `grammar` (compiled by self.grammars)
-        constrains its output."""
+        constrains its output; `scope` is whose cached prefixes it shares (see PrefixCache)."""
         n = len(prompt_ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty", param=param)
@@ -126,7 +131,9 @@ class GenerationModel:
                 param="max_tokens",
             )
         constraint = Constraint(grammar, self.grammars.tokenizer().vocab_size) if grammar is not None else None
-        return Sequence(prompt_ids, params, max_tokens, self.tokenizer, self.eos_ids, constraint=constraint)
+        return Sequence(
+            prompt_ids, params, max_tokens, self.tokenizer, self.eos_ids, constraint=constraint, scope=scope
+        )
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Stream:
         """Queue a generation now (OverloadedError at once when the queue is full); its steps to come."""

@@ -1,7 +1,9 @@
 """Prompt prefixes kept in spare KV-cache slots, so a repeated system prompt or conversation is not recomputed.
 
 Keys are whole prompts, and finished sequences' prompts with their replies (a conversation's next turn sends
-both back); a lookup finds the stored entry sharing the longest prefix with a new prompt. Causal
+both back); a lookup finds the stored entry sharing the longest prefix with a new prompt. Entries belong to a
+scope (the API key a request came with): a prompt reuses only its own scope's entries, so no key can tell from
+its response times what another key's requests said. Causal
 attention makes the cached keys and values of positions 0..k-1 depend on tokens 0..k-1 alone, so reusing them
 for any prompt that starts with those tokens is exact, up to the order of floating-point sums: a prompt run
 in two chunks instead of one moved float32 logits by at most 4e-5 here (see docs/engine.md).
@@ -36,20 +38,23 @@ class PrefixCache:
         self, slots: list[int], tokens: int | None = None, release: Callable[[int], None] | None = None
     ) -> None:
         self._free = list(slots)
-        self._entries: OrderedDict[int, np.ndarray] = OrderedDict()  # slot -> tokens, least recently used first
+        # slot -> (scope, tokens), least recently used first
+        self._entries: OrderedDict[int, tuple[str | None, np.ndarray]] = OrderedDict()
         self._budget = tokens
         self._release = release
 
     @property
     def tokens(self) -> int:
         """Positions the entries hold together."""
-        return sum(len(stored) for stored in self._entries.values())
+        return sum(len(stored) for _, stored in self._entries.values())
 
-    def lookup(self, prompt: list[int]) -> tuple[int, int] | None:
-        """(slot, length) of the longest stored prefix of this prompt, or None."""
+    def lookup(self, prompt: list[int], scope: str | None = None) -> tuple[int, int] | None:
+        """(slot, length) of the longest prefix of this prompt stored in its scope, or None."""
         best: tuple[int, int] | None = None
         tokens = np.asarray(prompt)
-        for slot, stored in self._entries.items():
+        for slot, (owner, stored) in self._entries.items():
+            if owner != scope:
+                continue
             n = min(len(stored), len(tokens))
             differ = np.flatnonzero(stored[:n] != tokens[:n])
             common = int(differ[0]) if differ.size else n
@@ -59,7 +64,7 @@ class PrefixCache:
             self._entries.move_to_end(best[0])
         return best
 
-    def store(self, prompt: list[int]) -> Keep | None:
+    def store(self, prompt: list[int], scope: str | None = None) -> Keep | None:
         """Where to copy this prompt's cache, or None to skip: the slot of a stored entry the prompt extends (a
         conversation's earlier turn, whose positions are there already), else a free one, else the least
         recently used one. Entries leave, least recently used first, until the budget holds the new one."""
@@ -68,7 +73,9 @@ class PrefixCache:
             return None
         tokens = np.asarray(prompt)
         extended, start = None, 0
-        for slot, stored in self._entries.items():
+        for slot, (owner, stored) in self._entries.items():
+            if owner != scope:
+                continue
             if len(stored) >= len(tokens) and np.array_equal(stored[: len(tokens)], tokens):
                 self._entries.move_to_end(slot)
                 return None  # already covered
@@ -83,7 +90,7 @@ class PrefixCache:
             slot = self._evict()
         while self._budget is not None and self._entries and self.tokens + len(tokens) > self._budget:
             self._free.append(self._evict())
-        self._entries[slot] = tokens
+        self._entries[slot] = (scope, tokens)
         return Keep(slot, start)
 
     def forget(self, slot: int) -> None:

@@ -43,6 +43,7 @@ class Sequence:
     finished: bool = False
     admitted_at: float | None = None  # perf_counter() when the engine took it into the running batch
     constraint: Constraint | None = None  # a grammar the output must follow (structured outputs, tool calls)
+    scope: str | None = None  # whose cached prefixes it may reuse and leave (an API key's name; None: no keys)
 
     def __post_init__(self) -> None:
         self._process = make_logits_processor(self.params, self.prompt_ids, self.eos_ids)

@@ -14,6 +14,7 @@ from shared.catalog import ModelCatalog
 from shared.generation.engine import Stream
 from shared.generation.model import GenerationModel
 from shared.generation.params import SamplingParams
+from shared.guards.access import request_context
 from shared.http import generation_model, sse_frames
 from shared.protocol.chat import (
     ChatCompletionChoice,
@@ -61,7 +62,8 @@ async def start(request: ChatCompletionRequest, catalog: ModelCatalog, connectio
         prompt_ids = await asyncio.to_thread(model.encode_chat, messages, tools)  # off the event loop
     else:
         messages, tools, prompt_ids = await asyncio.to_thread(_session_prompt, model, turn, plan, native, params)
-    streams = submit(model, expand(model, [prompt_ids], params, n, grammar=grammar))  # full: 503
+    scope = request_context(connection).key_name
+    streams = submit(model, expand(model, [prompt_ids], params, n, grammar=grammar, scope=scope))  # full: 503
     tracker = Tracker.of(connection, model)
     if tracker.log_content:
         tracker.ctx.content["prompt"] = messages

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from shared.catalog import ModelCatalog
 from shared.errors import FnserveError, InvalidRequestError
 from shared.generation.model import GenerationModel
+from shared.guards.access import request_context
 from shared.http import generation_model, sse_frames
 from shared.protocol.common import SYSTEM_FINGERPRINT, TokenLogprob, UsageInfo, now, random_id
 from shared.protocol.completions import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
@@ -30,7 +31,8 @@ async def create(
     if grammar_text is not None:
         grammar = await model.grammars.compile(grammar_text, "response_format", settings.grammar_timeout)
     prompts = await asyncio.to_thread(prompt_ids, model, request)  # tokenizing off the event loop
-    sequences = expand(model, prompts, params, request.n or 1, param="prompt", grammar=grammar)
+    scope = request_context(http).key_name
+    sequences = expand(model, prompts, params, request.n or 1, param="prompt", grammar=grammar, scope=scope)
     streams = submit(model, sequences)  # a full queue: 503
     tracker = Tracker.of(http, model)
     if tracker.log_content:
@@ -69,7 +71,8 @@ async def text_stream(request: CompletionRequest, catalog: ModelCatalog, http: R
     params = request.to_sampling_params(catalog.settings)
     model = await generation_model(catalog, request.model)
     prompts = await asyncio.to_thread(prompt_ids, model, request)
-    streams = submit(model, expand(model, prompts, params, 1, param="prompt"))  # a full queue: 503 here
+    scope = request_context(http).key_name
+    streams = submit(model, expand(model, prompts, params, 1, param="prompt", scope=scope))  # full queue: 503
     steps = Deltas(streams, Tracker.of(http, model), logprobs=False)
 
     async def frames() -> AsyncIterator[dict[str, str]]:

@@ -46,13 +46,17 @@ def expand(
     n: int,
     param: str = "messages",
     grammar: LLMatcher | None = None,
+    scope: str | None = None,
 ) -> list[Sequence]:
     """One checked sequence per choice: prompt i's choice j is sequence i * n + j, OpenAI's choice index; each
-    with its own copy of the grammar's state where the reply is constrained.
+    with its own copy of the grammar's state where the reply is constrained. `scope`: the request's API key's
+    name, so that cached prefixes are shared only among one key's requests.
 
     Built before anything is queued or streamed, so a bad request fails with its status code.
     """
-    return [model.sequence(prompt, choice_params(params, j), param, grammar) for prompt in prompts for j in range(n)]
+    return [
+        model.sequence(prompt, choice_params(params, j), param, grammar, scope) for prompt in prompts for j in range(n)
+    ]
 
 
 def submit(model: GenerationModel, sequences: list[Sequence]) -> list[Stream]:

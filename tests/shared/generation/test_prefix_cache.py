@@ -161,3 +161,13 @@ def test_a_system_that_cannot_take_pages_back_keeps_them_and_serves_on(catalog, 
     assert runner._keep_pages
     runner.move_slot(1, 0, len(prompt))
     assert np.array_equal(runner.prefill(0, [5], len(prompt)), runner.prefill(1, [5], len(prompt)))
+
+
+def test_a_prompt_reuses_only_its_own_scopes_entries() -> None:
+    cache = PrefixCache([1, 2, 3])
+    prompt = list(range(40))
+    assert cache.store(prompt, "alice") == (3, 0)
+    assert cache.lookup(prompt, "bob") is None and cache.lookup(prompt) is None
+    assert cache.store(prompt, "bob") == (2, 0)  # not covered by alice's entry: bob gets his own
+    assert cache.lookup(prompt + [1], "bob") == (2, 40) and cache.lookup(prompt + [1], "alice") == (3, 40)
+    assert cache.store(prompt + [5] * 10, "bob") == (2, 40)  # extends bob's entry, never alice's

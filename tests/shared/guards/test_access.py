@@ -142,3 +142,22 @@ def test_no_key_appears_in_the_log(keyed: tuple[Server, dict[str, str], Path]) -
     log = server.log()
     assert '"key": "alice"' in log  # the key's name is logged ...
     assert all(key not in log for key in keys.values())  # ... never the key
+
+
+def test_one_keys_requests_never_reuse_anothers_cached_prompts(keyed: tuple[Server, dict[str, str], Path]) -> None:
+    """Cached prefixes stay within the key that made them, so no key can tell from response times what another
+    key's requests said; a key's own next request reuses them."""
+    server, keys, _ = keyed
+    system = {"role": "system", "content": "You answer in one word. The secret code of this office is ALBATROSS."}
+
+    def ask(key: str, question: str) -> int:
+        body = {"messages": [system, {"role": "user", "content": question}], "max_tokens": 2, "temperature": 0}
+        response = call(server, "POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {keys[key]}"})
+        assert response.status_code == 200, response.text
+        stats = httpx.get(server.url + "/health", timeout=30).json()["models"]["smollm2-135m-instruct"]
+        return int(stats["prefix_cache_hits"])
+
+    hits = ask("alice", "What is the code?")
+    assert ask("bob", "What is the code?") == hits  # the same system prompt, but alice's: no reuse
+    assert ask("alice", "Say it again.") == hits + 1  # alice's own entry
+    assert ask("bob", "Say it again.") == hits + 2  # and bob's, from his first request
