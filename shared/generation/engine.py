@@ -267,12 +267,7 @@ class Engine:
             slot.prefilled = slot.length = chunk.start + len(chunk.token_ids)
             self._stats.prompt_tokens += len(chunk.token_ids)
             if slot.prefilled == len(slot.seq.prompt_ids):
-                if (keep := self.prefixes.store(slot.seq.prompt_ids, slot.seq.scope)) is not None:
-                    try:
-                        runner.move_slot(chunk.slot, keep.slot, slot.prefilled, keep.start)
-                    except Exception:
-                        self.prefixes.forget(keep.slot)  # else a later prompt would reuse what was never copied
-                        raise
+                self._store(runner, chunk.slot, slot.seq.prompt_ids)
                 self._emit(slot, chunk_logits, chunk.slot, done)
         for i in ready:
             running[i].length += 1
@@ -321,17 +316,23 @@ class Engine:
             else:
                 self._stats.completed += 1
 
+    def _store(self, runner: BatchRunner, index: int, tokens: list[int]) -> None:
+        """Copy the cache of running slot `index`, which holds these tokens' positions, into the prefix cache."""
+        if (keep := self.prefixes.store(tokens, self._running[index].seq.scope)) is None:
+            return
+        try:
+            runner.move_slot(index, keep.slot, len(tokens), keep.start)
+        except Exception:
+            self.prefixes.forget(keep.slot)  # else a later prompt would reuse what was never copied
+            raise
+
     def _keep(self, runner: BatchRunner, index: int) -> None:
         """Keep a finished sequence's prompt and reply (the positions its cache holds) for prefix reuse: the next
         turn of its conversation sends them back. A failed copy only costs that reuse."""
         slot = self._running[index]
-        written = (slot.seq.prompt_ids + slot.seq.output_ids)[: slot.length]
-        if (keep := self.prefixes.store(written, slot.seq.scope)) is None:
-            return
         try:
-            runner.move_slot(index, keep.slot, slot.length, keep.start)
+            self._store(runner, index, (slot.seq.prompt_ids + slot.seq.output_ids)[: slot.length])
         except Exception:
-            self.prefixes.forget(keep.slot)  # else a later prompt would reuse what was never copied
             log.exception("could not keep a finished sequence for prefix reuse in model %r", self.name)
 
     def _step(self, runner: ModelRunner, slot: _Slot) -> None:
