@@ -43,6 +43,8 @@ def _validation_error(exc: RequestValidationError) -> FnserveError:
         return InvalidRequestError("The request body must be a JSON object (Content-Type: application/json).")
     param = _param(loc)
     message = str(first.get("msg", "invalid request"))
+    if first.get("type") == "value_error" and "error" in first.get("ctx", {}):  # our validators' own words
+        message = str(first["ctx"]["error"])
     if first.get("type") == "missing":
         return InvalidRequestError(
             f"Missing required parameter: {param!r}.", param=param, code="missing_required_parameter"

@@ -39,6 +39,19 @@ class ChatMessage(OpenAIModel):
     tool_calls: list[ToolCall] | None = None  # assistant messages: the calls it made
     tool_call_id: StrictStr | None = None  # tool messages: the call this is the result of
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        if isinstance(content, list):
+            for i, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(
+                        f"content part {i} is of type {kind!r}, but the models served here read text only: "
+                        "send the message as text, or as parts of type 'text'"
+                    )
+        return content
+
     def text(self) -> str:
         if self.content is None:
             return ""

@@ -52,7 +52,7 @@ CASES: list[tuple[str, str, str, Any, int, str | None, str | None]] = [
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         400,
         None,
-        None,
+        "messages[0].content",
     ),
     (
         "only a system message",
@@ -228,6 +228,25 @@ def test_bad_request_gets_the_envelope(
         assert error["code"] == code
     if param:
         assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("messages", "words"),
+    [
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            ["'image_url'", "text only"],
+        ),
+        ([{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "a"}], ["tool's result"]),
+    ],
+    ids=["image part", "tool message without content"],
+)
+def test_a_rejected_message_is_explained_in_plain_words(server_url: str, messages: Any, words: list[str]) -> None:
+    response = httpx.post(f"{server_url}/v1/chat/completions", json={"messages": messages}, timeout=60)
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert all(word in message for word in words), message
+    assert "Value error" not in message and "valid string" not in message, message
 
 
 def test_the_server_still_serves_after_every_bad_request(server_url: str) -> None:
