@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -115,6 +117,34 @@ def find_peer() -> Path | None:
         return Path(path)
     found = sorted((Path.home() / ".cache" / "fnserve-peer").glob(PEER_GLOB))
     return found[-1] if found else None
+
+
+@contextmanager
+def fnserve_and_peer(threads: int, peer_args: list[str]) -> Iterator[dict[str, str]]:
+    """fnserve (default settings) and, when it is found, llama-server on the same GGUF with `peer_args`, both
+    ready: {name: base URL}. Both stop on leaving."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FNSERVE_LOG_LEVEL": "warning", "FNSERVE_THREADS": str(threads)}
+    fnserve = str(Path(sys.executable).parent / "fnserve")
+    procs: list[subprocess.Popen[bytes]] = []
+    urls: dict[str, str] = {}
+    try:
+        port = free_port()
+        procs.append(subprocess.Popen([fnserve, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL))
+        urls["fnserve"] = f"http://127.0.0.1:{port}"
+        wait_ready(urls["fnserve"], procs[-1], timeout=600, path="/readiness")
+        if (peer := find_peer()) is not None:
+            port = free_port()
+            cmd = [str(peer), "-m", str(smollm2_gguf()), "--port", str(port), "-t", str(threads), *peer_args]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            urls["llama-server"] = f"http://127.0.0.1:{port}"
+            wait_ready(urls["llama-server"], procs[-1], timeout=120, path="/health")
+        else:
+            print("llama-server not found ($LLAMA_SERVER or ~/.cache/fnserve-peer): fnserve alone")
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def smollm2_gguf() -> Path:

@@ -15,14 +15,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 
-from loadtests.bench_single import find_peer, free_port, smollm2_gguf, wait_ready
+from loadtests.bench_single import fnserve_and_peer
 
 TOPICS = ["the sea", "mountains", "a city at night", "an old library", "the first snow", "a busy market", "a train"]
 FOLLOW_UP = "Now make it shorter."
@@ -52,40 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args(argv)
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FNSERVE_LOG_LEVEL": "warning", "FNSERVE_THREADS": str(args.threads)}
-    fnserve = str(Path(sys.executable).parent / "fnserve")
-    servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
-    try:
-        port = free_port()
-        proc = subprocess.Popen([fnserve, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL)
-        servers["fnserve"] = (proc, f"http://127.0.0.1:{port}")
-        wait_ready(servers["fnserve"][1], proc, timeout=600, path="/readiness")
-        if (peer := find_peer()) is not None:
-            port = free_port()
-            cmd = [str(peer), "-m", str(smollm2_gguf()), "--port", str(port), "-t", str(args.threads)]
-            cmd += ["-np", str(args.peer_slots), "-c", str(2048 * args.peer_slots)]
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            servers["llama-server"] = (proc, f"http://127.0.0.1:{port}")
-            wait_ready(servers["llama-server"][1], proc, timeout=120, path="/health")
-        else:
-            print("llama-server not found ($LLAMA_SERVER or ~/.cache/fnserve-peer): fnserve alone")
+    peer_args = ["-np", str(args.peer_slots), "-c", str(2048 * args.peer_slots)]
+    with fnserve_and_peer(args.threads, peer_args) as servers:
         second: dict[str, list[float]] = {name: [] for name in servers}
         for i in range(args.conversations):
             question = {"role": "user", "content": f"Write a long paragraph about {TOPICS[i % len(TOPICS)]}."}
-            for name, (_, url) in servers.items():
+            for name, url in servers.items():
                 _, reply = chat(url, [question], args.reply_tokens)
                 turn = [question, {"role": "assistant", "content": reply}, {"role": "user", "content": FOLLOW_UP}]
                 ttft, _ = chat(url, turn, 8)
                 second[name].append(ttft)
                 print(f"{name:14s} conversation {i + 1}: second turn's TTFT {ttft * 1e3:.0f} ms", flush=True)
-        print(f"{'server':14s} {'TTFT p50 ms':>12s} {'min-max ms':>12s}")
-        for name, times in second.items():
-            low, high = min(times) * 1e3, max(times) * 1e3
-            print(f"{name:14s} {statistics.median(times) * 1e3:12.0f} {f'{low:.0f}-{high:.0f}':>12s}")
-    finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(timeout=30)
+    print(f"{'server':14s} {'TTFT p50 ms':>12s} {'min-max ms':>12s}")
+    for name, times in second.items():
+        low, high = min(times) * 1e3, max(times) * 1e3
+        print(f"{name:14s} {statistics.median(times) * 1e3:12.0f} {f'{low:.0f}-{high:.0f}':>12s}")
     return 0
 
 
