@@ -16,13 +16,44 @@ rms_norm: RMSNorm of rows, one call instead of the composite of ~6 ops torch run
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
+
+PREFETCH_AHEAD = 8  # positions: measured best of 4, 8 and 16
+LINE_FLOATS = 16  # float32s in a 64-byte cache line
 
 
-@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def _prefetch(typingctx: Any, array: Any, i: Any, j: Any, p: Any, d: Any) -> Any:
+    """Ask the CPU to bring the cache line of array[i, j, p, d] (a 4-D array) into its caches, without waiting
+    for it (LLVM's prefetch: a read, kept close). It changes no value, only when memory is read."""
+    sig = types.void(array, i, j, p, d)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, args[0])
+        index = [context.cast(builder, a, t, types.intp) for a, t in zip(args[1:], signature.args[1:], strict=True)]
+        item = cgutils.get_item_pointer(context, builder, array_type, view, index)
+        pointer = builder.bitcast(item, ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        function = ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32])
+        fetch = cgutils.get_or_insert_function(builder.module, function, "llvm.prefetch.p0")
+        builder.call(fetch, [pointer, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+prefetch: Callable[..., None] = intrinsic(_prefetch)
+
+
 def attention(
     qkv: np.ndarray,
     cos: np.ndarray,
@@ -47,64 +78,100 @@ def attention(
 
     A row's result is computed by the same loops in the same order whatever else is in the call, so a token
     gets the same bits as a decode row, inside a prompt chunk of any length, or after a reused prefix.
+
+    The kernel is compiled for the heads' size, so its loops over a head unroll (see `_attention`).
     """
-    rows = qkv.shape[0]
-    kv_heads, dim = k.shape[1], k.shape[3]
-    heads = out.shape[1] // dim
-    group = heads // kv_heads
+    _attention(k.shape[3])(qkv, cos, signed_sin, slots, positions, k, v, out, scale, window)
+
+
+@functools.cache
+def _attention(dim: int) -> Callable[..., None]:
+    """`attention` for heads of `dim` floats: a constant to LLVM, so every loop over a head is unrolled, with
+    no trip count to test (measured 16 decode rows, ~180 positions, warm cache: 149 against 172 us a layer). Each
+    head size is compiled once and cached on disk like the other kernels.
+
+    The loop over positions asks the CPU for the keys PREFETCH_AHEAD positions on and for this position's values
+    (`prefetch`), so a decode row, whose sequence's keys and values come from memory rather than the caches,
+    waits less for them (16 rows, 30 layers' caches in turn: 208 against 258 us a layer). Prefetches change no
+    value: a row's bits depend on its own inputs only, as before.
+    """
     half = dim // 2
-    for task in range(rows * kv_heads):  # a few thousand stores: one parallel region less a layer (~15 us)
-        r = task // kv_heads
-        h = task - r * kv_heads
-        slot, pos = slots[r], positions[r]
-        key, value = (heads + h) * dim, (heads + kv_heads + h) * dim
-        for d in range(half):
-            k[slot, h, pos, d] = qkv[r, key + d] * cos[pos, d] + qkv[r, key + d + half] * signed_sin[pos, d]
-        for d in range(half, dim):
-            k[slot, h, pos, d] = qkv[r, key + d] * cos[pos, d] + qkv[r, key + d - half] * signed_sin[pos, d]
-        for d in range(dim):
-            v[slot, h, pos, d] = qkv[r, value + d]
-    for task in prange(rows * kv_heads):
-        r = task // kv_heads
-        h = task - r * kv_heads
-        slot, pos = slots[r], positions[r]
-        first = max(0, pos - window + 1) if window > 0 else 0
-        n = pos + 1 - first
-        q = np.empty((group, dim), np.float32)
-        for g in range(group):
-            query = (h * group + g) * dim
+
+    @njit(parallel=True, fastmath=True, nogil=True, cache=True)
+    def kernel(
+        qkv: np.ndarray,
+        cos: np.ndarray,
+        signed_sin: np.ndarray,
+        slots: np.ndarray,
+        positions: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        out: np.ndarray,
+        scale: np.float32,
+        window: int,
+    ) -> None:
+        rows = qkv.shape[0]
+        kv_heads = k.shape[1]
+        heads = out.shape[1] // dim
+        group = heads // kv_heads
+        for task in range(rows * kv_heads):  # a few thousand stores: one parallel region less a layer (~15 us)
+            r = task // kv_heads
+            h = task - r * kv_heads
+            slot, pos = slots[r], positions[r]
+            key, value = (heads + h) * dim, (heads + kv_heads + h) * dim
             for d in range(half):
-                q[g, d] = qkv[r, query + d] * cos[pos, d] + qkv[r, query + d + half] * signed_sin[pos, d]
+                k[slot, h, pos, d] = qkv[r, key + d] * cos[pos, d] + qkv[r, key + d + half] * signed_sin[pos, d]
             for d in range(half, dim):
-                q[g, d] = qkv[r, query + d] * cos[pos, d] + qkv[r, query + d - half] * signed_sin[pos, d]
-        scores = np.empty((group, n), np.float32)
-        for p in range(n):
-            for g in range(group):
-                acc = np.float32(0.0)
-                for d in range(dim):
-                    acc += q[g, d] * k[slot, h, first + p, d]
-                scores[g, p] = acc * scale
-        for g in range(group):
-            top = scores[g, 0]
-            for p in range(1, n):
-                top = max(top, scores[g, p])
-            total = np.float32(0.0)
-            for p in range(n):
-                e = math.exp(scores[g, p] - top)
-                scores[g, p] = e
-                total += e
-            for p in range(n):
-                scores[g, p] /= total
-        acc_out = np.zeros((group, dim), np.float32)
-        for p in range(n):
-            for g in range(group):
-                w = scores[g, p]
-                for d in range(dim):
-                    acc_out[g, d] += w * v[slot, h, first + p, d]
-        for g in range(group):
-            query = (h * group + g) * dim
+                k[slot, h, pos, d] = qkv[r, key + d] * cos[pos, d] + qkv[r, key + d - half] * signed_sin[pos, d]
             for d in range(dim):
-                out[r, query + d] = acc_out[g, d]
+                v[slot, h, pos, d] = qkv[r, value + d]
+        for task in prange(rows * kv_heads):
+            r = task // kv_heads
+            h = task - r * kv_heads
+            slot, pos = slots[r], positions[r]
+            first = max(0, pos - window + 1) if window > 0 else 0
+            n = pos + 1 - first
+            q = np.empty((group, dim), np.float32)
+            for g in range(group):
+                query = (h * group + g) * dim
+                for d in range(half):
+                    q[g, d] = qkv[r, query + d] * cos[pos, d] + qkv[r, query + d + half] * signed_sin[pos, d]
+                for d in range(half, dim):
+                    q[g, d] = qkv[r, query + d] * cos[pos, d] + qkv[r, query + d - half] * signed_sin[pos, d]
+            scores = np.empty((group, n), np.float32)
+            for p in range(n):
+                for d in range(0, dim, LINE_FLOATS):  # the keys a few positions on, and this position's values
+                    if p + PREFETCH_AHEAD < n:
+                        prefetch(k, slot, h, first + p + PREFETCH_AHEAD, d)
+                    prefetch(v, slot, h, first + p, d)
+                for g in range(group):
+                    acc = np.float32(0.0)
+                    for d in range(dim):
+                        acc += q[g, d] * k[slot, h, first + p, d]
+                    scores[g, p] = acc * scale
+            for g in range(group):
+                top = scores[g, 0]
+                for p in range(1, n):
+                    top = max(top, scores[g, p])
+                total = np.float32(0.0)
+                for p in range(n):
+                    e = math.exp(scores[g, p] - top)
+                    scores[g, p] = e
+                    total += e
+                for p in range(n):
+                    scores[g, p] /= total
+            acc_out = np.zeros((group, dim), np.float32)
+            for p in range(n):
+                for g in range(group):
+                    w = scores[g, p]
+                    for d in range(dim):
+                        acc_out[g, d] += w * v[slot, h, first + p, d]
+            for g in range(group):
+                query = (h * group + g) * dim
+                for d in range(dim):
+                    out[r, query + d] = acc_out[g, d]
+
+    return kernel
 
 
 @njit(fastmath=True, nogil=True, cache=True)
