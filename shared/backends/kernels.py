@@ -17,16 +17,23 @@ rms_norm: RMSNorm of rows, one call instead of the composite of ~6 ops torch run
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
+log = logging.getLogger(__name__)
+
+KERNELS_DIR = "kernels"  # the folder of the cache dir (FNSERVE_CACHE_DIR) an image's build compiles kernels into
 PREFETCH_AHEAD = 8  # positions: measured best of 4, 8 and 16
 LINE_FLOATS = 16  # float32s in a 64-byte cache line
 
@@ -213,3 +220,27 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
         for j in range(c):
             out[i, j] = weight[j] * (x[i, j] * inv)
     return out
+
+
+def seed_cache(prebuilt: Path) -> None:
+    """Copy kernels compiled ahead of time (an image's build runs `fnserve prepare` with NUMBA_CACHE_DIR there)
+    into numba's cache directory, where they are found instead of compiled (~2.4 s of a cold start here).
+
+    numba reads its cache only from a directory it can write, so an image's read-only copy is seeded into
+    the writable one (NUMBA_CACHE_DIR, /tmp in the images) at each start; files already there stay as they are.
+    Nothing to do when numba caches beside the sources (no NUMBA_CACHE_DIR) or there is nothing prebuilt. The
+    kernels are found only where they were compiled for this CPU (NUMBA_CPU_NAME, see docs/deploy.md).
+    """
+    target = getattr(numba.config, "CACHE_DIR", None)  # NUMBA_CACHE_DIR, read when numba was imported
+    if not target or not prebuilt.is_dir() or Path(target).resolve() == prebuilt.resolve():
+        return
+    try:
+        for source in prebuilt.rglob("*"):
+            copy = Path(target) / source.relative_to(prebuilt)
+            if source.is_dir():
+                copy.mkdir(parents=True, exist_ok=True)
+            elif not copy.exists():
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, copy)
+    except OSError as exc:  # the kernels compile as they would have without it
+        log.warning("could not copy the prebuilt kernels from %s to %s: %s", prebuilt, target, exc)

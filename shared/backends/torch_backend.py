@@ -16,6 +16,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+from shared.backends.kernels import KERNELS_DIR, seed_cache
 from shared.backends.llama import LlamaConfig, LlamaRunner, unsupported
 from shared.settings import Settings
 
@@ -68,6 +69,8 @@ class TorchBackend:
         if s.threads:
             torch.set_num_threads(s.threads)  # per thread under OpenMP: set here, on the thread the model runs on
             numba.set_num_threads(min(s.threads, numba.get_num_threads()))  # the attention kernel's
+        if self.device.type == "cpu":
+            seed_cache(s.cache_dir / KERNELS_DIR)  # an image's kernels, compiled when it was built
         config = LlamaConfig.from_dir(model_dir)
         if config is None and s.engine == "batched":
             raw = json.loads((model_dir / "config.json").read_text())

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
+import numba
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.backends.kernels import attention, quantize_rows, rms_norm
+from shared.backends.kernels import attention, quantize_rows, rms_norm, seed_cache
 
 HEADS, KV_HEADS, DIM, SLOTS, MAX_LEN = 9, 3, 64, 6, 64
 
@@ -103,3 +108,30 @@ def test_rms_norm_matches_torch() -> None:
     x, weight = torch.randn(7, 576) * 3, torch.rand(576) + 0.5
     got = rms_norm(x.numpy(), weight.numpy(), np.float32(1e-5))
     torch.testing.assert_close(torch.from_numpy(got), F.rms_norm(x, (576,), weight, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+def test_prebuilt_kernels_are_copied_into_numbas_cache_without_replacing_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    prebuilt, cache = tmp_path / "image" / "kernels", tmp_path / "numba"
+    (prebuilt / "backends_0a1b").mkdir(parents=True)
+    (prebuilt / "backends_0a1b" / "kernels.rms_norm-1.py311.nbi").write_bytes(b"index")
+    (prebuilt / "backends_0a1b" / "kernels.rms_norm-1.py311.1.nbc").write_bytes(b"code")
+    (cache / "backends_0a1b").mkdir(parents=True)
+    (cache / "backends_0a1b" / "kernels.rms_norm-1.py311.nbi").write_bytes(b"numba's own")
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")  # numba caches beside the sources: nothing to seed
+    seed_cache(prebuilt)
+    assert not (cache / "backends_0a1b" / "kernels.rms_norm-1.py311.1.nbc").exists()
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(cache))
+    seed_cache(prebuilt)
+    assert (cache / "backends_0a1b" / "kernels.rms_norm-1.py311.1.nbc").read_bytes() == b"code"
+    assert (cache / "backends_0a1b" / "kernels.rms_norm-1.py311.nbi").read_bytes() == b"numba's own"
+    seed_cache(tmp_path / "nothing-prebuilt")  # an image without prebuilt kernels: nothing happens
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "a-file" / "numba"))
+    (tmp_path / "a-file").write_text("not a directory")
+    with caplog.at_level(logging.WARNING):
+        seed_cache(prebuilt)  # the kernels will compile as they would have: a warning, never an error
+    assert "could not copy the prebuilt kernels" in caplog.text
