@@ -149,7 +149,7 @@ def run_service() -> float:
         ready = time.monotonic() - started
         models = httpx.get(f"{url}/v1/models", timeout=30).json()
         assert "smollm2-135m-instruct" in [m["id"] for m in models["data"]], models
-        question = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
+        question = {"messages": [{"role": "user", "content": "Name the capital city of France."}], "temperature": 0}
         answer = httpx.post(f"{url}/v1/chat/completions", json=question, timeout=120).json()
         text = answer["choices"][0]["message"]["content"]
         assert "Paris" in text, answer
