@@ -61,19 +61,10 @@ def _prefetch(typingctx: Any, array: Any, i: Any, j: Any, p: Any, d: Any) -> Any
 prefetch: Callable[..., None] = intrinsic(_prefetch)
 
 
-def attention(
-    qkv: np.ndarray,
-    cos: np.ndarray,
-    signed_sin: np.ndarray,
-    slots: np.ndarray,
-    positions: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    out: np.ndarray,
-    scale: np.float32,
-    window: int,
-) -> None:
-    """Rotary embedding, the cache write and causal attention of one step's rows, decode and prompt alike.
+@functools.cache
+def attention(dim: int) -> Callable[..., None]:
+    """The kernel for heads of `dim` floats: rotary embedding, the cache write and causal attention of one step's
+    rows, decode and prompt alike, called as kernel(qkv, cos, signed_sin, slots, positions, k, v, out, scale, window).
 
     qkv: (N, (H + 2K) * D), each row's projections as the qkv matmul gives them: H query heads, then K key
     heads, then K value heads. Row r is a token of the sequence in cache slot slots[r] at position
@@ -86,16 +77,9 @@ def attention(
     A row's result is computed by the same loops in the same order whatever else is in the call, so a token
     gets the same bits as a decode row, inside a prompt chunk of any length, or after a reused prefix.
 
-    The kernel is compiled for the heads' size, so its loops over a head unroll (see `_attention`).
-    """
-    _attention(k.shape[3])(qkv, cos, signed_sin, slots, positions, k, v, out, scale, window)
-
-
-@functools.cache
-def _attention(dim: int) -> Callable[..., None]:
-    """`attention` for heads of `dim` floats: a constant to LLVM, so every loop over a head is unrolled, with
-    no trip count to test (measured 16 decode rows, ~180 positions, warm cache: 149 against 172 us a layer). Each
-    head size is compiled once and cached on disk like the other kernels.
+    `dim` is a constant to LLVM, so every loop over a head is unrolled, with no trip count to test (measured 16
+    decode rows, ~180 positions, warm cache: 149 against 172 us a layer). Each head size is compiled once, and
+    cached on disk like the other kernels; the runner asks for its kernel once, at load.
 
     The loop over positions asks the CPU for the keys PREFETCH_AHEAD positions on and for this position's values
     (`prefetch`), so a decode row, whose sequence's keys and values come from memory rather than the caches,

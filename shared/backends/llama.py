@@ -508,6 +508,7 @@ class LlamaRunner:
         self.numba = (kernels or ("numba" if self.device.type == "cpu" else "torch")) == "numba"
         if self.numba and self.device.type != "cpu":
             raise ValueError("the numba kernels run on the CPU only")
+        self._attention = attention(config.head_dim) if self.numba else None  # compiled for this head size
         if quantization not in ("none", "auto") and self.device.type != "cpu":
             raise ValueError(f"quantization {quantization!r} runs on the CPU only; use 'none' on {self.device}")
         dev = self.device
@@ -628,10 +629,10 @@ class LlamaRunner:
                 k = qkv[:, q_width : q_width + k_width].reshape(-1, c.head_dim)
                 qkv[:, q_width : q_width + k_width] = self._norm(k, layer.k_norm).view(n, -1)
             rope, window = self._ropes[i], c.layer_windows[i] or 0
-            if self.numba:
+            if self._attention is not None:
                 attn = torch.empty(n, q_width)
                 cache_k, cache_v = self._kv_arrays[i]
-                attention(
+                self._attention(
                     qkv.numpy(), rope.cos_array, rope.sin_array, slots, rows, cache_k, cache_v, attn.numpy(), scale,
                     window,
                 )  # fmt: skip

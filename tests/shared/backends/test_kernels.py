@@ -43,7 +43,7 @@ def test_each_row_attends_over_its_own_positions_with_its_kv_heads() -> None:
     want_k, want_v = k_cache.clone(), v_cache.clone()
     out = torch.empty(rows, HEADS * DIM)
 
-    attention(
+    attention(DIM)(
         qkv.numpy(),
         cos.numpy(),
         sin.numpy(),
@@ -79,7 +79,8 @@ def test_a_row_gets_the_same_bits_alone_and_inside_a_chunk() -> None:
 
     def run(slots: list[int], positions: list[int], rows: torch.Tensor, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         out = np.empty((len(positions), HEADS * DIM), np.float32)
-        attention(rows.numpy(), cos.numpy(), sin.numpy(), np.array(slots), np.array(positions), k, v, out, scale, 0)
+        kernel = attention(DIM)
+        kernel(rows.numpy(), cos.numpy(), sin.numpy(), np.array(slots), np.array(positions), k, v, out, scale, 0)
         return out
 
     k, v = np.zeros((2, SLOTS, KV_HEADS, MAX_LEN, DIM), np.float32)
