@@ -25,7 +25,7 @@ from shared.generation.sequence import StepOutput  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from tests.servers import free_port, running_server  # noqa: E402
 
-CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+CAPITAL = [{"role": "user", "content": "Name the capital city of France."}]
 SERVER_LOGS: list[Path] = []  # the session server's log, shown under any test that fails while using it
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from shared.generation.model import GenerationModel
 
-CAPITAL = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
+CAPITAL = {"messages": [{"role": "user", "content": "Name the capital city of France."}], "temperature": 0}
 
 
 async def test_chat_completion_answers_in_openai_shape(client: httpx.AsyncClient) -> None:
@@ -83,7 +83,7 @@ async def test_text_content_parts_developer_role_and_newer_fields_are_understood
             {"role": "developer", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
             {
                 "role": "user",
-                "content": [{"type": "text", "text": "What is the capital "}, {"type": "text", "text": "of France?"}],
+                "content": [{"type": "text", "text": "Name the capital "}, {"type": "text", "text": "city of France."}],
             },
         ],
         "temperature": 0,

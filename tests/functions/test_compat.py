@@ -6,7 +6,7 @@ import json
 
 import httpx
 
-CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+CAPITAL = [{"role": "user", "content": "Name the capital city of France."}]
 
 
 async def test_routes_without_v1_are_the_same_functions(client: httpx.AsyncClient) -> None:

@@ -74,7 +74,7 @@ def test_chat_handler_answers_api_gateway_v2_and_loads_the_model_once() -> None:
     event = api_gateway_v2(
         "POST",
         "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0},
+        {"messages": [{"role": "user", "content": "Name the capital city of France."}], "temperature": 0},
     )
     first = chat.handler(event, CONTEXT)
     assert first["statusCode"] == 200

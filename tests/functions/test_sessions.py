@@ -93,14 +93,14 @@ def test_another_keys_session_is_not_found(server: Server) -> None:
 
 def test_turns_use_the_history_and_keep_each_whole_reply(server: Server) -> None:
     sid = call(server, "POST", "/v1/sessions", {}).json()["id"]
-    first = turn(server, sid, "What is the capital of France?").json()
+    first = turn(server, sid, "Name the capital city of France.").json()
     second = turn(server, sid, "And what language do they speak there?", max_tokens=30).json()
     assert second["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"] + 10  # the first turn is in it
     stored = call(server, "GET", f"/v1/sessions/{sid}").json()
     assert [m["role"] for m in stored["messages"]] == ["user", "assistant", "user", "assistant"]
     assert stored["messages"][1]["content"] == first["choices"][0]["message"]["content"]
     assert stored["messages"][3]["content"] == second["choices"][0]["message"]["content"]
-    assert stored["title"] == "What is the capital of France?"
+    assert stored["title"] == "Name the capital city of France."
     streamed = httpx.post(
         f"{server.url}/v1/chat/completions",
         json={

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import jsonschema
@@ -57,7 +57,7 @@ class Person(BaseModel):
     favourite_colour: Colour
     nickname: str | None = Field(max_length=20)
     home: Address
-    hobbies: list[str] = Field(max_length=3)
+    hobbies: list[Annotated[str, Field(max_length=30)]] = Field(max_length=3)  # every bound: a Person fits 400 tokens
 
 
 @pytest.fixture(scope="module")

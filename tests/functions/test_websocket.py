@@ -14,7 +14,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from tests.servers import Server, running_server
 
-ASK = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
+ASK = {"messages": [{"role": "user", "content": "Name the capital city of France."}], "temperature": 0}
 
 
 def ws_url(base: str, path: str = "/v1/chat/ws") -> str:
@@ -38,7 +38,7 @@ def engine(server_url: str) -> dict[str, int]:
 def test_frames_in_order_and_several_requests_on_one_connection(server_url: str) -> None:
     plain = httpx.post(f"{server_url}/v1/chat/completions", json=ASK, timeout=60).json()
     with connect(ws_url(server_url)) as socket:
-        for request in (ASK, {"prompt": "What is the capital of France?", "temperature": 0}):
+        for request in (ASK, {"prompt": "Name the capital city of France.", "temperature": 0}):
             socket.send(json.dumps(request))
             frames = frames_until_end(socket)
             *deltas, done = frames

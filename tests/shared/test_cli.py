@@ -24,7 +24,7 @@ def fnserve(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def test_the_openai_client_chats_with_the_served_default_model(server_url: str) -> None:
     client = OpenAI(base_url=f"{server_url}/v1", api_key="unused")
     assert "smollm2-135m-instruct" in [m.id for m in client.models.list()]
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    messages = [{"role": "user", "content": "Name the capital city of France."}]
     reply = client.chat.completions.create(model="default", messages=messages, temperature=0)  # type: ignore[arg-type]
     assert "Paris" in (reply.choices[0].message.content or "")
     assert reply.choices[0].finish_reason == "stop"
@@ -32,9 +32,9 @@ def test_the_openai_client_chats_with_the_served_default_model(server_url: str) 
 
 def test_chat_command_answers_plain_and_streamed(server_url: str) -> None:
     env = {"FNSERVE_URL": f"{server_url}/v1"}
-    plain = fnserve("chat", "What is the capital of France?", "--temperature", "0", env=env)
+    plain = fnserve("chat", "Name the capital city of France.", "--temperature", "0", env=env)
     assert plain.returncode == 0 and "Paris" in plain.stdout
-    streamed = fnserve("chat", "What is the capital of France?", "--temperature", "0", "--stream", env=env)
+    streamed = fnserve("chat", "Name the capital city of France.", "--temperature", "0", "--stream", env=env)
     assert streamed.stdout == plain.stdout
 
 

@@ -28,7 +28,7 @@ async def test_metrics_count_tokens_and_prefix_cache_hits(client: httpx.AsyncCli
     system = {"role": "system", "content": f"{uuid.uuid4()} You are a careful assistant. " * 20}
     before = await scrape(client)
     usages = []
-    for question in ("What is the capital of France?", "What is 2+2?"):
+    for question in ("Name the capital city of France.", "What is 2+2?"):
         body = {"messages": [system, {"role": "user", "content": question}], "max_tokens": 5, "temperature": 0}
         response = await client.post("/v1/chat/completions", json=body)
         assert response.status_code == 200

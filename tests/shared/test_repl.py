@@ -25,7 +25,7 @@ def cancelled(server_url: str) -> int:
 def test_two_turns_reset_and_ctrl_c_during_an_answer(server_url: str) -> None:
     child = spawn(server_url)
     child.expect("> ")
-    child.sendline("What is the capital of France?")
+    child.sendline("Name the capital city of France.")
     child.expect("Paris")
     child.expect("> ")
     child.sendline("/system You answer in one word.")
@@ -45,7 +45,7 @@ def test_two_turns_reset_and_ctrl_c_during_an_answer(server_url: str) -> None:
     while cancelled(server_url) == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert cancelled(server_url) == before + 1  # the server stopped generating it
-    child.sendline("What is the capital of France?")  # still running, and the stopped turn was not kept
+    child.sendline("Name the capital city of France.")  # still running, and the stopped turn was not kept
     child.expect("Paris")
     child.expect("> ")
     child.sendline("/exit")
@@ -58,7 +58,7 @@ def test_a_stored_session_is_continued(server_url: str) -> None:
     sid = httpx.post(f"{server_url}/v1/sessions", json={}).json()["id"]
     child = spawn(server_url, "--session", sid)
     child.expect("> ")
-    child.sendline("What is the capital of France?")
+    child.sendline("Name the capital city of France.")
     child.expect("Paris")
     child.expect("> ")
     child.sendline("Thanks!")

@@ -11,7 +11,7 @@ from tests.conftest import run_steps
 
 PROMPTS = [
     "Hi!",
-    "What is the capital of France?",
+    "Name the capital city of France.",
     "Write a haiku about autumn leaves falling on a quiet river at dusk.",
     "List three fruits.",
     "Explain, step by step and in plain words, how a bicycle stays upright while it is moving forward, "
@@ -73,7 +73,7 @@ def test_each_request_in_a_batch_keeps_its_own_sampling(smol: GenerationModel) -
 def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(smol: GenerationModel) -> None:
     long_prompt = smol.encode_chat([{"role": "user", "content": "word " * 900 + "Summarise."}])
     assert len(long_prompt) > 3 * smol.engine.prefill_chunk
-    short = smol.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    short = smol.encode_chat([{"role": "user", "content": "Name the capital city of France."}])
     params = SamplingParams(temperature=0.0, max_tokens=12)
     alone = [text(run_steps(smol, p, params)) for p in (long_prompt, short)]
     assert asyncio.run(together(smol, [(long_prompt, params), (short, params)])) == alone

@@ -71,7 +71,7 @@ def test_a_finished_grammar_ends_the_sequence_with_stop_at_once(smol: Generation
 def test_logprobs_are_the_models_own_distribution(smol: GenerationModel) -> None:
     """The grammar forces "{" first, but the reported alternatives are what the model itself preferred."""
     grammar = compile_grammar(smol, json_grammar({"type": "object"}))
-    prompt = smol.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    prompt = smol.encode_chat([{"role": "user", "content": "Name the capital city of France."}])
     params = SamplingParams(temperature=0.0, max_tokens=3, logprobs=True, top_logprobs=5)
     seq = smol.sequence(prompt, params, grammar=grammar)  # type: ignore[arg-type]
 

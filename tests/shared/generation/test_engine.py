@@ -120,7 +120,7 @@ def faulty(catalog: ModelCatalog) -> Iterator[tuple[Engine, Faulty]]:
     engine.close()
 
 
-PROMPTS = ["Name a colour.", "What is the capital of France?", "Who wrote Hamlet?"]
+PROMPTS = ["Name a colour.", "Name the capital city of France.", "Who wrote Hamlet?"]
 
 
 def _run(engine: Engine, smol: GenerationModel, prompts: list[str]) -> list[str | FnserveError]:

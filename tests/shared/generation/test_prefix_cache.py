@@ -34,7 +34,7 @@ def test_store_skips_covered_prompts_and_evicts_the_least_recently_used() -> Non
 
 def test_a_repeated_system_prompt_is_not_prefilled_again(smol: GenerationModel) -> None:
     system = {"role": "system", "content": "You are a careful assistant. " * 40}
-    first = smol.encode_chat([system, {"role": "user", "content": "What is the capital of France?"}])
+    first = smol.encode_chat([system, {"role": "user", "content": "Name the capital city of France."}])
     second = smol.encode_chat([system, {"role": "user", "content": "What is 2+2?"}])
     params = SamplingParams(temperature=0.0, max_tokens=12)
     before = smol.engine.stats

@@ -97,14 +97,14 @@ def test_chatting_in_the_browser(browser: object, server_url: str) -> None:
     page.click("#settings-toggle")
 
     # Send a message and watch the answer stream in.
-    page.fill("#input", "What is the capital of France?")
+    page.fill("#input", "Name the capital city of France.")
     page.keyboard.press("Enter")
-    expect(page.locator(".message.user")).to_have_text("What is the capital of France?")
+    expect(page.locator(".message.user")).to_have_text("Name the capital city of France.")
     expect(page.locator(".message.assistant").last).to_contain_text("Paris", timeout=30_000)
     expect(page.locator("#send")).to_be_visible()
     expect(page.locator("#speed")).to_contain_text("tok/s")
     expect(page.locator("#sessions li")).to_have_count(1)
-    expect(page.locator("#sessions li .title").first).to_have_text("What is the capital of France?")
+    expect(page.locator("#sessions li .title").first).to_have_text("Name the capital city of France.")
     first_session = page.evaluate("JSON.parse(localStorage.getItem('fnserve.session'))")
     page.screenshot(path=str(ARTIFACTS / "chat-answer.png"))
 
@@ -137,7 +137,7 @@ def test_chatting_in_the_browser(browser: object, server_url: str) -> None:
     second = page.evaluate("JSON.parse(localStorage.getItem('fnserve.session'))")
     stored = httpx.get(f"{server_url}/v1/sessions/{second}").json()["messages"]
     assert [m["content"] for m in stored if m["role"] == "user"] == ["Name a fruit."]
-    page.locator("#sessions li .title", has_text="What is the capital of France?").click()
+    page.locator("#sessions li .title", has_text="Name the capital city of France.").click()
     expect(page.locator(".message.user")).to_have_count(1)  # the stopped turn was not kept
     expect(page.locator(".message.assistant")).to_contain_text("Paris")
 
