@@ -34,6 +34,11 @@ Kind = Literal["none", "int4", "int8", "int8-groups"]  # how one Linear stores i
 Groups8 = tuple[torch.Tensor, torch.Tensor]  # quantize_groups8's (q, d)
 Groups4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # quantize_groups4's (q, scale, minimum)
 MIXED_ROWS = 8  # mixed: from this many rows int8 beats int4 here (16.3 vs 16.0 ms a step at 8, 22 vs 28 at 16)
+# int8's inputs take 8 bits where the CPU has AVX-512 VNNI. Without it oneDNN multiplies unsigned 8-bit inputs by
+# signed 8-bit weights with vpmaddubsw, which sums each pair of products in 16 bits and saturates past 32767
+# (255 * 127 * 2 = 64770): on an AVX2 CPU a 8-row matmul came out up to 246 away from the exact integer product.
+# With 7-bit inputs a pair stays within 127 * 127 * 2 = 32258 and the products are exact.
+INT8_INPUT_TOP = 127 if torch.cpu._is_vnni_supported() else 63
 
 
 @dataclass(frozen=True)
@@ -212,10 +217,10 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) in any float dtype; the result (N, out) in self.dtype."""
         if self.quantization == "int8":
-            q, s = quantize_rows(x.float().contiguous().numpy())  # (N, in): 128 + round(x / s), 1..255; (N, 1)
+            q, s = quantize_rows(x.float().contiguous().numpy(), INT8_INPUT_TOP)  # (N, in): top + 1 + round(x / s)
             y = torch.ops.onednn.qlinear_pointwise(
-                torch.from_numpy(q), 1.0, 128, self.packed, self.scale, self.zero_points, None, 1.0, 0, torch.float32,
-                "none", [], "",
+                torch.from_numpy(q), 1.0, INT8_INPUT_TOP + 1, self.packed, self.scale, self.zero_points, None, 1.0,
+                0, torch.float32, "none", [], "",
             )  # fmt: skip
             return y.mul_(torch.from_numpy(s))
         if x.dtype != self.dtype:

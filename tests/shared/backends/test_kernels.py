@@ -92,14 +92,15 @@ def test_a_row_gets_the_same_bits_alone_and_inside_a_chunk() -> None:
     assert np.array_equal(alone[0], whole[12])
 
 
-def test_rows_quantize_to_8_bits_each_with_its_own_scale() -> None:
+@pytest.mark.parametrize("top", [127, 63])
+def test_rows_quantize_to_8_bits_each_with_its_own_scale(top: int) -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 96)).astype(np.float32) * np.array([[1], [10], [0.01], [3], [0]], dtype=np.float32)
-    q, s = quantize_rows(x)
+    q, s = quantize_rows(x, top)
     assert q.dtype == np.uint8 and s.shape == (5, 1)
-    values = q.astype(np.int32) - 128
-    np.testing.assert_allclose(s[:4, 0], np.abs(x[:4]).max(axis=1) / 127, rtol=1e-6)
-    assert (np.abs(values[:4]).max(axis=1) == 127).all()  # each row uses the whole range
+    values = q.astype(np.int32) - (top + 1)
+    np.testing.assert_allclose(s[:4, 0], np.abs(x[:4]).max(axis=1) / top, rtol=1e-6)
+    assert (np.abs(values[:4]).max(axis=1) == top).all()  # each row uses the whole range
     assert (np.abs(values * s - x) <= s * 0.5001).all()  # within half a step of its own row's scale
     assert (values[4] == 0).all()  # a row of zeros stays zeros (no division by zero)
 

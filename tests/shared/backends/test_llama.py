@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from shared.backends import Chunk
-from shared.backends.llama import LlamaConfig, LlamaRunner
+from shared.backends.kernels import quantize_rows
+from shared.backends.llama import INT8_INPUT_TOP, Linear, LlamaConfig, LlamaRunner
 from shared.catalog import ModelCatalog
 from shared.settings import Quantization
 from tests.shared.backends.test_conformance import model_dir
@@ -78,6 +79,24 @@ def test_a_prompt_chunk_riding_along_a_decode_step_changes_nothing(catalog: Mode
     token = int(np.argmax(chunk_logits))
     after = runner.decode([*tokens, token, token], [n + 1 for n in lengths] + [len(prompt)] * 2)
     assert np.array_equal(after[4], after[5])
+
+
+@pytest.mark.parametrize("rows", [1, 8, 16, 256])
+def test_int8_matmuls_are_the_exact_integer_products(rows: int) -> None:
+    """oneDNN's int8 matmul gives exactly the product of the 8-bit inputs and weights, times their scales: on a
+    CPU without VNNI its pairs of products must not saturate 16 bits (weights at the full +-127 of every row;
+    inputs spread over their whole range, and on odd rows under an outlier as real activations have)."""
+    torch.manual_seed(0)
+    weight = torch.randn(256, 576)
+    linear = Linear(weight, torch.float32, "int8")
+    x = torch.randn(rows, 576)
+    x[1::2, 7] = -25.0
+    got = linear(x)
+    q, s = quantize_rows(x.numpy(), INT8_INPUT_TOP)
+    inputs = torch.from_numpy(q).to(torch.int64) - (INT8_INPUT_TOP + 1)
+    weights = (weight / linear.scale[:, None]).round().to(torch.int64)
+    exact = (inputs @ weights.T).double() * linear.scale.double() * torch.from_numpy(s).double()
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-4)
 
 
 def test_mixed_runs_int4_for_a_few_rows_and_int8_from_eight(catalog: ModelCatalog) -> None:
