@@ -207,6 +207,8 @@ def test_a_server_with_keys_asks_for_one_and_rate_limits_show(browser: object, t
         page.locator("#api-key").dispatch_event("change")
         expect(page.locator("#banner")).to_be_hidden()
         expect(page.locator("#model option")).to_have_count(1)
+        page.fill("#max_tokens", "4")  # short answers: 7 messages fit in a minute on the slowest CPU
+        page.locator("#max_tokens").dispatch_event("change")
         # Past 6 requests a minute. The limiter's sliding-window counter weighs the last minute's count by how much
         # of it is left, so a burst that a minute's boundary cuts may pass 6 before it is refused; 7 more messages
         # after the boundary exceed the limit on the new minute's count alone.
