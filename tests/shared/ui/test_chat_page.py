@@ -213,9 +213,9 @@ def test_a_server_with_keys_asks_for_one_and_rate_limits_show(browser: object, t
         # of it is left, so a burst that a minute's boundary cuts may pass 6 before it is refused; 7 more messages
         # after the boundary exceed the limit on the new minute's count alone.
         for _ in range(16):
+            answered = page.locator(".message.assistant").count() + 1  # before Enter: the page may add it at once
             page.fill("#input", "Hi")
             page.keyboard.press("Enter")
-            answered = page.locator(".message.assistant").count() + 1
             for _ in range(600):  # until this answer ends or the banner shows (the page's CSP forbids eval)
                 ended = page.locator(".message.assistant").count() >= answered and page.locator("#send").is_visible()
                 if page.locator("#banner").is_visible() or ended:
