@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PACK_FORMAT = 1  # the layout of PackedWeights' files; a change that alters it bumps this
+UNUSED_FOR = 7 * 24 * 3600  # seconds; another format's or torch's file is removed after this long unread
 
 
 class PackedWeights:
@@ -93,6 +95,10 @@ class PackedWeights:
             log.warning("ignoring the packed weights in %s: %s", self.path, exc)
             return None
         log.info("loaded packed weights from %s", self.path)
+        try:
+            os.utime(self.path)  # in use: another torch's writes must not prune it (see _prune)
+        except OSError:  # a read-only cache (an image's): nothing prunes it either
+            pass
         return weights
 
     def save(self, weights: Weights) -> None:
@@ -136,16 +142,18 @@ class PackedWeights:
         self._prune()
 
     def _prune(self) -> None:
-        """Remove this model's files that an earlier torch or file format made: nothing here can read them again
-        (130 MB each for SmolLM2). Files of other settings (another dtype, quantization or model) stay."""
+        """Remove this model's files that another torch or file format made and no start has read for
+        UNUSED_FOR: an upgrade leaves its predecessor's file behind (130 MB for SmolLM2), while two installs with
+        different torch versions may share one cache and each read its own. Files of other settings (another
+        dtype, quantization or model) stay."""
         for other in self.path.parent.glob(f"{self._stem}-*.safetensors"):
             if other == self.path:
                 continue
             try:
                 with safe_open(other, "pt") as f:
                     made_by = (f.metadata() or {}).get("made_by")
-                if made_by != self._made_by:
+                if made_by != self._made_by and time.time() - other.stat().st_mtime > UNUSED_FOR:
                     other.unlink()
-                    log.info("removed packed weights an earlier version made: %s", other)
+                    log.info("removed packed weights another version made, unused for a week: %s", other)
             except Exception:  # unreadable (damaged): left alone
                 continue

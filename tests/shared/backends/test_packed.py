@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +34,10 @@ def test_packed_weights_kept_from_one_start_give_the_same_bits_at_the_next(
     (saved,) = tmp_path.glob("*.safetensors")
     assert "loaded packed weights" not in caplog.text
     caplog.clear()
+    os.utime(saved, (0, 0))
     again = start()
     assert "loaded packed weights" in caplog.text and "quantization auto" not in caplog.text
+    assert time.time() - saved.stat().st_mtime < 600  # a read marks it in use (another torch's prune spares it)
     assert again.quantization == first.quantization == "int4"
     assert any(str(saved) in line for line in open("/proc/self/maps"))  # mapped, not copied
     np.testing.assert_array_equal(logits(again), logits(first))
@@ -68,11 +72,11 @@ def test_auto_remembers_a_checkpoint_that_is_not_4_bit(tmp_path: Path, caplog: p
     assert mark.stat().st_size < 1024
 
 
-def test_files_an_earlier_version_made_are_removed_and_other_settings_kept(
+def test_files_another_version_made_are_removed_once_unused_for_a_week_and_other_settings_kept(
     catalog: ModelCatalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A new file replaces this model's files of an earlier format or torch (nothing can read them again); a file
-    of other settings (another dtype) stays."""
+    """A new file replaces this model's files of another format or torch once no start has read them for a week
+    (another install sharing the cache may read its own); a file of other settings (another dtype) stays."""
     from shared.backends import packed
     from shared.backends.llama import Embedding, Linear, Weights
 
@@ -86,7 +90,9 @@ def test_files_an_earlier_version_made_are_removed_and_other_settings_kept(
     monkeypatch.setattr(packed, "PACK_FORMAT", current)
     other = packed.PackedWeights(tmp_path, path, "auto", torch.bfloat16)
     other.save(mark)
-    assert not earlier.path.exists() and other.path.exists()
+    assert earlier.path.exists() and other.path.exists()  # just written: maybe another install's, kept
+    week = time.time() - packed.UNUSED_FOR - 60
+    os.utime(earlier.path, (week, week))
     now = packed.PackedWeights(tmp_path, path, "auto", torch.float32)
     now.save(mark)
     assert sorted(tmp_path.iterdir()) == sorted([other.path, now.path])
