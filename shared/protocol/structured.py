@@ -102,7 +102,44 @@ def response_format_grammar(raw: dict[str, Any] | None, limits: Settings) -> str
     if not isinstance(schema, dict):
         raise _format_error("json_schema.schema must be a JSON Schema object")
     _check_size(schema, "response_format", limits)
-    return json_grammar(schema)
+    return json_grammar(closed(schema) if _strict(spec, "response_format", "json_schema.strict") else schema)
+
+
+# Keywords whose values are schemas: one, a list of them, or a map of names to them (JSON Schema 2020-12).
+_ONE = ("items", "additionalItems", "additionalProperties", "unevaluatedProperties", "unevaluatedItems", "contains",
+        "propertyNames", "not", "if", "then", "else")  # fmt: skip
+_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on every object schema that lists `properties` and says
+    nothing of other keys: what `strict: true` means in OpenAI's API (its strict mode requires it written out).
+    An object schema without `properties` (any object) stays open, as does one that allows other keys."""
+    if isinstance(schema, list):  # items as a list (draft 4-7)
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _ONE:
+        if key in out:
+            out[key] = closed(out[key])
+    for key in _LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(s) for s in out[key]]
+    for key in _MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(s) for name, s in out[key].items()}
+    if "properties" in out and not {"additionalProperties", "patternProperties", "unevaluatedProperties"} & set(out):
+        out["additionalProperties"] = False
+    return out
+
+
+def _strict(spec: dict[str, Any], param: str, where: str) -> bool:
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise InvalidRequestError(f"{where} must be true or false", param=param)
+    return bool(strict)
 
 
 def tool_plan(
@@ -156,6 +193,8 @@ def _tool(raw: Any, index: int) -> Tool:
     parameters = function.get("parameters", {"type": "object", "properties": {}})
     if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
         raise InvalidRequestError(f"{where}.function.parameters must be a JSON Schema of an object", param="tools")
+    if _strict(function, "tools", f"{where}.function.strict"):
+        parameters = closed(parameters)
     return Tool(name, description, {"type": "object", **parameters})
 
 

@@ -130,6 +130,59 @@ def test_n_two_choices_each_validate_against_the_schema(client: OpenAI) -> None:
         jsonschema.validate(json.loads(choice.message.content or ""), schema)
 
 
+OPEN_PERSON: dict[str, object] = {  # as a hand-written schema often is: nothing said of other keys
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "job": {"type": "object", "properties": {"title": {"type": "string", "maxLength": 30}}, "required": ["title"]},
+    },
+    "required": ["name", "job"],
+}
+
+
+def test_a_strict_schema_gets_only_its_own_keys(client: OpenAI) -> None:
+    """strict: true holds a reply to the keys the schema lists, at every level, as OpenAI's strict mode does
+    (where the schema must say additionalProperties: false); without strict, JSON Schema's open objects."""
+    for seed in range(4):
+        reply = client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "Describe a person with a name, an age, a city and a job."}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "person", "schema": OPEN_PERSON, "strict": True},
+            },
+            temperature=1.0,
+            seed=seed,
+            max_tokens=200,
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        person = json.loads(choice.message.content or "")
+        assert set(person) == {"name", "job"} and set(person["job"]) == {"title"}, person
+
+
+def test_a_strict_tools_arguments_get_only_its_own_keys(client: OpenAI) -> None:
+    tool: ChatCompletionToolParam = {
+        "type": "function",
+        "function": {"name": "save_person", "parameters": OPEN_PERSON, "strict": True},
+    }
+    for seed in range(4):
+        reply = client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "Save a person with a name, an age, a city and a job."}],
+            tools=[tool],
+            tool_choice="required",
+            temperature=1.0,
+            seed=seed,
+            max_tokens=200,
+        )
+        calls = calls_of(reply.choices[0].message)
+        assert calls and reply.choices[0].finish_reason == "tool_calls"
+        for _, arguments in calls:
+            person = json.loads(arguments)
+            assert set(person) == {"name", "job"} and set(person["job"]) == {"title"}, person
+
+
 def test_completions_take_a_response_format(client: OpenAI) -> None:
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
     reply = client.completions.create(
@@ -342,6 +395,12 @@ BAD = [
         "dependentRequired",
     ),  # noqa: E501
     ("json with tools", {"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format", "tools"),
+    (
+        "strict not a boolean",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}}},
+        "response_format",
+        "strict",
+    ),
 ]
 
 
