@@ -36,9 +36,9 @@ Groups4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # quantize_groups4's 
 MIXED_ROWS = 8  # mixed: from this many rows int8 beats int4 here (16.3 vs 16.0 ms a step at 8, 22 vs 28 at 16)
 # int8's inputs take 8 bits where the CPU has AVX-512 VNNI. Without it oneDNN multiplies unsigned 8-bit inputs by
 # signed 8-bit weights with vpmaddubsw, which sums each pair of products in 16 bits and saturates past 32767
-# (255 * 127 * 2 = 64770): on an AVX2 CPU a 8-row matmul came out up to 246 away from the exact integer product.
+# (255 * 127 * 2 = 64770): on an AVX2 CPU an 8-row matmul came out up to 246 away from the exact integer product.
 # With 7-bit inputs a pair stays within 127 * 127 * 2 = 32258 and the products are exact.
-INT8_INPUT_TOP = 127 if torch.cpu._is_vnni_supported() else 63
+INT8_INPUT_TOP = 127 if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else 63
 
 
 @dataclass(frozen=True)
