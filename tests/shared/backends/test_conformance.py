@@ -148,11 +148,11 @@ def test_reduced_precisions_stay_within_the_stated_tolerance(
     """bfloat16 and each quantization give float32's greedy tokens until float32's top two are within 0.5."""
     settings = Settings(backend="cpu", dtype="bfloat16", engine=engine, quantization=quantization, max_model_len=512)
     fast = select_backend(settings).load(model_dir(catalog))
+    seven_bits = quantization in ("int8", "mixed") and INT8_INPUT_TOP < 127
+    near_tie = SEVEN_BIT_NEAR_TIE if seven_bits else FAST_NEAR_TIE
     for messages in PROMPTS:
         prompt = smol.encode_chat(messages)
         want, want_logits = greedy(reference, prompt, 16)
-        seven_bits = quantization in ("int8", "mixed") and INT8_INPUT_TOP < 127
-        near_tie = SEVEN_BIT_NEAR_TIE if seven_bits else FAST_NEAR_TIE
         assert_within_tolerance(want, want_logits, greedy(fast, prompt, 16)[0], near_tie)
 
 
