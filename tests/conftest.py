@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import shutil
 import subprocess
+import threading
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 
 import httpx
@@ -105,9 +108,38 @@ def moto_endpoint() -> Iterator[str]:
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with _dynamodb_items_written_one_at_a_time():
+        server.start()
+        yield f"http://127.0.0.1:{port}"
+        server.stop()
+
+
+@contextlib.contextmanager
+def _dynamodb_items_written_one_at_a_time() -> Iterator[None]:
+    """DynamoDB applies the writes to one item one at a time, each conditional write checked and applied as
+    one step. moto's threaded server does not: two requests at once can both pass `version = :v` and both
+    update the same item, one of them lost. Its item reads and writes take one lock here, as DynamoDB's do."""
+    from moto.dynamodb.models import DynamoDBBackend
+
+    lock = threading.RLock()
+    names = ["put_item", "get_item", "update_item", "delete_item", "query", "scan", "transact_write_items"]
+    originals = {name: getattr(DynamoDBBackend, name) for name in names}
+
+    def locked(method: Callable[..., object]) -> Callable[..., object]:
+        @functools.wraps(method)
+        def call(*args: object, **kwargs: object) -> object:
+            with lock:
+                return method(*args, **kwargs)
+
+        return call
+
+    for name, method in originals.items():
+        setattr(DynamoDBBackend, name, locked(method))
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(DynamoDBBackend, name, method)
 
 
 @pytest.fixture
