@@ -34,9 +34,17 @@ def guess_format(name: str) -> Format:
 
 
 def read_documents(
-    lines: Iterable[bytes], fmt: Format, text_field: str = "text", id_field: str = "id"
+    lines: Iterable[bytes],
+    fmt: Format,
+    text_field: str = "text",
+    id_field: str = "id",
+    max_chars: int | None = None,
 ) -> Iterator[Document | BadLine]:
-    """Each line's document, or why it is not one. Blank lines are skipped; ids default to the line number."""
+    """Each line's document, or why it is not one. Blank lines are skipped; ids default to the line number.
+
+    Texts are cut to `max_chars`, the most the model reads: a batch of megabyte documents then holds no more
+    than a batch of documents of the model's length.
+    """
     for number, raw in enumerate(lines, start=1):
         if len(raw) > MAX_LINE_BYTES:
             yield BadLine(number, f"longer than {MAX_LINE_BYTES} bytes")
@@ -49,7 +57,7 @@ def read_documents(
         if not line:
             continue
         if fmt == "text":
-            yield Document(str(number), line, number)
+            yield Document(str(number), line[:max_chars], number)
             continue
         try:
             obj = json.loads(line)
@@ -64,7 +72,7 @@ def read_documents(
             yield BadLine(number, f"no text in field {text_field!r}")
             continue
         doc_id = obj.pop(id_field, number)
-        yield Document(str(doc_id), text, number, obj)
+        yield Document(str(doc_id), text[:max_chars], number, obj)
 
 
 def batched(items: Iterable[Document | BadLine], size: int) -> Iterator[tuple[list[Document], list[BadLine]]]:

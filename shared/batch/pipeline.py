@@ -29,6 +29,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 class Embedder(Protocol):
     id: str
     dimensions: int
+    max_chars: int  # the most of a text it reads
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray: ...
 
@@ -105,7 +106,7 @@ def embed_source(
     started = time.perf_counter()
     fmt = options.input_format or guess_format(source.name)
     manifest = Manifest(source.name, source.version, out, model.id, model.dimensions, options.output_format)
-    docs = read_documents(source.lines(), fmt, options.text_field, options.id_field)
+    docs = read_documents(source.lines(), fmt, options.text_field, options.id_field, model.max_chars)
     with tempfile.TemporaryDirectory(prefix="fnserve-batch-") as scratch:
         path = Path(scratch) / "out"
         writer = _writer(options.output_format, path, model.dimensions)

@@ -33,6 +33,13 @@ def test_a_configured_text_field_and_plain_text_lines() -> None:
     assert guess_format("x/y.JSONL") == "jsonl" and guess_format("notes.txt") == "text"
 
 
+def test_texts_are_cut_to_what_the_model_reads() -> None:
+    lines = [b'{"id": "a", "text": "abcdefgh"}', b"plain text line"]
+    assert [d.text for d in read_documents(lines[:1], "jsonl", max_chars=5)] == ["abcde"]  # type: ignore[union-attr]
+    assert [d.text for d in read_documents(lines[1:], "text", max_chars=5)] == ["plain"]  # type: ignore[union-attr]
+    assert [d.text for d in read_documents(lines[:1], "jsonl")] == ["abcdefgh"]  # type: ignore[union-attr]
+
+
 def test_batches_carry_the_bad_lines_met_on_the_way() -> None:
     items = [Document(str(i), "t", i) for i in range(5)]
     bad = BadLine(9, "x")
