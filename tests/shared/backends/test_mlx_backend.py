@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -52,6 +53,18 @@ def test_the_batched_runner_serves_llama_family_models(batched: GenerationModel,
 
     assert isinstance(batched.runner, MLXBatchRunner)
     assert isinstance(simple.runner, MLXRunner)
+
+
+def test_mlx_takes_an_installed_openblas_on_linux() -> None:
+    """mlx[cpu]'s wheel links the reference BLAS; Debian's OpenBLAS, where installed (`.ci/run` installs it),
+    is loaded first so that MLX's matmuls take it."""
+    import ctypes.util
+
+    import shared.backends.mlx_backend  # noqa: F401
+
+    if sys.platform != "linux" or ctypes.util.find_library("openblas") is None:
+        pytest.skip("no OpenBLAS installed (apt-get install libopenblas0-pthread)")
+    assert "libopenblas" in Path("/proc/self/maps").read_text()
 
 
 def test_rows_decoded_together_equal_each_alone(batched: GenerationModel, simple: GenerationModel) -> None:
