@@ -10,8 +10,9 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -118,28 +119,23 @@ def moto_endpoint() -> Iterator[str]:
 def _dynamodb_items_written_one_at_a_time() -> Iterator[None]:
     """DynamoDB applies the writes to one item one at a time, each conditional write checked and applied as
     one step. moto's threaded server does not: two requests at once can both pass `version = :v` and both
-    update the same item, one of them lost. Its item reads and writes take one lock here, as DynamoDB's do."""
-    from moto.dynamodb.models import DynamoDBBackend
+    update the same item, one of them lost. Here its DynamoDB requests are served one at a time, each read or
+    write whole, its answer included."""
+    from moto.dynamodb.responses import DynamoHandler
 
-    lock = threading.RLock()
-    names = ["put_item", "get_item", "update_item", "delete_item", "query", "scan", "transact_write_items"]
-    originals = {name: getattr(DynamoDBBackend, name) for name in names}
+    lock = threading.Lock()
+    original = DynamoHandler.call_action
 
-    def locked(method: Callable[..., object]) -> Callable[..., object]:
-        @functools.wraps(method)
-        def call(*args: object, **kwargs: object) -> object:
-            with lock:
-                return method(*args, **kwargs)
+    @functools.wraps(original)
+    def call_action(self: DynamoHandler) -> Any:
+        with lock:
+            return original(self)
 
-        return call
-
-    for name, method in originals.items():
-        setattr(DynamoDBBackend, name, locked(method))
+    DynamoHandler.call_action = call_action  # type: ignore[method-assign]
     try:
         yield
     finally:
-        for name, method in originals.items():
-            setattr(DynamoDBBackend, name, method)
+        DynamoHandler.call_action = original  # type: ignore[method-assign]
 
 
 @pytest.fixture
