@@ -435,8 +435,9 @@ def _load_weights(
     embed = get("embed_tokens.weight")
     groups = quantize_groups8(embed) if quantization != "none" else None
     embedding = Embedding(embed, dtype, groups, dev)
-    if c.tie_word_embeddings or "lm_head.weight" not in w:
-        lm_head = linear(embed, dtype, quantization, head=True, groups8=groups, device=dev)
+    if c.tie_word_embeddings or "lm_head.weight" not in w:  # one table: a dense one serves both (Gemma: 335 MB)
+        tied = embed if embedding.dense is None else embedding.dense
+        lm_head = linear(tied, dtype, quantization, head=True, groups8=groups, device=dev)
     else:
         lm_head = linear(w["lm_head.weight"], dtype, quantization, head=True, device=dev)
     offset = 1.0 if c.gemma else 0.0  # Gemma's RMSNorm weights are stored as w - 1

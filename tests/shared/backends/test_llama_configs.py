@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from shared.backends.llama import LlamaConfig, LlamaRunner
+from shared.backends.llama import Linear, LlamaConfig, LlamaRunner
 from shared.backends.torch_backend import TorchRunner, create
 from shared.settings import Settings
 
@@ -127,3 +127,18 @@ def test_gemma3_runs_batched_and_matches_transformers(tmp_path: Path, kernels: L
     runner.prefill(1, TOKENS[3:-1], 3)
     logits = runner.decode([7, TOKENS[-1]], [0, len(TOKENS) - 1])[1]  # beside another sequence's first token
     assert np.allclose(logits, reference(model), atol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_tied_embedding_is_held_once_in_bfloat16(tmp_path: Path, tied: bool) -> None:
+    """Gemma 3's tied table is 262k x 640: a second bfloat16 copy for the output head was 320 MB resident."""
+    model = tiny_model(tmp_path, "gemma3_text", **{**GEMMA, "tie_word_embeddings": tied})
+    config = LlamaConfig.from_dir(tmp_path)
+    assert config is not None
+    runner = LlamaRunner(tmp_path, config, dtype=torch.bfloat16, quantization="none", slots=2, max_len=64)
+    assert runner.embed.dense is not None and isinstance(runner.lm_head, Linear)
+    shared = runner.lm_head.weight.untyped_storage().data_ptr() == runner.embed.dense.untyped_storage().data_ptr()
+    assert shared is tied
+    runner.prefill(0, TOKENS[:-1], 0)
+    logits = runner.decode([TOKENS[-1]], [len(TOKENS) - 1])[0]
+    assert np.allclose(logits, reference(model), atol=0.05)  # bfloat16 weights
