@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Literal
@@ -114,6 +116,7 @@ class ModelCatalog:
                 )
                 self.load_seconds[config.id] = time.perf_counter() - started
                 log.info("loaded %s in %.1f s", config.id, self.load_seconds[config.id])
+                release_freed_heap()
             return self._generation[config.id]
 
     def embedding(self, name: str) -> EmbeddingModel:
@@ -129,6 +132,7 @@ class ModelCatalog:
                 model_dir = resolve_embedding_model(config, self.settings.cache_dir)
                 self._embedding[config.id] = EmbeddingModel(config.id, model_dir, self.settings.threads)
                 self.load_seconds[config.id] = time.perf_counter() - started
+                release_freed_heap()
             return self._embedding[config.id]
 
     def preload(self) -> None:
@@ -143,3 +147,19 @@ class ModelCatalog:
     def close(self) -> None:
         for model in self._generation.values():
             model.close()
+
+
+def release_freed_heap() -> None:
+    """Give the system back the heap memory that loading a model freed (glibc's `malloc_trim`).
+
+    Parsing a tokenizer.json leaves its freed parse tree in the heap, where glibc keeps it for later allocations:
+    Gemma 3's 33 MB file (262k tokens, 515k merges) held ~190 MB of resident memory that way. Elsewhere (macOS,
+    musl) there is no such call and nothing is done.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
