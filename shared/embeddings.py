@@ -34,6 +34,7 @@ class EmbeddingModel:
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
+        self.vocab_size = int(self._tokenizer.get_vocab_size())  # token ids an input may hold: 0 .. vocab_size - 1
         self.dimensions = int(self.embed(["dimension probe"]).shape[1])
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:

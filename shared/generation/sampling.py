@@ -52,7 +52,7 @@ def make_sampler(params: SamplingParams) -> Sampler:
     """
     if params.greedy:
         return lambda logits: int(np.argmax(logits))
-    rng = np.random.default_rng(params.seed)
+    rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)  # -1 as well
 
     def sample(logits: np.ndarray) -> int:
         scaled = np.asarray(logits, dtype=np.float32) / np.float32(params.temperature)

@@ -40,6 +40,8 @@ def build_sampling_params(
         raise InvalidRequestError("logit_bias keys must be token ids", param="logit_bias") from None
     _check(all(k >= 0 for k in bias), "logit_bias", "keys must be token ids, 0 or more")
     _check(all(-100.0 <= b <= 100.0 for b in bias.values()), "logit_bias", "values must be between -100 and 100")
+    seed = request.seed
+    _check(seed is None or -(2**63) <= seed < 2**64, "seed", "must be a 64-bit integer, signed or not")
     if max_tokens is not None:
         _check(max_tokens >= 1, "max_tokens", "must be at least 1")
         cap = limits.max_completion_tokens
@@ -53,7 +55,7 @@ def build_sampling_params(
         repetition_penalty=float(pick(request.repetition_penalty, 1.0)),
         presence_penalty=float(pick(request.presence_penalty, 0.0)),
         frequency_penalty=float(pick(request.frequency_penalty, 0.0)),
-        seed=request.seed,
+        seed=seed,
         logit_bias=bias,
         stop=stops,
         ignore_eos=bool(request.ignore_eos),

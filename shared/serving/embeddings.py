@@ -29,6 +29,9 @@ async def create(request: EmbeddingRequest, catalog: ModelCatalog, http: Request
     limit = settings.max_embedding_input_tokens
     if any(not isinstance(item, str) and len(item) > limit for item in items):
         raise InvalidRequestError(f"an input has more than {limit} tokens (max_embedding_input_tokens)", param="input")
+    vocab = model.vocab_size
+    if any(not 0 <= t < vocab for item in items if not isinstance(item, str) for t in item):
+        raise InvalidRequestError(f"input token ids must be between 0 and {vocab - 1}", param="input")
     texts = [item if isinstance(item, str) else model.decode(item) for item in items]
     gate: Gate = http.app.state.embedding_gate
     async with gate.hold():  # 503 at once when too many wait

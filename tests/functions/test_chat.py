@@ -126,3 +126,20 @@ async def test_templating_and_tokenizing_run_off_the_event_loop(
     ):
         assert (await client.post(path, json=body)).status_code == 200
     assert len(threads) == 3 and loop_thread not in threads
+
+
+async def test_a_negative_seed_samples_reproducibly(client: httpx.AsyncClient) -> None:
+    """Seeds are 64-bit integers, signed or not (as other OpenAI-style servers take them); -1 was a 500."""
+    body = {
+        "messages": [{"role": "user", "content": "Write a line about the sea."}],
+        "temperature": 1.0,
+        "max_tokens": 12,
+    }
+
+    async def text(seed: int) -> str:
+        response = await client.post("/v1/chat/completions", json={**body, "seed": seed})
+        assert response.status_code == 200, response.text
+        return str(response.json()["choices"][0]["message"]["content"])
+
+    assert await text(-1) == await text(-1)
+    assert len({await text(s) for s in (-(2**63), -2, 2**64 - 1)}) > 1
