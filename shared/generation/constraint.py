@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from llguidance import LLMatcher, LLParserLimits, LLTokenizer
 
-from shared.errors import FnserveError, InvalidRequestError
+from shared.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -77,21 +77,30 @@ class Grammars:
                 self._cache.move_to_end(grammar)
                 return hit
         try:
-            matcher = await asyncio.wait_for(asyncio.to_thread(self._build, grammar), timeout)
+            matcher, error = await asyncio.wait_for(asyncio.to_thread(self._build, grammar), timeout)
         except TimeoutError:
             raise InvalidRequestError(
                 f"the {param} grammar took longer than {timeout:g} s to compile; simplify the schema", param=param
             ) from None
-        if matcher.is_error():
-            raise InvalidRequestError(f"{param} cannot be enforced: {_first_line(matcher.get_error())}", param=param)
+        if error is not None:
+            raise InvalidRequestError(f"{param} cannot be enforced: {error}", param=param)
         with self._lock:
             self._cache[grammar] = matcher
             while len(self._cache) > CACHED:
                 self._cache.popitem(last=False)
         return matcher
 
-    def _build(self, grammar: str) -> LLMatcher:
-        return LLMatcher(self.tokenizer(), grammar, log_level=0, limits=LIMITS)
+    def _build(self, grammar: str) -> tuple[LLMatcher, str | None]:
+        """The matcher, and why it cannot serve: an invalid grammar, or one that no text matches (a schema whose
+        only definition refers to itself), which llguidance finds when it computes the first mask (~1 ms)."""
+        matcher = LLMatcher(self.tokenizer(), grammar, log_level=0, limits=LIMITS)
+        if matcher.is_error():
+            return matcher, _first_line(matcher.get_error())
+        probe = matcher.deep_copy()
+        probe.compute_bitmask()
+        if probe.is_error():
+            return matcher, f"no text matches it ({_first_line(probe.get_error())})"
+        return matcher, None
 
 
 class Constraint:
@@ -121,8 +130,11 @@ class Constraint:
         else:
             logits[:n] += _PENALTY[bits]
         logits[n:] = -np.inf  # ids past the tokenizer's vocabulary (an embedding padded for speed)
-        if self.matcher.is_error():
-            raise FnserveError(f"constrained decoding failed: {_first_line(self.matcher.get_error())}")
+        if self.matcher.is_error():  # the request's grammar has a dead end: a schema no value matches, found late
+            raise InvalidRequestError(
+                "the requested schema cannot be enforced: no text matches it from here "
+                f"({_first_line(self.matcher.get_error())}); a schema that only refers to itself is one such"
+            )
 
     def advance(self, token: int) -> None:
         self.matcher.consume_token(token)

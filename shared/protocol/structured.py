@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,17 +55,25 @@ class ToolPlan:
         from shared.generation.constraint import inline_json
 
         offered = [t for t in self.tools if self.named in (None, t.name)]
+        # A tool's own references ("#/$defs/...", what pydantic writes for nested models) point into its
+        # parameters: those that have any are moved under the calls schema's $defs, their references with them.
+        defs = {f"tool{i}": _moved(t.parameters, f"/$defs/tool{i}") for i, t in enumerate(offered) if _refers(t)}
         items = [
             {
                 "type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                "properties": {
+                    "name": {"const": t.name},
+                    "arguments": {"$ref": f"#/$defs/tool{i}"} if f"tool{i}" in defs else t.parameters,
+                },
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
-            for t in offered
+            for i, t in enumerate(offered)
         ]
         one = len(items) == 1
         calls: dict[str, Any] = {"type": "array", "items": items[0] if one else {"anyOf": items}, "minItems": 1}
+        if defs:
+            calls["$defs"] = defs
         if not self.parallel or self.choice == "named":
             calls["maxItems"] = 1
         call = f"call: {json.dumps(CALL_START)} calls {json.dumps(CALL_END)}\ncalls: {inline_json(calls)}\n"
@@ -72,6 +81,41 @@ class ToolPlan:
             return "start: call\n" + call
         # auto: a reply that starts with the call marker is a call, any other reply is text.
         return "start: call | TEXT | \n" + call + f"TEXT: /{_not_starting_with(CALL_START)}(.|\\n)*/\n"
+
+
+_DATA = ("const", "enum", "default", "examples")  # keywords whose values are JSON data, not schemas
+
+
+def _local_refs(schema: Any) -> Iterator[str]:
+    """The local references ("#...") anywhere in `schema`."""
+    if isinstance(schema, list):
+        for item in schema:
+            yield from _local_refs(item)
+    elif isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            yield ref
+        for key, value in schema.items():
+            if key not in _DATA:
+                yield from _local_refs(value)
+
+
+def _refers(tool: Tool) -> bool:
+    return next(_local_refs(tool.parameters), None) is not None
+
+
+def _moved(schema: Any, base: str) -> Any:
+    """`schema` as it reads at the JSON pointer `base` of another document: each local reference "#/x" becomes
+    "#<base>/x" (and "#" itself "#<base>")."""
+    if isinstance(schema, list):
+        return [_moved(item, base) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: value if key in _DATA else _moved(value, base) for key, value in schema.items()}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        out["$ref"] = "#" + base + ref[1:]
+    return out
 
 
 def _not_starting_with(marker: str) -> str:

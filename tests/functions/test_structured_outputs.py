@@ -210,6 +210,23 @@ def test_required_forces_a_valid_call(client: OpenAI) -> None:
     assert calls_of(choice.message)[0][0] == "get_weather" and "Paris" in calls_of(choice.message)[0][1]
 
 
+def test_a_tool_whose_parameters_refer_to_their_own_definitions_is_called(client: OpenAI) -> None:
+    """The openai SDK's pydantic_function_tool writes a nested model as "$ref": "#/$defs/Address"; that
+    reference points into the tool's parameters, and it was a 400 ("Pointer '/$defs/Address' does not exist")."""
+    tool = openai.pydantic_function_tool(Person, name="add_person", description="Store a person")
+    assert "$defs" in json.dumps(tool["function"]["parameters"])
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Store Ada, 36, who likes blue, lives in London, England, and rows."}
+    ]
+    for choice in ("required", {"type": "function", "function": {"name": "add_person"}}):
+        reply = client.chat.completions.create(  # type: ignore[call-overload]  # choice: one of two types
+            model="default", messages=messages, tools=[tool, WEATHER], tool_choice=choice, temperature=0
+        )
+        [(name, arguments), *_] = calls_of(reply.choices[0].message)
+        assert name == "add_person"
+        Person.model_validate_json(arguments)  # the nested Address as its own definition says
+
+
 def test_a_named_tool_is_called_and_finishes_with_stop(client: OpenAI) -> None:
     """As OpenAI does: a named tool_choice ends with finish_reason stop; its empty arguments are "{}"."""
     reply = client.chat.completions.create(
@@ -372,6 +389,39 @@ BAD = [
     ),  # noqa: E501
     ("unknown format", {"response_format": {"type": "yaml"}}, "response_format", "yaml"),
     (
+        "tool whose arguments no value matches",  # found only as the call is written, yet still the client's 400
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {
+                            "type": "object",
+                            "properties": {"a": {"$ref": "#/$defs/x"}},
+                            "required": ["a"],
+                            "$defs": {"x": {"$ref": "#/$defs/x"}},
+                        },
+                    },
+                }
+            ],
+            "tool_choice": "required",
+        },
+        None,
+        "no text matches it",
+    ),
+    (
+        "schema that no value matches",  # it only refers to itself; it was a 500 at the first token
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}},
+            }
+        },
+        "response_format",
+        "no text matches it",
+    ),
+    (
         "named tool missing",
         {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
         "tool_choice",
@@ -406,7 +456,7 @@ BAD = [
 
 @pytest.mark.parametrize(("case", "extra", "param", "named"), BAD, ids=[b[0] for b in BAD])
 def test_what_cannot_be_honoured_is_a_400_naming_its_field(
-    server_url: str, case: str, extra: dict[str, Any], param: str, named: str
+    server_url: str, case: str, extra: dict[str, Any], param: str | None, named: str
 ) -> None:
     body = {"messages": ASK, **extra}
     response = httpx.post(f"{server_url}/v1/chat/completions", json=body, timeout=30)
