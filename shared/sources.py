@@ -189,7 +189,8 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-GENERIC_TOKENIZER = "TokenizersBackend"  # transformers' class that loads a tokenizer.json as it is
+GENERIC_TOKENIZER = "TokenizersBackend"  # transformers' class that loads a tokenizer.json as it is (and its alias)
+_GENERIC_NAMES = (None, GENERIC_TOKENIZER, "PreTrainedTokenizerFast")
 
 
 def _name_the_generic_tokenizer(directory: Path) -> None:
@@ -202,7 +203,7 @@ def _name_the_generic_tokenizer(directory: Path) -> None:
     path = directory / "tokenizer_config.json"
     try:
         config = json.loads(path.read_text())
-        if config.get("tokenizer_class") in (None, GENERIC_TOKENIZER) or not (directory / "tokenizer.json").is_file():
+        if config.get("tokenizer_class") in _GENERIC_NAMES or not (directory / "tokenizer.json").is_file():
             return
         config["tokenizer_class"] = GENERIC_TOKENIZER
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=directory)
