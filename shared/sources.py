@@ -189,8 +189,8 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-GENERIC_TOKENIZER = "TokenizersBackend"  # transformers' class that loads a tokenizer.json as it is (and its alias)
-_GENERIC_NAMES = (None, GENERIC_TOKENIZER, "PreTrainedTokenizerFast")
+# transformers' tokenizer of a tokenizer.json as it is, under its two names
+GENERIC_TOKENIZERS = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
 
 
 def _name_the_generic_tokenizer(directory: Path) -> None:
@@ -203,9 +203,10 @@ def _name_the_generic_tokenizer(directory: Path) -> None:
     path = directory / "tokenizer_config.json"
     try:
         config = json.loads(path.read_text())
-        if config.get("tokenizer_class") in _GENERIC_NAMES or not (directory / "tokenizer.json").is_file():
+        name = config.get("tokenizer_class")
+        if name is None or name in GENERIC_TOKENIZERS or not (directory / "tokenizer.json").is_file():
             return
-        config["tokenizer_class"] = GENERIC_TOKENIZER
+        config["tokenizer_class"] = "TokenizersBackend"
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=directory)
         try:
             with os.fdopen(fd, "w") as f:

@@ -15,14 +15,12 @@ from shared.generation.constraint import Constraint, Grammars
 from shared.generation.engine import Engine, Stream
 from shared.generation.params import SamplingParams
 from shared.generation.sequence import Sequence
+from shared.sources import GENERIC_TOKENIZERS
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
 
 Message = dict[str, Any]
-
-# transformers' tokenizer of a tokenizer.json as it is, under its two names
-GENERIC_TOKENIZERS = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
 
 
 class GenerationModel:
