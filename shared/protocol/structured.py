@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -57,7 +56,10 @@ class ToolPlan:
         offered = [t for t in self.tools if self.named in (None, t.name)]
         # A tool's own references ("#/$defs/...", what pydantic writes for nested models) point into its
         # parameters: those that have any are moved under the calls schema's $defs, their references with them.
-        defs = {f"tool{i}": _moved(t.parameters, f"/$defs/tool{i}") for i, t in enumerate(offered) if _refers(t)}
+        defs = {}
+        for i, t in enumerate(offered):
+            if (moved := _moved(t.parameters, f"/$defs/tool{i}")) != t.parameters:
+                defs[f"tool{i}"] = moved
         items = [
             {
                 "type": "object",
@@ -84,24 +86,6 @@ class ToolPlan:
 
 
 _DATA = ("const", "enum", "default", "examples")  # keywords whose values are JSON data, not schemas
-
-
-def _local_refs(schema: Any) -> Iterator[str]:
-    """The local references ("#...") anywhere in `schema`."""
-    if isinstance(schema, list):
-        for item in schema:
-            yield from _local_refs(item)
-    elif isinstance(schema, dict):
-        ref = schema.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#"):
-            yield ref
-        for key, value in schema.items():
-            if key not in _DATA:
-                yield from _local_refs(value)
-
-
-def _refers(tool: Tool) -> bool:
-    return next(_local_refs(tool.parameters), None) is not None
 
 
 def _moved(schema: Any, base: str) -> Any:
