@@ -278,7 +278,7 @@ class Engine:
         try:
             out = slot.seq.step(logits)
         except Exception as exc:  # a bug in sampling or detokenizing: this sequence ends, the others go on
-            log.exception("generation failed in model %r", self.name)
+            self._log_failure(exc)
             slot.seq.finished = True
             done[index] = "failed"
             slot.emit(_as_error(exc))
@@ -288,8 +288,16 @@ class Engine:
             done[index] = "completed"
         slot.emit(out)
 
+    def _log_failure(self, exc: Exception) -> None:
+        """A client's error (a 4xx: a schema whose grammar reaches a dead end mid-reply) is logged as one line;
+        anything else is a bug in the engine, logged with its traceback."""
+        if isinstance(exc, FnserveError) and exc.status_code < 500:
+            log.info("a request ended in model %r with a %d: %s", self.name, exc.status_code, exc)
+        else:
+            log.exception("generation failed in model %r", self.name, exc_info=exc)
+
     def _fail(self, indices: list[int], exc: Exception) -> None:
-        log.exception("generation failed in model %r", self.name, exc_info=exc)
+        self._log_failure(exc)
         error = _as_error(exc)
         for i in indices:
             self._running[i].emit(error)
@@ -350,7 +358,7 @@ class Engine:
                 logits = runner.forward(slot.cache, seq.output_ids[-1:])
             out = seq.step(logits)
         except Exception as exc:
-            log.exception("generation failed in model %r", self.name)
+            self._log_failure(exc)
             self._running.remove(slot)
             self._stats.failed += 1
             slot.emit(_as_error(exc))

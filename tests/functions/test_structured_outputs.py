@@ -463,3 +463,20 @@ def test_what_cannot_be_honoured_is_a_400_naming_its_field(
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and named in error["message"]
+
+
+def test_a_dead_end_found_while_writing_a_call_is_logged_as_the_clients_error(server_url: str) -> None:
+    """The 400 of a tool whose arguments no value matches comes from the engine mid-reply; the server logs it as
+    one line naming the status, not as a failure of the engine with its traceback."""
+    from tests.conftest import SERVER_LOGS
+
+    case = next(extra for name, extra, _, _ in BAD if name == "tool whose arguments no value matches")
+    log = SERVER_LOGS[0]
+    before = log.stat().st_size
+    response = httpx.post(f"{server_url}/v1/chat/completions", json={"messages": ASK, **case}, timeout=30)
+    assert response.status_code == 400, response.text
+    with log.open(errors="replace") as f:
+        f.seek(before)
+        written = f.read()
+    assert "with a 400" in written
+    assert "Traceback" not in written and "generation failed" not in written
