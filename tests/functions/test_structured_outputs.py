@@ -364,7 +364,7 @@ def test_langchain_structured_output_and_bound_tools(server_url: str) -> None:
     jsonschema.validate(message.tool_calls[0]["args"], schema_of(WEATHER))
 
 
-BAD = [
+BAD: list[tuple[str, dict[str, Any], str | None, str]] = [
     (
         "unsupported keyword",
         {
