@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import mmap
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -230,7 +231,30 @@ class Linear:
             for plane in self.planes[1:]:
                 y = y.float() + torch._weight_int4pack_mm_for_cpu(x, *plane)
             return y
-        return F.linear(x, self.weight)
+        return dense_linear(x, self.weight)
+
+
+_ONEDNN_FLAG = threading.Lock()  # held while oneDNN is off for one row, so no other runner's matmul sees it off
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T. A single bfloat16 or float16 row on the CPU goes to torch's own vector kernel (a dot product a
+    row of the weight, in float32) instead of oneDNN, which torch picks for every reduced-precision matmul and
+    which reads a one-row product's weight at half the memory's speed: Gemma 3's 262k x 640 output head took
+    21-27 ms for one row through oneDNN and 11.8 through the vector kernel (docs/engine.md, "Speed"). oneDNN
+    stays for more rows (16 rows: 40 against 157 ms). torch chooses between them by a process-wide flag, so
+    the flag is turned off for that one call, under a lock that every runner's reduced-precision CPU matmul
+    takes."""
+    if x.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
+        return F.linear(x, weight)
+    with _ONEDNN_FLAG:
+        if x.shape[0] != 1 or not torch.backends.mkldnn.enabled:
+            return F.linear(x, weight)
+        torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a property of the module
+        try:
+            return F.linear(x, weight)
+        finally:
+            torch.backends.mkldnn.enabled = True  # type: ignore[assignment]  # a property of the module
 
 
 def _int4_plane(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:

@@ -206,7 +206,8 @@ def test_the_device_agnostic_path_batched_equals_unbatched(catalog: ModelCatalog
 def test_the_embedded_gemma_runs_batched_with_transformers_tokens(catalog: ModelCatalog) -> None:
     """Gemma 3 270M on the batched runner: exact float32 (quantization none) gives transformers' own greedy
     tokens, two prompts decoded as rows of one step. The default (auto: its Q4_K_M layers are not 4-bit groups,
-    so the weights stay unquantized, in bfloat16) stays within the stated tolerance of them."""
+    so the weights stay unquantized, in bfloat16) stays within the stated tolerance of them, as rows and each
+    prompt alone (one row a step, which skips oneDNN)."""
     from shared.generation.model import load_tokenizer
     from shared.sources import resolve_generation_model
 
@@ -223,3 +224,5 @@ def test_the_embedded_gemma_runs_batched_with_transformers_tokens(catalog: Model
     assert greedy_rows(cast(BatchRunner, exact), prompts, TOKENS) == [want for want, _ in wanted]
     for (want, logits), got in zip(wanted, greedy_rows(cast(BatchRunner, default), prompts, TOKENS), strict=True):
         assert_within_tolerance(want, logits, got)
+    for prompt, (want, logits) in zip(prompts, wanted, strict=True):  # one row a step (not through oneDNN)
+        assert_within_tolerance(want, logits, greedy(default, prompt, TOKENS)[0])

@@ -12,7 +12,7 @@ import torch
 
 from shared.backends import Chunk
 from shared.backends.kernels import quantize_rows
-from shared.backends.llama import INT8_INPUT_TOP, Linear, LlamaConfig, LlamaRunner
+from shared.backends.llama import INT8_INPUT_TOP, Linear, LlamaConfig, LlamaRunner, dense_linear
 from shared.catalog import ModelCatalog
 from shared.settings import Quantization
 from tests.shared.backends.test_conformance import model_dir
@@ -164,3 +164,41 @@ def test_a_quantized_runner_keeps_no_float32_checkpoint_in_memory(catalog: Model
     checkpoint = str(model_dir(catalog) / "model.safetensors")
     assert not any(checkpoint in line for line in open("/proc/self/maps"))
     assert runner.decode([5], [0]).shape == (1, runner.config.vocab_size)
+
+
+def test_a_dense_row_skips_onednn_and_leaves_it_on_for_every_other_matmul() -> None:
+    """One bfloat16 row goes to torch's vector kernel (the bits torch gives with oneDNN off), several rows to
+    oneDNN; a model's one-row steps on another thread never switch it off under this thread's 16-row matmuls."""
+    import threading
+
+    torch.manual_seed(0)
+    weight = (torch.randn(4096, 640) * 0.05).to(torch.bfloat16)
+    rows = torch.randn(16, 640).to(torch.bfloat16)
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a property of the module
+    try:
+        vector_kernel = torch.nn.functional.linear(rows[:1], weight)
+    finally:
+        torch.backends.mkldnn.enabled = True  # type: ignore[assignment]  # a property of the module
+    onednn = torch.nn.functional.linear(rows, weight)
+    if torch.equal(vector_kernel, onednn[:1]):  # e.g. AVX2: torch multiplies bfloat16 without oneDNN there
+        pytest.skip("torch runs bfloat16 matmuls without oneDNN on this CPU")
+
+    assert torch.equal(dense_linear(rows[:1], weight), vector_kernel)
+    assert torch.equal(dense_linear(rows, weight), onednn)
+    assert torch.backends.mkldnn.enabled
+    assert torch.allclose(vector_kernel.float(), onednn[:1].float(), rtol=0.02, atol=0.02)
+
+    stop = threading.Event()
+
+    def one_row_steps() -> None:
+        while not stop.is_set():
+            dense_linear(rows[:1], weight)
+
+    other = threading.Thread(target=one_row_steps)
+    other.start()
+    try:
+        seen = [torch.equal(dense_linear(rows, weight), onednn) for _ in range(300)]
+    finally:
+        stop.set()
+        other.join()
+    assert all(seen), f"{seen.count(False)} of 300 matmuls ran with oneDNN off"
