@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -169,8 +170,6 @@ def test_a_quantized_runner_keeps_no_float32_checkpoint_in_memory(catalog: Model
 def test_a_dense_row_skips_onednn_and_leaves_it_on_for_every_other_matmul() -> None:
     """One bfloat16 row goes to torch's vector kernel (the bits torch gives with oneDNN off), several rows to
     oneDNN; a model's one-row steps on another thread never switch it off under this thread's 16-row matmuls."""
-    import threading
-
     torch.manual_seed(0)
     weight = (torch.randn(4096, 640) * 0.05).to(torch.bfloat16)
     rows = torch.randn(16, 640).to(torch.bfloat16)
