@@ -230,3 +230,179 @@ def seed_cache(prebuilt: Path) -> None:
                 shutil.copyfile(source, copy)
     except OSError as exc:  # the kernels compile as they would have without it
         log.warning("could not copy the prebuilt kernels from %s to %s: %s", prebuilt, target, exc)
+
+
+INT4_TILE_ROWS = 8  # rows of one int4 task: each decoded weight serves 8 rows (8 x 16 columns fit the registers)
+
+
+class _BFloat16(ir.Type):
+    """LLVM's bfloat, which llvmlite's IR builder does not name; AVX-512 BF16's dot product takes vectors of it."""
+
+    def _to_string(self) -> str:
+        return "bfloat"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _BFloat16)
+
+    def __hash__(self) -> int:
+        return hash("bfloat")
+
+
+_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_V16F, _V16I, _V32H, _V32BF = (ir.VectorType(t, n) for t, n in ((_F32, 16), (_I32, 16), (_I16, 32), (_BFloat16(), 32)))
+_V32I, _V32F, _V32B = ir.VectorType(_I32, 32), ir.VectorType(_F32, 32), ir.VectorType(_I8, 32)
+# bfloat16 bits of q - 8 for a 4-bit q, twice: vpermw reads 5 bits of each index, and the fifth is the other nibble's
+_NIBBLE_VALUES = [int(np.float32(q % 16 - 8).view(np.uint32)) >> 16 for q in range(32)]
+
+
+def int4_dot_supported() -> bool:
+    """Whether this process compiles numba's kernels for a CPU with AVX-512 BF16 (its bfloat16 dot product) and
+    AVX-512 BW (vpermw), which int4_matmul needs. Kernels compiled for another CPU (an image's NUMBA_CPU_NAME)
+    never use it."""
+    from llvmlite import binding
+
+    if getattr(numba.config, "CPU_NAME", None) not in (None, "host"):
+        return False
+    features = binding.get_host_cpu_features()
+    return all(features.get(f) for f in ("avx512f", "avx512bw", "avx512bf16"))
+
+
+def _i64(value: int) -> ir.Constant:
+    return ir.Constant(_I64, value)
+
+
+def _splat(builder: Any, value: Any, vector: Any) -> Any:
+    """value in every lane of a vector of its type."""
+    lanes = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(_I32, vector.count), [0] * vector.count))
+
+
+def _load(builder: Any, base: Any, index: Any, vector: Any, align: int) -> Any:
+    """The vector at base[index] (base: a pointer to its lanes' type)."""
+    return builder.load(builder.bitcast(builder.gep(base, [index]), vector.as_pointer()), align=align)
+
+
+def _int4_tile(rows: int) -> Callable[..., None]:
+    """tile(pairs, sums, quads, sz, out, r0, block): out[r0 : r0 + rows, 16 block : 16 block + 16] (see
+    int4_matmul), as LLVM vector code: numba vectorised no form of it (scalar loads and byte inserts)."""
+
+    def typer(typingctx: Any, pairs: Any, sums: Any, quads: Any, sz: Any, out: Any, r0: Any, block: Any) -> Any:
+        sig = types.void(pairs, sums, quads, sz, out, r0, block)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            arrays = [
+                context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args[:5], strict=False)
+            ]
+            pairs_, sums_, quads_, sz_, out_ = arrays
+            first, block = (
+                context.cast(builder, a, t, types.intp) for a, t in zip(args[5:], signature.args[5:], strict=True)
+            )
+            width = cgutils.unpack_tuple(builder, pairs_.shape, 2)[1]  # K / 2: bfloat16 pairs a row
+            n = cgutils.unpack_tuple(builder, out_.shape, 2)[1]
+            groups = builder.udiv(width, _i64(16))
+            module = builder.module
+            dot = cgutils.get_or_insert_function(
+                module, ir.FunctionType(_V16F, [_V16F, _V32BF, _V32BF]), "llvm.x86.avx512bf16.dpbf16ps.512"
+            )
+            permute = cgutils.get_or_insert_function(
+                module, ir.FunctionType(_V32H, [_V32H, _V32H]), "llvm.x86.avx512.permvar.hi.512"
+            )
+            fma = cgutils.get_or_insert_function(module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+            column = builder.mul(block, _i64(16))
+            x_rows = builder.gep(pairs_.data, [builder.mul(first, width)])
+            sum_rows = builder.gep(sums_.data, [builder.mul(first, groups)])
+            block_quads = builder.gep(quads_.data, [builder.mul(block, builder.mul(width, _i64(16)))])
+            scales = builder.bitcast(sz_.data, ir.PointerType(_I16))
+            zeros = ir.Constant(_V16F, [0.0] * 16)
+            totals = [cgutils.alloca_once_value(builder, zeros) for _ in range(rows)]
+            dots = [cgutils.alloca_once_value(builder, zeros) for _ in range(rows)]
+
+            def pair(r: int, index: Any) -> Any:
+                """Inputs 2 index and 2 index + 1 of row r, as a bfloat16 pair in every lane."""
+                x = builder.load(builder.gep(x_rows, [builder.add(builder.mul(_i64(r), width), index)]))
+                return builder.bitcast(_splat(builder, x, _V16I), _V32BF)
+
+            with cgutils.for_range(builder, groups) as group_loop:
+                g = group_loop.index
+                for acc in dots:
+                    builder.store(zeros, acc)
+                with cgutils.for_range(builder, _i64(8)) as step_loop:  # 4 inputs a step, 32 a group
+                    step = builder.add(builder.mul(g, _i64(8)), step_loop.index)
+                    # word 2j + h: column j's inputs 4 step + h (low nibble) and 4 step + h + 2 (high nibble)
+                    words = builder.zext(_load(builder, block_quads, builder.mul(step, _i64(32)), _V32B, 1), _V32H)
+                    low = builder.bitcast(builder.call(permute, [ir.Constant(_V32H, _NIBBLE_VALUES), words]), _V32BF)
+                    shifted = builder.lshr(words, ir.Constant(_V32H, [4] * 32))
+                    high = builder.bitcast(builder.call(permute, [ir.Constant(_V32H, _NIBBLE_VALUES), shifted]), _V32BF)
+                    index = builder.mul(step, _i64(2))
+                    for r, acc in enumerate(dots):
+                        partial = builder.call(dot, [builder.load(acc), pair(r, index), low])
+                        builder.store(builder.call(dot, [partial, pair(r, builder.add(index, _i64(1))), high]), acc)
+                at = builder.mul(builder.add(builder.mul(g, n), column), _i64(2))  # sz[g, column]: scale, zero pairs
+                bits = builder.zext(_load(builder, scales, at, _V32H, 2), _V32I)
+                both = builder.bitcast(builder.shl(bits, ir.Constant(_V32I, [16] * 32)), _V32F)
+                scale = builder.shuffle_vector(both, both, ir.Constant(_V16I, list(range(0, 32, 2))))
+                zero = builder.shuffle_vector(both, both, ir.Constant(_V16I, list(range(1, 32, 2))))
+                for r, (acc, total) in enumerate(zip(dots, totals, strict=True)):
+                    group_sum = builder.load(builder.gep(sum_rows, [builder.add(builder.mul(_i64(r), groups), g)]))
+                    scaled = builder.call(fma, [scale, builder.load(acc), builder.load(total)])
+                    builder.store(builder.call(fma, [zero, _splat(builder, group_sum, _V16F), scaled]), total)
+            for r, total in enumerate(totals):
+                at = builder.gep(out_.data, [builder.add(builder.mul(builder.add(first, _i64(r)), n), column)])
+                builder.store(builder.load(total), builder.bitcast(at, _V16F.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+_tile1, _tile2, _tile3, _tile4, _tile5, _tile6, _tile7, _tile8 = (
+    _int4_tile(rows) for rows in range(1, INT4_TILE_ROWS + 1)
+)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def int4_matmul(pairs: np.ndarray, values: np.ndarray, quads: np.ndarray, sz: np.ndarray, n: int) -> np.ndarray:
+    """x (M, K) times 4-bit weights (N, K), float32 (M, N), where the CPU has AVX-512 BF16 (int4_dot_supported).
+
+    pairs: x in bfloat16 as (M, K / 2) int32 (each a pair of inputs); values: the same numbers as float32 (M, K);
+    quads, sz: a plane of shared.backends.llama's _dot_plane (w = (q - 8) * scale + zero in groups of 32 inputs).
+
+    Each task is up to INT4_TILE_ROWS rows by 16 columns. For each group it decodes the 4-bit values, two steps
+    of 32 at a time (a byte each, widened to words, looked up as bfloat16 q - 8 by vpermw: exact), and takes
+    their dot products with the rows' inputs by vdpbf16ps (products exact, summed in float32), then adds
+    scale * dot + zero * (the group's sum of the inputs). A row's result comes from the same instructions in the
+    same order whatever the other rows are, so it does not depend on its batch.
+    """
+    m, k = values.shape
+    groups = k // 32
+    sums = np.empty((m, groups), np.float32)
+    for i in range(m):  # each group's sum of the inputs, in order: the zero points' share
+        for g in range(groups):
+            acc = np.float32(0.0)
+            for j in range(32):
+                acc += values[i, g * 32 + j]
+            sums[i, g] = acc
+    out = np.empty((m, n), np.float32)
+    blocks = (m + INT4_TILE_ROWS - 1) // INT4_TILE_ROWS
+    for task in prange(n // 16 * blocks):
+        block = task // blocks
+        r0 = (task - block * blocks) * INT4_TILE_ROWS
+        rows = min(INT4_TILE_ROWS, m - r0)
+        if rows == 8:
+            _tile8(pairs, sums, quads, sz, out, r0, block)
+        elif rows == 7:
+            _tile7(pairs, sums, quads, sz, out, r0, block)
+        elif rows == 6:
+            _tile6(pairs, sums, quads, sz, out, r0, block)
+        elif rows == 5:
+            _tile5(pairs, sums, quads, sz, out, r0, block)
+        elif rows == 4:
+            _tile4(pairs, sums, quads, sz, out, r0, block)
+        elif rows == 3:
+            _tile3(pairs, sums, quads, sz, out, r0, block)
+        elif rows == 2:
+            _tile2(pairs, sums, quads, sz, out, r0, block)
+        else:
+            _tile1(pairs, sums, quads, sz, out, r0, block)
+    return out

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from shared.backends.kernels import int4_dot_supported
 from shared.settings import Quantization
 
 if TYPE_CHECKING:
@@ -34,7 +35,8 @@ class PackedWeights:
     """A runner's CPU int4 weights as the kernels read them (packed 4-bit layers, the 8-bit head and embedding),
     saved once: a later start maps the file instead of reading the float32 checkpoint, checking it for `auto` and
     packing it again (~1 s of a 2-core cold start). The name keys everything the packing depends on: the
-    checkpoint's content and config, the quantization asked for, torch's version and its CPU kernels' ISA.
+    checkpoint's content and config, the quantization asked for, torch's version and its CPU kernels' ISA, and
+    which int4 kernel reads them.
     When `auto` finds a checkpoint that is not 4-bit, the file is an empty marker, so that check runs once too.
     """
 
@@ -45,6 +47,7 @@ class PackedWeights:
             PACK_FORMAT,
             torch.__version__,
             torch.backends.cpu.get_cpu_capability(),
+            int4_dot_supported(),  # whose layout the int4 planes take (see Linear)
             quantization,
             str(dtype),
             (model_dir / "config.json").read_text(),
