@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from shared.backends import Chunk
-from shared.backends.kernels import quantize_rows
-from shared.backends.llama import INT8_INPUT_TOP, Linear, LlamaConfig, LlamaRunner, dense_linear
+from shared.backends.kernels import int4_dot_supported, quantize_rows
+from shared.backends.llama import (
+    INT8_INPUT_TOP,
+    Linear,
+    LlamaConfig,
+    LlamaRunner,
+    dense_linear,
+    quantize_groups4,
+    quantize_groups8,
+)
 from shared.catalog import ModelCatalog
 from shared.settings import Quantization
 from tests.shared.backends.test_conformance import model_dir
@@ -98,6 +106,37 @@ def test_int8_matmuls_are_the_exact_integer_products(rows: int) -> None:
     weights = (weight / linear.scale[:, None]).round().to(torch.int64)
     exact = (inputs @ weights.T).double() * linear.scale.double() * torch.from_numpy(s).double()
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not int4_dot_supported(), reason="the int4 dot-product kernel needs AVX-512 BF16")
+@pytest.mark.parametrize(("kind", "out_features"), [("int4", 3072), ("int4", 48), ("int8-groups", 1024)])
+def test_the_int4_dot_kernel_gives_each_row_its_exact_product_whatever_its_batch(kind: str, out_features: int) -> None:
+    """The bfloat16 dot-product kernel: each row's product with the 4-bit (or two-plane 8-bit) weights as exact as
+    float32 (its inputs rounded to bfloat16, as torch's kernel takes them, whose bfloat16 output is 100x further
+    off), and the same bits alone, among 16 rows, and in a 37-row prompt chunk (a partial tile of rows)."""
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, 576)
+    dot = Linear(weight, torch.bfloat16, kind, dot=True)  # type: ignore[arg-type]
+    if kind == "int4":
+        q, _, _ = quantize_groups4(weight)
+        values = [q.double()]
+    else:  # q + 128 = 16 hi + lo
+        u = quantize_groups8(weight)[0].to(torch.int32) + 128
+        values = [(u >> 4).double(), (u & 15).double()]
+    exact_weight = sum(  # w = (q - 8) * scale + zero, with each plane's scale and zero as both kernels read them
+        (v - 8) * sz.double()[:, :, 0].T.unsqueeze(-1) + sz.double()[:, :, 1].T.unsqueeze(-1)
+        for v, (_, _, sz) in zip(values, dot.planes, strict=True)
+    )
+    x = torch.randn(37, 576)
+    x[::3] *= 10
+    exact = x.to(torch.bfloat16).double() @ exact_weight.reshape(out_features, 576).T  # type: ignore[union-attr]
+    got = dot(x)
+    torch_kernel = Linear(weight, torch.bfloat16, kind, dot=False)(x)  # type: ignore[arg-type]
+    scale = exact.abs().max().item()
+    assert got.dtype == torch.float32 and (got.double() - exact).abs().max().item() < 1e-6 * scale
+    assert (torch_kernel.double() - exact).abs().max().item() > 100 * (got.double() - exact).abs().max().item()
+    for start, stop in ((0, 1), (0, 16), (20, 21)):
+        assert torch.equal(dot(x[start:stop]), got[start:stop])
 
 
 def test_mixed_runs_int4_for_a_few_rows_and_int8_from_eight(catalog: ModelCatalog) -> None:
