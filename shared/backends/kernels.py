@@ -356,9 +356,7 @@ def _int4_tile(rows: int) -> Callable[..., None]:
     return intrinsic(typer)
 
 
-_tile1, _tile2, _tile3, _tile4, _tile5, _tile6, _tile7, _tile8 = (
-    _int4_tile(rows) for rows in range(1, INT4_TILE_ROWS + 1)
-)
+_tile1, _tile2, _tile4, _tile8 = (_int4_tile(rows) for rows in (1, 2, 4, INT4_TILE_ROWS))
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -368,11 +366,11 @@ def int4_matmul(pairs: np.ndarray, values: np.ndarray, quads: np.ndarray, sz: np
     pairs: x in bfloat16 as (M, K / 2) int32 (each a pair of inputs); values: the same numbers as float32 (M, K);
     quads, sz: a plane of shared.backends.llama's _dot_plane (w = (q - 8) * scale + zero in groups of 32 inputs).
 
-    Each task is up to INT4_TILE_ROWS rows by 16 columns. For each group it decodes the 4-bit values, two steps
-    of 32 at a time (a byte each, widened to words, looked up as bfloat16 q - 8 by vpermw: exact), and takes
-    their dot products with the rows' inputs by vdpbf16ps (products exact, summed in float32), then adds
-    scale * dot + zero * (the group's sum of the inputs). A row's result comes from the same instructions in the
-    same order whatever the other rows are, so it does not depend on its batch.
+    Each task is INT4_TILE_ROWS rows by 16 columns (the last rows in tiles of 4, 2 and 1). For each group it
+    decodes the 4-bit values, two steps of 32 at a time (a byte each, widened to words, looked up as bfloat16
+    q - 8 by vpermw: exact), takes their dot products with the rows' inputs by vdpbf16ps (products exact, summed
+    in float32), then adds scale * dot + zero * (the group's sum of the inputs). A row's result comes from the
+    same instructions in the same order whatever the other rows are, so it does not depend on its batch.
     """
     m, k = values.shape
     groups = k // 32
@@ -389,20 +387,13 @@ def int4_matmul(pairs: np.ndarray, values: np.ndarray, quads: np.ndarray, sz: np
         block = task // blocks
         r0 = (task - block * blocks) * INT4_TILE_ROWS
         rows = min(INT4_TILE_ROWS, m - r0)
-        if rows == 8:
+        if rows == INT4_TILE_ROWS:
             _tile8(pairs, sums, quads, sz, out, r0, block)
-        elif rows == 7:
-            _tile7(pairs, sums, quads, sz, out, r0, block)
-        elif rows == 6:
-            _tile6(pairs, sums, quads, sz, out, r0, block)
-        elif rows == 5:
-            _tile5(pairs, sums, quads, sz, out, r0, block)
-        elif rows == 4:
-            _tile4(pairs, sums, quads, sz, out, r0, block)
-        elif rows == 3:
-            _tile3(pairs, sums, quads, sz, out, r0, block)
-        elif rows == 2:
-            _tile2(pairs, sums, quads, sz, out, r0, block)
-        else:
-            _tile1(pairs, sums, quads, sz, out, r0, block)
+        else:  # the last rows: tiles of 4, 2 and 1
+            if rows & 4:
+                _tile4(pairs, sums, quads, sz, out, r0, block)
+            if rows & 2:
+                _tile2(pairs, sums, quads, sz, out, r0 + (rows & 4), block)
+            if rows & 1:
+                _tile1(pairs, sums, quads, sz, out, r0 + (rows & 6), block)
     return out

@@ -113,7 +113,7 @@ def test_int8_matmuls_are_the_exact_integer_products(rows: int) -> None:
 def test_the_int4_dot_kernel_gives_each_row_its_exact_product_whatever_its_batch(kind: str, out_features: int) -> None:
     """The bfloat16 dot-product kernel: each row's product with the 4-bit (or two-plane 8-bit) weights as exact as
     float32 (its inputs rounded to bfloat16, as torch's kernel takes them, whose bfloat16 output is 100x further
-    off), and the same bits alone, among 16 rows, and in a 37-row prompt chunk (a partial tile of rows)."""
+    off), and the same bits alone, among 16 rows, and in a 39-row prompt chunk (its last 7 rows: tiles of 4, 2, 1)."""
     torch.manual_seed(0)
     weight = torch.randn(out_features, 576)
     dot = Linear(weight, torch.bfloat16, kind, dot=True)  # type: ignore[arg-type]
@@ -127,7 +127,7 @@ def test_the_int4_dot_kernel_gives_each_row_its_exact_product_whatever_its_batch
         (v - 8) * sz.double()[:, :, 0].T.unsqueeze(-1) + sz.double()[:, :, 1].T.unsqueeze(-1)
         for v, (_, _, sz) in zip(values, dot.planes, strict=True)
     )
-    x = torch.randn(37, 576)
+    x = torch.randn(39, 576)
     x[::3] *= 10
     exact = x.to(torch.bfloat16).double() @ exact_weight.reshape(out_features, 576).T  # type: ignore[union-attr]
     got = dot(x)
@@ -135,7 +135,7 @@ def test_the_int4_dot_kernel_gives_each_row_its_exact_product_whatever_its_batch
     scale = exact.abs().max().item()
     assert got.dtype == torch.float32 and (got.double() - exact).abs().max().item() < 1e-6 * scale
     assert (torch_kernel.double() - exact).abs().max().item() > 100 * (got.double() - exact).abs().max().item()
-    for start, stop in ((0, 1), (0, 16), (20, 21)):
+    for start, stop in ((0, 1), (0, 16), (20, 21), (37, 38), (38, 39)):
         assert torch.equal(dot(x[start:stop]), got[start:stop])
 
 
