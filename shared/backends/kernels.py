@@ -359,23 +359,43 @@ def _int4_tile(rows: int) -> Callable[..., None]:
 _tile1, _tile2, _tile4, _tile8 = (_int4_tile(rows) for rows in (1, 2, 4, INT4_TILE_ROWS))
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def int4_matmul(pairs: np.ndarray, values: np.ndarray, quads: np.ndarray, sz: np.ndarray, n: int) -> np.ndarray:
-    """x (M, K) times 4-bit weights (N, K), float32 (M, N), where the CPU has AVX-512 BF16 (int4_dot_supported).
+@njit(inline="always")
+def _bfloat16_bits(bits: np.uint32) -> np.uint32:
+    """A float32's bits rounded to bfloat16's, to nearest even as torch rounds them (a NaN to 0x7FC0), in the
+    high half."""
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return np.uint32(0x7FC00000) if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
 
-    pairs: x in bfloat16 as (M, K / 2) int32 (each a pair of inputs); values: the same numbers as float32 (M, K);
-    quads, sz: a plane of shared.backends.llama's _dot_plane (w = (q - 8) * scale + zero in groups of 32 inputs).
 
-    Each task is INT4_TILE_ROWS rows by 16 columns (the last rows in tiles of 4, 2 and 1). For each group it
-    decodes the 4-bit values, two steps of 32 at a time (a byte each, widened to words, looked up as bfloat16
-    q - 8 by vpermw: exact), takes their dot products with the rows' inputs by vdpbf16ps (products exact, summed
-    in float32), then adds scale * dot + zero * (the group's sum of the inputs). A row's result comes from the
-    same instructions in the same order whatever the other rows are, so it does not depend on its batch.
+@njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc"})
+def int4_matmul(x: np.ndarray, quads: np.ndarray, sz: np.ndarray, n: int) -> np.ndarray:
+    """x (M, K) float32 times 4-bit weights (N, K), float32 (M, N), where the CPU has AVX-512 BF16
+    (int4_dot_supported). quads, sz: a plane of shared.backends.llama's _dot_plane (w = (q - 8) * scale + zero
+    in groups of 32 inputs).
+
+    x is rounded to bfloat16 first (as torch's int4 kernel takes it), each group's sum of those inputs taken (the
+    zero points' share; `reassoc` lets LLVM vectorise this sum, in an order fixed by the code, so a row's sum
+    depends on its own inputs only). Then each task is INT4_TILE_ROWS rows by 16 columns (the last rows in tiles
+    of 4, 2 and 1). For each group it decodes the 4-bit values, two steps of 32 at a time (a byte each, widened
+    to words, looked up as bfloat16 q - 8 by vpermw: exact), takes their dot products with the rows' inputs by
+    vdpbf16ps (products exact, summed in float32), then adds scale * dot + zero * (the group's sum of the
+    inputs). A row's result comes from the same instructions in the same order whatever the other rows are, so it
+    does not depend on its batch.
     """
-    m, k = values.shape
+    m, k = x.shape
+    bits = x.view(np.uint32)
+    rounded = np.empty((m, k), np.uint32)  # x in bfloat16, as float32 bits
+    for i in range(m):
+        for j in range(k):
+            rounded[i, j] = _bfloat16_bits(bits[i, j])
+    pairs = np.empty((m, k // 2), np.uint32)  # inputs 2j and 2j + 1 as one bfloat16 pair
+    for i in range(m):
+        for j in range(k // 2):
+            pairs[i, j] = (rounded[i, 2 * j] >> np.uint32(16)) | rounded[i, 2 * j + 1]
+    values = rounded.view(np.float32)
     groups = k // 32
     sums = np.empty((m, groups), np.float32)
-    for i in range(m):  # each group's sum of the inputs, in order: the zero points' share
+    for i in range(m):
         for g in range(groups):
             acc = np.float32(0.0)
             for j in range(32):

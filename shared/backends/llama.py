@@ -195,6 +195,13 @@ class Linear:
         else:
             self.weight = weight.to(device=device, dtype=dtype).contiguous()
             self.dtype = dtype  # what inputs are cast to, and outputs come in
+        self._arrays = self._dot_arrays()
+
+    def _dot_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The dot kernel's planes as the numpy arrays it takes, made once (~10 us a call otherwise)."""
+        if not self.dot or self.quantization not in ("int4", "int8-groups"):
+            return []
+        return [(quads.numpy(), sz.view(torch.int16).numpy()) for quads, _, sz in self.planes]
 
     def state(self) -> dict[str, torch.Tensor]:
         """The tensors the kernels read, to save (see PackedWeights); int8's oneDNN-packed weight is opaque."""
@@ -219,13 +226,16 @@ class Linear:
         self.dot = "quads0" in tensors
         name = "quads" if self.dot else "plane"
         self.planes = [(tensors[f"{name}{j}"], INT4_GROUP, tensors[f"sz{j}"]) for j in range(len(tensors) // 2)]
+        self._arrays = self._dot_arrays()
         self.dtype = torch.bfloat16
         groups, self.out_features, _ = self.planes[0][2].shape  # sz: (K/G, N, 2)
         self.in_features = groups * INT4_GROUP
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, in) in any float dtype; the result (N, out) in self.dtype."""
+        """x (N, in) in any float dtype; the result (N, out) in self.dtype (float32 from the dot kernel)."""
+        if self.quantization in ("int4", "int8-groups") and self.dot:  # it rounds x to bfloat16 itself
+            return int4_dot(x, self._arrays, self.out_features)
         if self.quantization == "int8":
             q, s = quantize_rows(x.float().contiguous().numpy(), INT8_INPUT_TOP)  # (N, in): top + 1 + round(x / s)
             y = torch.ops.onednn.qlinear_pointwise(
@@ -235,8 +245,6 @@ class Linear:
             return y.mul_(torch.from_numpy(s))
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
-        if self.quantization in ("int4", "int8-groups") and self.dot:
-            return int4_dot(x, self.planes, self.out_features)
         if self.quantization in ("int4", "int8-groups"):
             y = torch._weight_int4pack_mm_for_cpu(x, *self.planes[0])
             for plane in self.planes[1:]:
@@ -287,21 +295,19 @@ def _dot_plane(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tupl
     return quads.permute(0, 2, 1, 3).contiguous().reshape(n, k // 2), INT4_GROUP, sz.contiguous().to(torch.bfloat16)
 
 
-def int4_dot(x: torch.Tensor, planes: list[tuple[torch.Tensor, int, torch.Tensor]], n: int) -> torch.Tensor:
-    """x (M, K) times the sum of _dot_plane planes, (M, N) float32, through the numba kernel: each group of 32
-    inputs is a dot product of x in bfloat16 and the 4-bit values q - 8 (exact in bfloat16; AVX-512 BF16's
-    vdpbf16ps, products exact, summed in float32), then scaled: y += scale * dot + zero * sum(x over the group).
+def int4_dot(x: torch.Tensor, planes: list[tuple[np.ndarray, np.ndarray]], n: int) -> torch.Tensor:
+    """x (M, K) times the sum of _dot_plane planes (as numpy arrays: quads, sz viewed as int16), (M, N) float32,
+    through the numba kernel: each group of 32 inputs is a dot product of x in bfloat16 and the 4-bit values q - 8
+    (exact in bfloat16; AVX-512 BF16's vdpbf16ps, products exact, summed in float32), then scaled: y += scale *
+    dot + zero * sum(x over the group).
 
     Against torch's int4pack kernel (which rounds every weight to float32 and its output to bfloat16) it is more
     exact, and at 16 rows ~1.5-2x faster: each 4-bit value is decoded once for 8 rows, and one instruction
     multiplies 32 of them. A row's result depends on its own inputs only (docs/engine.md, "Speed")."""
-    xb = x.to(torch.bfloat16).contiguous()
-    values, pairs = xb.float().numpy(), xb.view(torch.int32).numpy()
-    y: torch.Tensor | None = None
-    for quads, _, sz in planes:
-        part = torch.from_numpy(int4_matmul(pairs, values, quads.numpy(), sz.view(torch.int16).numpy(), n))
-        y = part if y is None else y.add_(part)
-    assert y is not None
+    rows = x.float().contiguous().numpy()
+    y = torch.from_numpy(int4_matmul(rows, *planes[0], n))
+    for plane in planes[1:]:
+        y.add_(torch.from_numpy(int4_matmul(rows, *plane, n)))
     return y
 
 
