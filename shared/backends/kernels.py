@@ -12,6 +12,8 @@ sums in an order that depends on the chunk's length).
 quantize_rows: the int8 matmuls' inputs, row by row.
 
 rms_norm: RMSNorm of rows, one call instead of the composite of ~6 ops torch runs on CPU.
+
+int4_matmul: rows times 4-bit weights by AVX-512 BF16's dot products, where the CPU has them (int4_dot_supported).
 """
 
 from __future__ import annotations
