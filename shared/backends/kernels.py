@@ -292,9 +292,9 @@ def _int4_tile(rows: int) -> Callable[..., None]:
         sig = types.void(pairs, sums, quads, sz, out, r0, block)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            arrays = [
-                context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args[:5], strict=False)
-            ]
+            arrays = (
+                context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:5], args[:5], strict=True)
+            )
             pairs_, sums_, quads_, sz_, out_ = arrays
             first, block = (
                 context.cast(builder, a, t, types.intp) for a, t in zip(args[5:], signature.args[5:], strict=True)

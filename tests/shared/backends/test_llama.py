@@ -15,6 +15,7 @@ from shared.backends import Chunk
 from shared.backends.kernels import int4_dot_supported, quantize_rows
 from shared.backends.llama import (
     INT8_INPUT_TOP,
+    Kind,
     Linear,
     LlamaConfig,
     LlamaRunner,
@@ -110,13 +111,13 @@ def test_int8_matmuls_are_the_exact_integer_products(rows: int) -> None:
 
 @pytest.mark.skipif(not int4_dot_supported(), reason="the int4 dot-product kernel needs AVX-512 BF16")
 @pytest.mark.parametrize(("kind", "out_features"), [("int4", 3072), ("int4", 48), ("int8-groups", 1024)])
-def test_the_int4_dot_kernel_gives_each_row_its_exact_product_whatever_its_batch(kind: str, out_features: int) -> None:
+def test_the_int4_dot_kernel_gives_each_row_its_exact_product_whatever_its_batch(kind: Kind, out_features: int) -> None:
     """The bfloat16 dot-product kernel: each row's product with the 4-bit (or two-plane 8-bit) weights as exact as
     float32 (its inputs rounded to bfloat16, as torch's kernel takes them, whose bfloat16 output is 100x further
     off), and the same bits alone, among 16 rows, and in a 39-row prompt chunk (its last 7 rows: tiles of 4, 2, 1)."""
     torch.manual_seed(0)
     weight = torch.randn(out_features, 576)
-    dot = Linear(weight, torch.bfloat16, kind, dot=True)  # type: ignore[arg-type]
+    dot = Linear(weight, torch.bfloat16, kind, dot=True)
     if kind == "int4":
         q, _, _ = quantize_groups4(weight)
         values = [q.double()]
@@ -131,7 +132,7 @@ def test_the_int4_dot_kernel_gives_each_row_its_exact_product_whatever_its_batch
     x[::3] *= 10
     exact = x.to(torch.bfloat16).double() @ exact_weight.reshape(out_features, 576).T  # type: ignore[union-attr]
     got = dot(x)
-    torch_kernel = Linear(weight, torch.bfloat16, kind, dot=False)(x)  # type: ignore[arg-type]
+    torch_kernel = Linear(weight, torch.bfloat16, kind, dot=False)(x)
     scale = exact.abs().max().item()
     assert got.dtype == torch.float32 and (got.double() - exact).abs().max().item() < 1e-6 * scale
     assert (torch_kernel.double() - exact).abs().max().item() > 100 * (got.double() - exact).abs().max().item()
