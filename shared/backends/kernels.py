@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -36,59 +35,242 @@ from numba.core.extending import intrinsic
 log = logging.getLogger(__name__)
 
 KERNELS_DIR = "kernels"  # the folder of the cache dir (FNSERVE_CACHE_DIR) an image's build compiles kernels into
-PREFETCH_AHEAD = 8  # positions: measured best of 4, 8 and 16
-LINE_FLOATS = 16  # float32s in a 64-byte cache line
 
 
-def _prefetch(typingctx: Any, array: Any, i: Any, j: Any, p: Any, d: Any) -> Any:
-    """Ask the CPU to bring the cache line of array[i, j, p, d] (a 4-D array) into its caches, without waiting
-    for it (LLVM's prefetch: a read, kept close). It changes no value, only when memory is read."""
-    sig = types.void(array, i, j, p, d)
+class _BFloat16(ir.Type):
+    """LLVM's bfloat, which llvmlite's IR builder does not name; AVX-512 BF16's dot product takes vectors of it."""
+
+    def _to_string(self) -> str:
+        return "bfloat"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _BFloat16)
+
+    def __hash__(self) -> int:
+        return hash("bfloat")
+
+
+_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_V16F, _V16I, _V32H, _V32BF = (ir.VectorType(t, n) for t, n in ((_F32, 16), (_I32, 16), (_I16, 32), (_BFloat16(), 32)))
+_V32I, _V32F, _V32B = ir.VectorType(_I32, 32), ir.VectorType(_F32, 32), ir.VectorType(_I8, 32)
+# bfloat16 bits of q - 8 for a 4-bit q, twice: vpermw reads 5 bits of each index, and the fifth is the other nibble's
+_NIBBLE_VALUES = [int(np.float32(q % 16 - 8).view(np.uint32)) >> 16 for q in range(32)]
+
+
+def _i64(value: int) -> ir.Constant:
+    return ir.Constant(_I64, value)
+
+
+def _splat(builder: Any, value: Any, vector: Any) -> Any:
+    """value in every lane of a vector of its type."""
+    lanes = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(_I32, vector.count), [0] * vector.count))
+
+
+def _load(builder: Any, base: Any, index: Any, vector: Any, align: int) -> Any:
+    """The vector at base[index] (base: a pointer to its lanes' type)."""
+    return builder.load(builder.bitcast(builder.gep(base, [index]), vector.as_pointer()), align=align)
+
+
+KEY_BLOCK = 32  # positions of a block of keys, stored position-minor: one 64-byte line per dimension (float16)
+HALF_MAX = 65504.0  # the largest finite float16: the cache clamps to it rather than store an infinity
+
+
+def _half_bits_typer(typingctx: Any, x: Any) -> Any:
+    """The bits of float32 x rounded to float16 (to nearest even; LLVM's fptrunc, vcvtps2ph on x86)."""
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        array_type = signature.args[0]
-        view = context.make_array(array_type)(context, builder, args[0])
-        index = [context.cast(builder, a, t, types.intp) for a, t in zip(args[1:], signature.args[1:], strict=True)]
-        item = cgutils.get_item_pointer(context, builder, array_type, view, index)
-        pointer = builder.bitcast(item, ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        function = ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32])
-        fetch = cgutils.get_or_insert_function(builder.module, function, "llvm.prefetch.p0")
-        builder.call(fetch, [pointer, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
 
-    return sig, codegen
+    return types.uint16(types.float32), codegen
 
 
-prefetch: Callable[..., None] = intrinsic(_prefetch)
+_half_bits: Callable[..., Any] = intrinsic(_half_bits_typer)
+
+
+def _exp_typer(typingctx: Any, x: Any) -> Any:
+    """e ** x for float32 x <= 0 (a softmax's scores less their maximum), as Cephes' expf computes it (within
+    about an ulp): 2 ** n times a polynomial of the rest. Code LLVM vectorises where libm's expf is a call a
+    value; below -87.3 (e ** x under float32's smallest normal) it gives 2 ** -126 times the polynomial."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        def const(value: float) -> ir.Constant:
+            return ir.Constant(_F32, float(np.float32(value)))
+
+        module = builder.module
+        floor = cgutils.get_or_insert_function(module, ir.FunctionType(_F32, [_F32]), "llvm.floor.f32")
+        fma = cgutils.get_or_insert_function(module, ir.FunctionType(_F32, [_F32] * 3), "llvm.fma.f32")
+        low = const(-87.3)
+        x = builder.select(builder.fcmp_ordered("<", args[0], low), low, args[0])
+        n = builder.call(floor, [builder.fadd(builder.fmul(x, const(1.44269504088896341)), const(0.5))])
+        r = builder.call(fma, [n, const(-0.693359375), x])
+        r = builder.call(fma, [n, const(2.12194440e-4), r])
+        poly = const(1.9875691500e-4)
+        for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            poly = builder.call(fma, [poly, r, const(c)])
+        y = builder.fadd(builder.call(fma, [poly, builder.fmul(r, r), r]), const(1.0))
+        exponent = builder.shl(builder.add(builder.fptosi(n, _I32), ir.Constant(_I32, 127)), ir.Constant(_I32, 23))
+        return builder.fmul(y, builder.bitcast(exponent, _F32))
+
+    return types.float32(types.float32), codegen
+
+
+_exp: Callable[..., Any] = intrinsic(_exp_typer)
+
+
+def _cache_lanes(builder: Any, base: Any, index: Any, lanes: int, half: bool) -> Any:
+    """`lanes` cache values at base[index] as float32: float16 bits widened (vcvtph2ps on x86), or float32."""
+    if not half:
+        return _load(builder, base, index, ir.VectorType(_F32, lanes), 4)
+    bits = _load(builder, base, index, ir.VectorType(_I16, lanes), 2)
+    return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), lanes)), ir.VectorType(_F32, lanes))
+
+
+def _fma(builder: Any, lanes: int) -> Any:
+    vector = ir.VectorType(_F32, lanes)
+    return cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{lanes}f32"
+    )
+
+
+def _key_block(dim: int, group: int, half: bool) -> Callable[..., None]:
+    """block(keys, at, q, scores, column, scale): scores[g, column + j] = scale * q[g] . key j of the block of
+    KEY_BLOCK keys at keys[at:], for the `group` query heads that share them (see attention).
+
+    The block holds dimension d of its 32 keys at [32 d, 32 d + 32), so each step broadcasts one query value
+    and multiplies it by 32 keys' values: no sums across lanes. With a few query heads each half of the
+    dimensions sums into its own registers (twice the independent chains of fused multiply-adds), added at
+    the end; the order is fixed, so a score depends on its own row's inputs only."""
+    chains = 2 if group <= 4 else 1
+    halves = KEY_BLOCK // 16
+
+    def typer(typingctx: Any, keys: Any, at: Any, q: Any, scores: Any, column: Any, scale: Any) -> Any:
+        sig = types.void(keys, at, q, scores, column, scale)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            keys_, q_, scores_ = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
+            at_, column_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 4))
+            fma = _fma(builder, 16)
+            base = builder.gep(keys_.data, [at_])
+            zeros = ir.Constant(_V16F, [0.0] * 16)
+            acc = [[[zeros] * chains for _ in range(halves)] for _ in range(group)]
+            for d in range(dim):
+                lanes = [_cache_lanes(builder, base, _i64(KEY_BLOCK * d + 16 * h), 16, half) for h in range(halves)]
+                for g in range(group):
+                    value = _splat(builder, builder.load(builder.gep(q_.data, [_i64(g * dim + d)])), _V16F)
+                    for h in range(halves):
+                        acc[g][h][d % chains] = builder.call(fma, [value, lanes[h], acc[g][h][d % chains]])
+            width = cgutils.unpack_tuple(builder, scores_.shape, 2)[1]
+            scale_ = _splat(builder, context.cast(builder, args[5], signature.args[5], types.float32), _V16F)
+            for g in range(group):
+                row = builder.add(builder.mul(_i64(g), width), column_)
+                for h in range(halves):
+                    total = acc[g][h][0]
+                    for part in acc[g][h][1:]:
+                        total = builder.fadd(total, part)
+                    at = builder.gep(scores_.data, [builder.add(row, _i64(16 * h))])
+                    builder.store(builder.fmul(total, scale_), builder.bitcast(at, _V16F.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+def _value_rows(dim: int, group: int, half: bool) -> Callable[..., None]:
+    """rows(values, at, n, weights, column, out, r, query): out[r, query + g dim : query + (g + 1) dim] =
+    sum over p < n of weights[g, column + p] * the value at values[at + p dim:], for each of the `group` query
+    heads, in position order (see attention). The sums stay in registers: a slice of up to 16 vectors across
+    the query heads at a time."""
+    lanes = next(w for w in (16, 8, 4, 2, 1) if dim % w == 0)
+    vectors = dim // lanes
+    per_slice = max(1, min(vectors, 16 // group))
+    vector = ir.VectorType(_F32, lanes)
+
+    def typer(
+        typingctx: Any, values: Any, at: Any, n: Any, weights: Any, column: Any, out: Any, r: Any, query: Any
+    ) -> Any:
+        sig = types.void(values, at, n, weights, column, out, r, query)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            values_, weights_, out_ = (
+                context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 3, 5)
+            )
+            at_, n_, column_, r_, query_ = (
+                context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 4, 6, 7)
+            )
+            fma = _fma(builder, lanes)
+            width = cgutils.unpack_tuple(builder, weights_.shape, 2)[1]
+            out_width = cgutils.unpack_tuple(builder, out_.shape, 2)[1]
+            zeros = ir.Constant(vector, [0.0] * lanes)
+            for first in range(0, vectors, per_slice):
+                part = range(first, min(vectors, first + per_slice))
+                acc = [[cgutils.alloca_once_value(builder, zeros) for _ in part] for _ in range(group)]
+                with cgutils.for_range(builder, n_) as loop:
+                    p = loop.index
+                    row = builder.add(at_, builder.mul(p, _i64(dim)))
+                    loaded = [
+                        _cache_lanes(builder, values_.data, builder.add(row, _i64(lanes * c)), lanes, half)
+                        for c in part
+                    ]
+                    for g in range(group):
+                        at = builder.add(builder.mul(_i64(g), width), builder.add(column_, p))
+                        w = _splat(builder, builder.load(builder.gep(weights_.data, [at])), vector)
+                        for slot, value in zip(acc[g], loaded, strict=True):
+                            builder.store(builder.call(fma, [w, value, builder.load(slot)]), slot)
+                for g in range(group):
+                    for slot, c in zip(acc[g], part, strict=True):
+                        index = builder.add(builder.mul(r_, out_width), builder.add(query_, _i64(g * dim + lanes * c)))
+                        at = builder.bitcast(builder.gep(out_.data, [index]), vector.as_pointer())
+                        builder.store(builder.load(slot), at, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+@njit(inline="always")
+def _to_half(x: np.float32) -> np.uint16:
+    """A cache value as float16 bits, clamped to float16's finite range."""
+    top = np.float32(HALF_MAX)
+    return _half_bits(min(max(x, -top), top))
+
+
+@njit(inline="always")
+def _to_float(x: np.float32) -> np.float32:
+    return x
 
 
 @functools.cache
-def attention(dim: int) -> Callable[..., None]:
-    """The kernel for heads of `dim` floats: rotary embedding, the cache write and causal attention of one step's
-    rows, decode and prompt alike, called as kernel(qkv, cos, signed_sin, slots, positions, k, v, out, scale, window).
+def attention(dim: int, group: int, half: bool = True) -> Callable[..., None]:
+    """The kernel for heads of `dim` floats, `group` query heads to a kv head: rotary embedding, the cache write
+    and causal attention of one step's rows, decode and prompt alike, called as
+    kernel(qkv, cos, signed_sin, slots, positions, k, v, out, scale, window).
 
     qkv: (N, (H + 2K) * D), each row's projections as the qkv matmul gives them: H query heads, then K key
     heads, then K value heads. Row r is a token of the sequence in cache slot slots[r] at position
     positions[r]; rows of one sequence (a prompt chunk) come in position order. First every row's key and value
-    are rotated and stored at its position of k, v: (S, K, P, D), one layer's cache; then each row's query
-    heads attend over positions 0..positions[r] of its slot, or only the last `window` of them when window > 0
-    (a sliding-window layer). out: (N, H * D). Query head h reads kv head h // (H / K). cos, signed_sin: (P, D),
-    the rotate-half tables: x * cos + (x2, x1) * signed_sin.
+    are rotated and stored at its position of k, v: one layer's cache; then each row's query heads attend over
+    positions 0..positions[r] of its slot, or only the last `window` of them when window > 0 (a sliding-window
+    layer). out: (N, H * D). Query head h reads kv head h // group. cos, signed_sin: (P, D), the rotate-half
+    tables: x * cos + (x2, x1) * signed_sin.
 
-    A row's result is computed by the same loops in the same order whatever else is in the call, so a token
-    gets the same bits as a decode row, inside a prompt chunk of any length, or after a reused prefix.
+    The cache is float16 (uint16 arrays of its bits: numba has no float16) clamped to float16's range, or float32
+    with half=False (exact); (S, K, P, D), P a multiple of KEY_BLOCK. Values are stored as that shape says, a
+    position's D values together; keys in blocks of KEY_BLOCK positions, each (D, KEY_BLOCK): dimension d of the
+    block's keys together (key_index). So a row's scores come 32 positions at a time without sums across lanes,
+    and its values a position at a time, through LLVM vector code (_key_block, _value_rows: numba's loops summed
+    across lanes at every position and kept the sums in memory), and the softmax's exponentials are vectorised
+    (_exp). A 16-row decode step reads each row's cache once, so float16's half of the bytes counts too.
 
-    `dim` is a constant to LLVM, so every loop over a head is unrolled, with no trip count to test (measured 16
-    decode rows, ~180 positions, warm cache: 149 against 172 us a layer). Each head size is compiled once, and
-    cached on disk like the other kernels; the runner asks for its kernel once, at load.
-
-    The loop over positions asks the CPU for the keys PREFETCH_AHEAD positions on and for this position's values
-    (`prefetch`), so a decode row, whose sequence's keys and values come from memory rather than the caches,
-    waits less for them (16 rows, 30 layers' caches in turn: 208 against 258 us a layer). Prefetches change no
-    value: a row's bits depend on its own inputs only, as before.
+    A row's result is computed by the same instructions in the same order whatever else is in the call: a
+    block's lanes past the row's own positions are computed and dropped. So a token gets the same bits as a
+    decode row, inside a prompt chunk of any length, or after a reused prefix.
     """
-    half = dim // 2
+    rotate = dim // 2
+    key_block, value_rows = _key_block(dim, group, half), _value_rows(dim, group, half)
+    to_cache = _to_half if half else _to_float
 
     @njit(parallel=True, fastmath=True, nogil=True, cache=True)
     def kernel(
@@ -106,18 +288,22 @@ def attention(dim: int) -> Callable[..., None]:
         rows = qkv.shape[0]
         kv_heads = k.shape[1]
         heads = out.shape[1] // dim
-        group = heads // kv_heads
+        keys = k.reshape((k.shape[0], kv_heads, k.shape[2] * dim))
+        values = v.reshape((v.shape[0], kv_heads, v.shape[2] * dim))
         for task in range(rows * kv_heads):  # a few thousand stores: one parallel region less a layer (~15 us)
             r = task // kv_heads
             h = task - r * kv_heads
             slot, pos = slots[r], positions[r]
             key, value = (heads + h) * dim, (heads + kv_heads + h) * dim
-            for d in range(half):
-                k[slot, h, pos, d] = qkv[r, key + d] * cos[pos, d] + qkv[r, key + d + half] * signed_sin[pos, d]
-            for d in range(half, dim):
-                k[slot, h, pos, d] = qkv[r, key + d] * cos[pos, d] + qkv[r, key + d - half] * signed_sin[pos, d]
+            at = key_index(pos, dim)
+            for d in range(rotate):
+                x = qkv[r, key + d] * cos[pos, d] + qkv[r, key + d + rotate] * signed_sin[pos, d]
+                keys[slot, h, at + d * KEY_BLOCK] = to_cache(x)
+            for d in range(rotate, dim):
+                x = qkv[r, key + d] * cos[pos, d] + qkv[r, key + d - rotate] * signed_sin[pos, d]
+                keys[slot, h, at + d * KEY_BLOCK] = to_cache(x)
             for d in range(dim):
-                v[slot, h, pos, d] = qkv[r, value + d]
+                values[slot, h, pos * dim + d] = to_cache(qkv[r, value + d])
         for task in prange(rows * kv_heads):
             r = task // kv_heads
             h = task - r * kv_heads
@@ -127,44 +313,37 @@ def attention(dim: int) -> Callable[..., None]:
             q = np.empty((group, dim), np.float32)
             for g in range(group):
                 query = (h * group + g) * dim
-                for d in range(half):
-                    q[g, d] = qkv[r, query + d] * cos[pos, d] + qkv[r, query + d + half] * signed_sin[pos, d]
-                for d in range(half, dim):
-                    q[g, d] = qkv[r, query + d] * cos[pos, d] + qkv[r, query + d - half] * signed_sin[pos, d]
-            scores = np.empty((group, n), np.float32)
-            for p in range(n):
-                for d in range(0, dim, LINE_FLOATS):  # the keys a few positions on, and this position's values
-                    if p + PREFETCH_AHEAD < n:
-                        prefetch(k, slot, h, first + p + PREFETCH_AHEAD, d)
-                    prefetch(v, slot, h, first + p, d)
-                for g in range(group):
-                    acc = np.float32(0.0)
-                    for d in range(dim):
-                        acc += q[g, d] * k[slot, h, first + p, d]
-                    scores[g, p] = acc * scale
+                for d in range(rotate):
+                    q[g, d] = qkv[r, query + d] * cos[pos, d] + qkv[r, query + d + rotate] * signed_sin[pos, d]
+                for d in range(rotate, dim):
+                    q[g, d] = qkv[r, query + d] * cos[pos, d] + qkv[r, query + d - rotate] * signed_sin[pos, d]
+            start = first // KEY_BLOCK * KEY_BLOCK
+            skip = first - start  # the first block's positions before the window
+            scores = np.empty((group, (pos // KEY_BLOCK + 1) * KEY_BLOCK - start), np.float32)
+            for b in range(0, scores.shape[1], KEY_BLOCK):
+                key_block(keys[slot, h], (start + b) * dim, q, scores, b, scale)
             for g in range(group):
-                top = scores[g, 0]
+                top = scores[g, skip]
                 for p in range(1, n):
-                    top = max(top, scores[g, p])
+                    top = max(top, scores[g, skip + p])
                 total = np.float32(0.0)
                 for p in range(n):
-                    e = math.exp(scores[g, p] - top)
-                    scores[g, p] = e
+                    e = _exp(scores[g, skip + p] - top)
+                    scores[g, skip + p] = e
                     total += e
                 for p in range(n):
-                    scores[g, p] /= total
-            acc_out = np.zeros((group, dim), np.float32)
-            for p in range(n):
-                for g in range(group):
-                    w = scores[g, p]
-                    for d in range(dim):
-                        acc_out[g, d] += w * v[slot, h, first + p, d]
-            for g in range(group):
-                query = (h * group + g) * dim
-                for d in range(dim):
-                    out[r, query + d] = acc_out[g, d]
+                    scores[g, skip + p] /= total
+            value_rows(values[slot, h], first * dim, n, scores, skip, out, r, h * group * dim)
 
     return kernel
+
+
+@njit(inline="always")
+def key_index(position: int, dim: int) -> int:
+    """Where dimension 0 of the key at `position` is in a (slot, kv head)'s keys, flattened (see attention):
+    dimension d is KEY_BLOCK d further."""
+    block = position // KEY_BLOCK
+    return block * dim * KEY_BLOCK + position - block * KEY_BLOCK
 
 
 @njit(fastmath=True, nogil=True, cache=True)
@@ -237,26 +416,6 @@ def seed_cache(prebuilt: Path) -> None:
 INT4_TILE_ROWS = 8  # rows of one int4 task: each decoded weight serves 8 rows (8 x 16 columns fit the registers)
 
 
-class _BFloat16(ir.Type):
-    """LLVM's bfloat, which llvmlite's IR builder does not name; AVX-512 BF16's dot product takes vectors of it."""
-
-    def _to_string(self) -> str:
-        return "bfloat"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _BFloat16)
-
-    def __hash__(self) -> int:
-        return hash("bfloat")
-
-
-_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-_V16F, _V16I, _V32H, _V32BF = (ir.VectorType(t, n) for t, n in ((_F32, 16), (_I32, 16), (_I16, 32), (_BFloat16(), 32)))
-_V32I, _V32F, _V32B = ir.VectorType(_I32, 32), ir.VectorType(_F32, 32), ir.VectorType(_I8, 32)
-# bfloat16 bits of q - 8 for a 4-bit q, twice: vpermw reads 5 bits of each index, and the fifth is the other nibble's
-_NIBBLE_VALUES = [int(np.float32(q % 16 - 8).view(np.uint32)) >> 16 for q in range(32)]
-
-
 def int4_dot_supported() -> bool:
     """Whether this process compiles numba's kernels for a CPU with AVX-512 BF16 (its bfloat16 dot product) and
     AVX-512 BW (vpermw), which int4_matmul needs. Kernels compiled for another CPU (an image's NUMBA_CPU_NAME)
@@ -267,21 +426,6 @@ def int4_dot_supported() -> bool:
         return False
     features = binding.get_host_cpu_features()
     return all(features.get(f) for f in ("avx512f", "avx512bw", "avx512bf16"))
-
-
-def _i64(value: int) -> ir.Constant:
-    return ir.Constant(_I64, value)
-
-
-def _splat(builder: Any, value: Any, vector: Any) -> Any:
-    """value in every lane of a vector of its type."""
-    lanes = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(_I32, vector.count), [0] * vector.count))
-
-
-def _load(builder: Any, base: Any, index: Any, vector: Any, align: int) -> Any:
-    """The vector at base[index] (base: a pointer to its lanes' type)."""
-    return builder.load(builder.bitcast(builder.gep(base, [index]), vector.as_pointer()), align=align)
 
 
 def _int4_tile(rows: int) -> Callable[..., None]:

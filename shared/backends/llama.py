@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from shared.backends import Chunk
-from shared.backends.kernels import attention, int4_dot_supported, int4_matmul, quantize_rows, rms_norm
+from shared.backends.kernels import KEY_BLOCK, attention, int4_dot_supported, int4_matmul, quantize_rows, rms_norm
 from shared.backends.packed import PackedWeights
 from shared.settings import Quantization
 
@@ -557,10 +557,11 @@ class LlamaRunner:
     """The model plus its KV cache. Not thread-safe: one engine thread drives it.
 
     One code path for the model's math on any torch device. kernels="numba" (the CPU default) runs rotation,
-    the cache write, attention and RMSNorm as the numba kernels of shared.backends.kernels, over a float32 cache;
-    kernels="torch" (the default on any other device) runs them as torch ops on the device, over a cache in the
-    model dtype: scaled_dot_product_attention (flash or memory-efficient kernels where the device has them),
-    torch's rms_norm. Weights, embedding, sampling inputs and the engine are the same for both.
+    the cache write, attention and RMSNorm as the numba kernels of shared.backends.kernels, over a float16 cache
+    (float32 for exact float32 weights); kernels="torch" (the default on any other device) runs them as torch
+    ops on the device, over a cache in the model dtype: scaled_dot_product_attention (flash or memory-efficient
+    kernels where the device has them), torch's rms_norm. Weights, embedding, sampling inputs and the engine are
+    the same for both.
     """
 
     def __init__(
@@ -585,7 +586,6 @@ class LlamaRunner:
         self.numba = (kernels or ("numba" if self.device.type == "cpu" else "torch")) == "numba"
         if self.numba and self.device.type != "cpu":
             raise ValueError("the numba kernels run on the CPU only")
-        self._attention = attention(config.head_dim) if self.numba else None  # compiled for this head size
         if quantization not in ("none", "auto") and self.device.type != "cpu":
             raise ValueError(f"quantization {quantization!r} runs on the CPU only; use 'none' on {self.device}")
         dev = self.device
@@ -602,22 +602,31 @@ class LlamaRunner:
             if packed and known != "none":  # none: `auto` found the checkpoint not 4-bit, nothing to keep
                 packed.save(weights)
         self.quantization = weights.quantization
+        # Exact float32 keeps a float32 cache; everything else float16 (see below).
+        half = not (self.quantization == "none" and dtype == torch.float32)
+        group = c.num_heads // c.num_kv_heads
+        self._attention = attention(c.head_dim, group, half) if self.numba else None  # compiled for these sizes
         self.embed, self.lm_head, self.norm, self.layers = weights.embed, weights.lm_head, weights.norm, weights.layers
         self._eps = np.float32(c.rms_norm_eps)
-        # Keys and values of every layer, slot and position: (L, 2, S, K, P, D), float32 whatever the weights
-        # (more exact; a bfloat16 cache read through the decode kernel was no faster, see docs/engine.md).
+        # Keys and values of every layer, slot and position: (L, 2, S, K, P, D). For the numba kernels in float16
+        # (float32 for exact float32 weights), positions rounded up to whole blocks of keys, each block's keys
+        # stored dimension by dimension (the layout `attention` describes): a 16-row decode step reads each
+        # row's cache once, and float16 halves those bytes (docs/engine.md).
         # An anonymous mapping reads as zeros and gets memory page by page as positions are first written, so
         # the cache holds memory for the positions sequences reach, not every slot's full context (torch.zeros
-        # writes every page at once: 94 MB a slot for SmolLM2 at 2048 positions; numpy's zeros ask for huge
+        # writes every page at once: 47 MB a slot for SmolLM2 at 2048 positions; numpy's zeros ask for huge
         # pages, 2 MB of which span several slots' whole contexts).
         # On another device (kernels="torch") the cache is one allocation in the model dtype, made here, once.
-        shape = (c.num_layers, 2, slots, c.num_kv_heads, self.context_length, c.head_dim)
         self._keep_pages = False  # set when the system cannot take pages back (see release_slot)
         if self.numba:
-            pages = self._pages = mmap.mmap(-1, math.prod(shape) * 4)
-            self._kv_arrays = np.frombuffer(pages, dtype=np.float32).reshape(shape)  # for the attention kernel
-            self.kv_cache = torch.from_numpy(self._kv_arrays)  # the same memory
+            blocks = -(-self.context_length // KEY_BLOCK)
+            shape = (c.num_layers, 2, slots, c.num_kv_heads, blocks * KEY_BLOCK, c.head_dim)
+            element = np.dtype(np.uint16 if half else np.float32)  # uint16: float16 bits, numba has no float16
+            pages = self._pages = mmap.mmap(-1, math.prod(shape) * element.itemsize)
+            self._kv_arrays = np.frombuffer(pages, dtype=element).reshape(shape)  # for the attention kernel
+            self.kv_cache = torch.from_numpy(self._kv_arrays.view(np.float16) if half else self._kv_arrays)  # the same
         else:
+            shape = (c.num_layers, 2, slots, c.num_kv_heads, self.context_length, c.head_dim)
             self.kv_cache = torch.zeros(shape, dtype=dtype, device=dev)
         ropes = {t: _rope(t, c.head_dim, self.context_length, dev, self.numba) for t in set(c.layer_rope_thetas)}
         self._ropes = [ropes[t] for t in c.layer_rope_thetas]  # each layer's tables
@@ -655,7 +664,19 @@ class LlamaRunner:
     def move_slot(self, src: int, dst: int, length: int, start: int = 0) -> None:
         """Copy a sequence's cache to another slot (the engine compacts its running set, the prefix cache keeps
         it), from position `start` when dst holds the ones before already."""
-        self.kv_cache[:, :, dst, :, start:length] = self.kv_cache[:, :, src, :, start:length]
+        if not self.numba:
+            self.kv_cache[:, :, dst, :, start:length] = self.kv_cache[:, :, src, :, start:length]
+            return
+        values = self._kv_arrays[:, 1]
+        values[:, dst, :, start:length] = values[:, src, :, start:length]
+        layers, _, slots, heads, positions, dim = self._kv_arrays.shape
+        keys = self._kv_arrays[:, 0].reshape(layers, slots, heads, positions // KEY_BLOCK, dim, KEY_BLOCK)
+        whole = range(-(-start // KEY_BLOCK), length // KEY_BLOCK)  # blocks inside [start, length)
+        keys[:, dst, :, whole.start : whole.stop] = keys[:, src, :, whole.start : whole.stop]
+        for block in {start // KEY_BLOCK, length // KEY_BLOCK} - set(whole):  # partly inside: those positions
+            first, end = max(start - block * KEY_BLOCK, 0), min(length - block * KEY_BLOCK, KEY_BLOCK)
+            if end > first:
+                keys[:, dst, :, block, :, first:end] = keys[:, src, :, block, :, first:end]
 
     def release_slot(self, slot: int) -> None:
         """Return the pages of a slot's cache to the system: the CPU kernels' cache is a shared anonymous mapping,
@@ -665,7 +686,7 @@ class LlamaRunner:
         if not self.numba or remove is None or self._keep_pages:
             return
         layers, kinds, slots, heads, positions, dim = self._kv_arrays.shape
-        block = heads * positions * dim * 4  # one layer's keys (or values) of one slot: contiguous
+        block = heads * positions * dim * self._kv_arrays.itemsize  # a layer's keys (or values) of a slot: contiguous
         page = mmap.PAGESIZE
         for i in range(layers * kinds):
             start = (i * slots + slot) * block

@@ -11,9 +11,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.backends.kernels import attention, quantize_rows, rms_norm, seed_cache
+from shared.backends.kernels import KEY_BLOCK, attention, quantize_rows, rms_norm, seed_cache
 
 HEADS, KV_HEADS, DIM, SLOTS, MAX_LEN = 9, 3, 64, 6, 64
+GROUP = HEADS // KV_HEADS
+
+
+def blocked(keys: torch.Tensor) -> np.ndarray:
+    """Keys (S, K, P, D) as the kernel keeps them: float16 bits, each block of positions dimension by dimension."""
+    s, k, p, d = keys.shape
+    halves = keys.half().numpy().view(np.uint16).reshape(s, k, p // KEY_BLOCK, KEY_BLOCK, d)
+    return np.ascontiguousarray(halves.transpose(0, 1, 2, 4, 3)).reshape(s, k, p, d)
+
+
+def unblocked(keys: np.ndarray) -> torch.Tensor:
+    """The kernel's keys back as (S, K, P, D) float32."""
+    s, k, p, d = keys.shape
+    halves = keys.view(np.float16).reshape(s, k, p // KEY_BLOCK, d, KEY_BLOCK).transpose(0, 1, 2, 4, 3)
+    return torch.from_numpy(halves.reshape(s, k, p, d).astype(np.float32))
+
+
+def half_bits(values: torch.Tensor) -> np.ndarray:
+    return values.half().numpy().view(np.uint16).copy()
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -31,26 +50,26 @@ def tables() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_each_row_attends_over_its_own_positions_with_its_kv_heads() -> None:
-    """Five decode rows in slots 0-4, then a 4-token prompt chunk of slot 5 at positions 10-13."""
+    """Five decode rows in slots 0-4, then a 4-token prompt chunk of slot 5 at positions 10-13; the cache in
+    float16 (its keys in blocks of positions), attention in float32 over those values."""
     torch.manual_seed(0)
     cos, sin = tables()
     slots = np.array([0, 1, 2, 3, 4, 5, 5, 5, 5], dtype=np.int64)
     positions = np.array([0, 5, 40, 17, 63, 10, 11, 12, 13], dtype=np.int64)  # one row sees only itself
     rows = len(positions)
     qkv = torch.randn(rows, (HEADS + 2 * KV_HEADS) * DIM)
-    k_cache, v_cache = torch.randn(2, SLOTS + 1, KV_HEADS, MAX_LEN, DIM).unbind(0)
-    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_k, want_v = torch.randn(2, SLOTS + 1, KV_HEADS, MAX_LEN, DIM).half().float().unbind(0)
+    k_cache, v_cache = blocked(want_k), half_bits(want_v)
     out = torch.empty(rows, HEADS * DIM)
 
-    attention(DIM)(
+    attention(DIM, GROUP)(
         qkv.numpy(),
         cos.numpy(),
         sin.numpy(),
         slots,
         positions,
-        k_cache.numpy(),
-        v_cache.numpy(),
+        k_cache,
+        v_cache,
         out.numpy(),
         np.float32(DIM**-0.5),
         0,
@@ -58,38 +77,34 @@ def test_each_row_attends_over_its_own_positions_with_its_kv_heads() -> None:
 
     for r, (slot, p) in enumerate(zip(slots.tolist(), positions.tolist(), strict=True)):
         _, k, v = qkv[r].split([HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM])
-        want_k[slot, :, p] = rotate(k.view(KV_HEADS, DIM), cos[p], sin[p])
-        want_v[slot, :, p] = v.view(KV_HEADS, DIM)
+        want_k[slot, :, p] = rotate(k.view(KV_HEADS, DIM), cos[p], sin[p]).half().float()
+        want_v[slot, :, p] = v.view(KV_HEADS, DIM).half().float()
     for r, (slot, p) in enumerate(zip(slots.tolist(), positions.tolist(), strict=True)):
         q = rotate(qkv[r, : HEADS * DIM].view(HEADS, DIM), cos[p], sin[p])
         keys, values = want_k[slot, :, : p + 1], want_v[slot, :, : p + 1]  # (K, P, D): the chunk's earlier rows too
         want = F.scaled_dot_product_attention(q.unsqueeze(1), keys, values, enable_gqa=True)  # (H, 1, D)
         torch.testing.assert_close(out[r], want.reshape(-1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(k_cache, want_k, atol=1e-6, rtol=1e-6)  # written at each row's position only
-    assert torch.equal(v_cache, want_v)
-    assert torch.equal(k_cache[SLOTS:, :, 14:], want_k[SLOTS:, :, 14:])  # past the chunk, untouched
+    got_k = unblocked(k_cache)
+    torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=2**-10)  # written at each row's position only
+    assert np.array_equal(v_cache, half_bits(want_v))
+    assert torch.equal(got_k[SLOTS:, :, 14:], want_k[SLOTS:, :, 14:])  # past the chunk, untouched
 
 
-def test_a_row_gets_the_same_bits_alone_and_inside_a_chunk() -> None:
-    """Position 12 of a sequence: as one decode row after positions 0-11, and as a row of a 16-token chunk."""
-    torch.manual_seed(1)
+def test_a_cache_value_past_float16s_range_is_clamped_to_it() -> None:
+    """A value beyond +-65504 is stored as the largest finite float16, never as an infinity (which would make
+    every later score of that sequence NaN)."""
     cos, sin = tables()
-    qkv = torch.randn(16, (HEADS + 2 * KV_HEADS) * DIM)
-    scale = np.float32(DIM**-0.5)
+    qkv = torch.zeros(1, (HEADS + 2 * KV_HEADS) * DIM)
+    qkv[0, HEADS * DIM] = 1e6  # key 0, dimension 0 (position 0: no rotation)
+    qkv[0, (HEADS + KV_HEADS) * DIM + 1] = -1e6  # value 0, dimension 1
+    k, v = np.zeros((2, 1, KV_HEADS, MAX_LEN, DIM), np.uint16)
+    out = np.empty((1, HEADS * DIM), np.float32)
 
-    def run(slots: list[int], positions: list[int], rows: torch.Tensor, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        out = np.empty((len(positions), HEADS * DIM), np.float32)
-        kernel = attention(DIM)
-        kernel(rows.numpy(), cos.numpy(), sin.numpy(), np.array(slots), np.array(positions), k, v, out, scale, 0)
-        return out
+    attention(DIM, GROUP)(qkv.numpy(), cos.numpy(), sin.numpy(), np.array([0]), np.array([0]), k, v, out, 1.0, 0)
 
-    k, v = np.zeros((2, SLOTS, KV_HEADS, MAX_LEN, DIM), np.float32)
-    whole = run([1] * 16, list(range(16)), qkv, k, v)
-    k2, v2 = np.zeros((2, SLOTS, KV_HEADS, MAX_LEN, DIM), np.float32)
-    run([0] * 12, list(range(12)), qkv[:12], k2, v2)
-    alone = run([0], [12], qkv[12:13], k2, v2)
-
-    assert np.array_equal(alone[0], whole[12])
+    assert unblocked(k)[0, 0, 0, 0] == 65504.0
+    assert v.view(np.float16)[0, 0, 0, 1] == -65504.0
+    assert np.isfinite(out).all() and out[0, 1] == -65504.0  # one position: its value, weight 1
 
 
 @pytest.mark.parametrize("top", [127, 63])
