@@ -13,7 +13,8 @@ quantize_rows: the int8 matmuls' inputs, row by row.
 
 rms_norm: RMSNorm of rows, one call instead of the composite of ~6 ops torch runs on CPU.
 
-int4_matmul: rows times 4-bit weights by AVX-512 BF16's dot products, where the CPU has them (int4_dot_supported).
+int4_matmul, int8_matmul: rows times 4-bit or 8-bit weights by AVX-512 BF16's dot products, where the CPU has them
+(int4_dot_supported).
 """
 
 from __future__ import annotations
@@ -414,6 +415,7 @@ def seed_cache(prebuilt: Path) -> None:
 
 
 INT4_TILE_ROWS = 8  # rows of one int4 task: each decoded weight serves 8 rows (8 x 16 columns fit the registers)
+INT8_TILE_ROWS = 16  # of an int8 task: its conversions cost more, so 16 rows share each (6 against 7.5 ms, the head)
 
 
 def int4_dot_supported() -> bool:
@@ -502,7 +504,89 @@ def _int4_tile(rows: int) -> Callable[..., None]:
     return intrinsic(typer)
 
 
-_tile1, _tile2, _tile4, _tile8 = (_int4_tile(rows) for rows in (1, 2, 4, INT4_TILE_ROWS))
+def _int8_tile(rows: int) -> Callable[..., None]:
+    """tile(pairs, sums, bytes, scales, out, r0, block): out[r0 : r0 + rows, 16 block : 16 block + 16] (see
+    int8_matmul), as LLVM vector code, the signature of _int4_tile's (sums unused: no zero points)."""
+
+    def typer(typingctx: Any, pairs: Any, sums: Any, weights: Any, scales: Any, out: Any, r0: Any, block: Any) -> Any:
+        sig = types.void(pairs, sums, weights, scales, out, r0, block)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            pairs_, weights_, scales_, out_ = (
+                context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4)
+            )
+            first, block = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (5, 6))
+            width = cgutils.unpack_tuple(builder, pairs_.shape, 2)[1]  # K / 2: bfloat16 pairs a row
+            n = cgutils.unpack_tuple(builder, out_.shape, 2)[1]
+            groups = builder.udiv(width, _i64(16))
+            dot = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_V16F, [_V16F, _V32BF, _V32BF]), "llvm.x86.avx512bf16.dpbf16ps.512"
+            )
+            fma = _fma(builder, 16)
+            column = builder.mul(block, _i64(16))
+            x_rows = builder.gep(pairs_.data, [builder.mul(first, width)])
+            block_bytes = builder.gep(weights_.data, [builder.mul(block, builder.mul(width, _i64(32)))])
+            zeros = ir.Constant(_V16F, [0.0] * 16)
+            totals = [cgutils.alloca_once_value(builder, zeros) for _ in range(rows)]
+            dots = [cgutils.alloca_once_value(builder, zeros) for _ in range(rows)]
+            with cgutils.for_range(builder, groups) as group_loop:
+                g = group_loop.index
+                for acc in dots:
+                    builder.store(zeros, acc)
+                with cgutils.for_range(builder, _i64(16)) as step_loop:  # 2 inputs a step, 32 a group
+                    step = builder.add(builder.mul(g, _i64(16)), step_loop.index)
+                    # byte 2j + t: column j's input 2 step + t, an integer of -127..127: exact in bfloat16
+                    values = _load(builder, block_bytes, builder.mul(step, _i64(32)), _V32B, 1)
+                    floats = builder.sitofp(values, _V32F)
+                    pair_values = builder.fptrunc(floats, _V32BF)
+                    for r, acc in enumerate(dots):
+                        x = builder.load(builder.gep(x_rows, [builder.add(builder.mul(_i64(r), width), step)]))
+                        x = builder.bitcast(_splat(builder, x, _V16I), _V32BF)
+                        builder.store(builder.call(dot, [builder.load(acc), x, pair_values]), acc)
+                scale = _load(builder, scales_.data, builder.add(builder.mul(g, n), column), _V16F, 4)
+                for acc, total in zip(dots, totals, strict=True):
+                    builder.store(builder.call(fma, [scale, builder.load(acc), builder.load(total)]), total)
+            for r, total in enumerate(totals):
+                at = builder.gep(out_.data, [builder.add(builder.mul(builder.add(first, _i64(r)), n), column)])
+                builder.store(builder.load(total), builder.bitcast(at, _V16F.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+def _tiled(tiles: tuple[Callable[..., None], ...], top: int) -> Callable[..., None]:
+    """run(pairs, sums, weights, scales, out): every tile of out (M, N), tasks of `top` rows by 16 columns in
+    parallel, by tile kernels (_int4_tile's or _int8_tile's) of 1, 2, 4, 8 and `top` rows (the last rows in the
+    smaller ones)."""
+    tile1, tile2, tile4, tile8, tile_top = tiles
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def run(pairs: np.ndarray, sums: np.ndarray, weights: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
+        m, n = out.shape
+        blocks = (m + top - 1) // top
+        for task in prange(n // 16 * blocks):
+            block = task // blocks
+            r0 = (task - block * blocks) * top
+            rows = min(top, m - r0)
+            if rows == top:
+                tile_top(pairs, sums, weights, scales, out, r0, block)
+            else:
+                if rows & 8:
+                    tile8(pairs, sums, weights, scales, out, r0, block)
+                if rows & 4:
+                    tile4(pairs, sums, weights, scales, out, r0 + (rows & 8), block)
+                if rows & 2:
+                    tile2(pairs, sums, weights, scales, out, r0 + (rows & 12), block)
+                if rows & 1:
+                    tile1(pairs, sums, weights, scales, out, r0 + (rows & 14), block)
+
+    return run
+
+
+_int4_tiles = _tiled(tuple(_int4_tile(rows) for rows in (1, 2, 4, 8, 8)), INT4_TILE_ROWS)
+_int8_tiles = _tiled(tuple(_int8_tile(rows) for rows in (1, 2, 4, 8, INT8_TILE_ROWS)), INT8_TILE_ROWS)
 
 
 @njit(inline="always")
@@ -513,7 +597,7 @@ def _bfloat16_bits(bits: np.uint32) -> np.uint32:
     return np.uint32(0x7FC00000) if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
 
 
-@njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc"})
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
 def int4_matmul(x: np.ndarray, quads: np.ndarray, sz: np.ndarray, n: int) -> np.ndarray:
     """x (M, K) float32 times 4-bit weights (N, K), float32 (M, N), where the CPU has AVX-512 BF16
     (int4_dot_supported). quads, sz: a plane of shared.backends.llama's _dot_plane (w = (q - 8) * scale + zero
@@ -548,18 +632,35 @@ def int4_matmul(x: np.ndarray, quads: np.ndarray, sz: np.ndarray, n: int) -> np.
                 acc += values[i, g * 32 + j]
             sums[i, g] = acc
     out = np.empty((m, n), np.float32)
-    blocks = (m + INT4_TILE_ROWS - 1) // INT4_TILE_ROWS
-    for task in prange(n // 16 * blocks):
-        block = task // blocks
-        r0 = (task - block * blocks) * INT4_TILE_ROWS
-        rows = min(INT4_TILE_ROWS, m - r0)
-        if rows == INT4_TILE_ROWS:
-            _tile8(pairs, sums, quads, sz, out, r0, block)
-        else:  # the last rows: tiles of 4, 2 and 1
-            if rows & 4:
-                _tile4(pairs, sums, quads, sz, out, r0, block)
-            if rows & 2:
-                _tile2(pairs, sums, quads, sz, out, r0 + (rows & 4), block)
-            if rows & 1:
-                _tile1(pairs, sums, quads, sz, out, r0 + (rows & 6), block)
+    _int4_tiles(pairs, sums, quads, sz, out)
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _bfloat16_pairs(x: np.ndarray) -> np.ndarray:
+    """x (M, K) float32 rounded to bfloat16, inputs 2j and 2j + 1 as one pair (M, K / 2): a dot product's operand."""
+    m, k = x.shape
+    bits = x.view(np.uint32)
+    pairs = np.empty((m, k // 2), np.uint32)
+    for i in range(m):
+        for j in range(k // 2):
+            pairs[i, j] = (_bfloat16_bits(bits[i, 2 * j]) >> np.uint32(16)) | _bfloat16_bits(bits[i, 2 * j + 1])
+    return pairs
+
+
+@njit(nogil=True, cache=True)
+def int8_matmul(x: np.ndarray, weights: np.ndarray, scales: np.ndarray, n: int) -> np.ndarray:
+    """x (M, K) float32 times 8-bit weights (N, K), float32 (M, N), where the CPU has AVX-512 BF16
+    (int4_dot_supported). weights, scales: shared.backends.llama's _int8_plane (w = q * scale, q in -127..127,
+    in groups of 32 inputs: GGUF's Q8_0).
+
+    x is rounded to bfloat16 (as int4_matmul does); then each task is INT8_TILE_ROWS rows by 16 columns. For each
+    group it converts the weights, 32 at a time (two inputs of 16 columns), to bfloat16 (exact), takes their dot
+    products with the rows' inputs by vdpbf16ps (products exact, summed in float32) and adds scale * dot. One
+    pass over the 8-bit values, where two 4-bit planes took two (and twice the dot products). A row's result
+    does not depend on its batch.
+    """
+    m = x.shape[0]
+    out = np.empty((m, n), np.float32)
+    _int8_tiles(_bfloat16_pairs(x), np.empty((0, 0), np.float32), weights, scales, out)
     return out

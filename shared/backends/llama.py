@@ -24,7 +24,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from shared.backends import Chunk
-from shared.backends.kernels import KEY_BLOCK, attention, int4_dot_supported, int4_matmul, quantize_rows, rms_norm
+from shared.backends.kernels import (
+    KEY_BLOCK,
+    attention,
+    int4_dot_supported,
+    int4_matmul,
+    int8_matmul,
+    quantize_rows,
+    rms_norm,
+)
 from shared.backends.packed import PackedWeights
 from shared.settings import Quantization
 
@@ -146,8 +154,9 @@ class Linear:
     - int4: asymmetric 4-bit weights in groups of 32 along the input, bfloat16 activations (torch's int4pack
       kernel; fast with bfloat16 inputs only, 40x slower with float32). A GGUF's Q4_1 tensor (the same groups,
       a scale and a minimum) comes back to its own 4-bit values; only the scales round, to bfloat16.
-    - int8-groups: symmetric 8-bit weights in groups of 32 (GGUF's Q8_0), bfloat16 activations, as two int4
-      matmuls (high and low nibbles): for the output head, which 4 bits would blur (see docs/engine.md).
+    - int8-groups: symmetric 8-bit weights in groups of 32 (GGUF's Q8_0), bfloat16 activations: for the output
+      head, which 4 bits would blur (see docs/engine.md). One pass of the 8-bit dot kernel (int8_matmul) where
+      the CPU has AVX-512 BF16, else two of torch's int4 matmuls (high and low nibbles).
     - int8: symmetric 8-bit weights per output channel, and each input row quantized to 8 bits with its own
       scale when it arrives; an integer matmul (VNNI) accumulates in int32, which is exact, so a row's result
       does not depend on the other rows in the batch.
@@ -177,6 +186,9 @@ class Linear:
             q, scale, lo = (t.unsqueeze(-1) for t in groups4 or quantize_groups4(weight))
             self.planes = [plane(q.to(torch.int32).reshape(self.out_features, -1), scale, lo + 8 * scale)]
             self.dtype = torch.bfloat16
+        elif self.quantization == "int8-groups" and self.dot:
+            self.planes = [_int8_plane(*(groups8 or quantize_groups8(weight)))]  # one pass over the 8-bit values
+            self.dtype = torch.bfloat16
         elif self.quantization == "int8-groups":
             # w = d * q = 16d * (hi - 8) + d * (lo - 8) + 8d, for q + 128 = 16 hi + lo: two int4 planes.
             q, d = groups8 or quantize_groups8(weight)
@@ -201,6 +213,8 @@ class Linear:
         """The dot kernel's planes as the numpy arrays it takes, made once (~10 us a call otherwise)."""
         if not self.dot or self.quantization not in ("int4", "int8-groups"):
             return []
+        if self.quantization == "int8-groups":
+            return [(values.numpy(), scales.numpy()) for values, _, scales in self.planes]
         return [(quads.numpy(), sz.view(torch.int16).numpy()) for quads, _, sz in self.planes]
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -210,8 +224,9 @@ class Linear:
         if self.quantization == "int8":
             raise ValueError("int8 weights are packed by oneDNN and are not saved")
         tensors: dict[str, torch.Tensor] = {}
+        name = ("bytes" if self.quantization == "int8-groups" else "quads") if self.dot else "plane"
         for j, (packed, _, sz) in enumerate(self.planes):
-            tensors.update({f"{'quads' if self.dot else 'plane'}{j}": packed, f"sz{j}": sz})
+            tensors.update({f"{name}{j}": packed, f"sz{j}": sz})
         return tensors
 
     @classmethod
@@ -223,18 +238,20 @@ class Linear:
             self.weight, self.dtype = tensors["weight"], dtype
             self.out_features, self.in_features = self.weight.shape
             return self
-        self.dot = "quads0" in tensors
-        name = "quads" if self.dot else "plane"
+        name = next(n for n in ("quads", "bytes", "plane") if f"{n}0" in tensors)
+        self.dot = name != "plane"
         self.planes = [(tensors[f"{name}{j}"], INT4_GROUP, tensors[f"sz{j}"]) for j in range(len(tensors) // 2)]
         self._arrays = self._dot_arrays()
         self.dtype = torch.bfloat16
-        groups, self.out_features, _ = self.planes[0][2].shape  # sz: (K/G, N, 2)
+        groups, self.out_features = self.planes[0][2].shape[:2]  # sz: (K/G, N, 2), or the 8-bit scales (K/G, N)
         self.in_features = groups * INT4_GROUP
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) in any float dtype; the result (N, out) in self.dtype (float32 from the dot kernel)."""
-        if self.quantization in ("int4", "int8-groups") and self.dot:  # it rounds x to bfloat16 itself
+        if self.quantization == "int8-groups" and self.dot:  # they round x to bfloat16 themselves
+            return torch.from_numpy(int8_matmul(x.float().contiguous().numpy(), *self._arrays[0], self.out_features))
+        if self.quantization == "int4" and self.dot:
             return int4_dot(x, self._arrays, self.out_features)
         if self.quantization == "int8":
             q, s = quantize_rows(x.float().contiguous().numpy(), INT8_INPUT_TOP)  # (N, in): top + 1 + round(x / s)
@@ -293,6 +310,16 @@ def _dot_plane(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tupl
     quads = nibbles[:, :, :, 0] | (nibbles[:, :, :, 1] << 4)  # (block, j, step, h)
     sz = torch.cat([scale, zero], dim=-1).transpose(0, 1)  # (K/G, N, 2)
     return quads.permute(0, 2, 1, 3).contiguous().reshape(n, k // 2), INT4_GROUP, sz.contiguous().to(torch.bfloat16)
+
+
+def _int8_plane(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """int8_matmul's plane for w = q * d, from quantize_groups8's q (N, K/G, G) and d (N, K/G): the values in 32
+    bytes per 16 columns and 2 inputs (byte 2j + t of step s is column j's input 2s + t, so that converted to
+    bfloat16 they are the pairs of its dot products), and d in float32 (K/G, N): a Q8_0 scale is a float16,
+    which float32 holds exactly (bfloat16 would round it)."""
+    n = q.shape[0]
+    values = q.reshape(n // 16, 16, -1, 2).permute(0, 2, 1, 3)  # (column block, step, j, t)
+    return values.contiguous().reshape(n, -1), INT4_GROUP, d.float().transpose(0, 1).contiguous()
 
 
 def int4_dot(x: torch.Tensor, planes: list[tuple[np.ndarray, np.ndarray]], n: int) -> torch.Tensor:

@@ -109,34 +109,31 @@ def test_int8_matmuls_are_the_exact_integer_products(rows: int) -> None:
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.skipif(not int4_dot_supported(), reason="the int4 dot-product kernel needs AVX-512 BF16")
+@pytest.mark.skipif(not int4_dot_supported(), reason="the dot-product kernels need AVX-512 BF16")
 @pytest.mark.parametrize(("kind", "out_features"), [("int4", 3072), ("int4", 48), ("int8-groups", 1024)])
-def test_the_int4_dot_kernel_gives_each_row_its_exact_product_whatever_its_batch(kind: Kind, out_features: int) -> None:
-    """The bfloat16 dot-product kernel: each row's product with the 4-bit (or two-plane 8-bit) weights as exact as
-    float32 (its inputs rounded to bfloat16, as torch's kernel takes them, whose bfloat16 output is 100x further
-    off), and the same bits alone, among 16 rows, and in a 39-row prompt chunk (its last 7 rows: tiles of 4, 2, 1)."""
+def test_the_dot_kernels_give_each_row_its_exact_product_whatever_its_batch(kind: Kind, out_features: int) -> None:
+    """The bfloat16 dot-product kernels: each row's product with the 4-bit (or 8-bit) weights as exact as float32
+    (its inputs rounded to bfloat16, as torch's kernel takes them, whose bfloat16 output is 100x further off),
+    and the same bits alone, among 16 rows, and in a 47-row prompt chunk (its last rows in smaller tiles)."""
     torch.manual_seed(0)
     weight = torch.randn(out_features, 576)
     dot = Linear(weight, torch.bfloat16, kind, dot=True)
     if kind == "int4":
         q, _, _ = quantize_groups4(weight)
-        values = [q.double()]
-    else:  # q + 128 = 16 hi + lo
-        u = quantize_groups8(weight)[0].to(torch.int32) + 128
-        values = [(u >> 4).double(), (u & 15).double()]
-    exact_weight = sum(  # w = (q - 8) * scale + zero, with each plane's scale and zero as both kernels read them
-        (v - 8) * sz.double()[:, :, 0].T.unsqueeze(-1) + sz.double()[:, :, 1].T.unsqueeze(-1)
-        for v, (_, _, sz) in zip(values, dot.planes, strict=True)
-    )
-    x = torch.randn(39, 576)
+        sz = dot.planes[0][2].double()  # w = (q - 8) * scale + zero, scale and zero as the kernel reads them
+        exact_weight = (q.double() - 8) * sz[:, :, 0].T.unsqueeze(-1) + sz[:, :, 1].T.unsqueeze(-1)
+    else:  # w = q * d, d in float32 as the kernel reads it: exact for a Q8_0 table's float16 scales
+        q8, _ = quantize_groups8(weight)
+        exact_weight = q8.double() * dot.planes[0][2].double().T.unsqueeze(-1)
+    x = torch.randn(47, 576)
     x[::3] *= 10
-    exact = x.to(torch.bfloat16).double() @ exact_weight.reshape(out_features, 576).T  # type: ignore[union-attr]
+    exact = x.to(torch.bfloat16).double() @ exact_weight.reshape(out_features, 576).T
     got = dot(x)
     torch_kernel = Linear(weight, torch.bfloat16, kind, dot=False)(x)
     scale = exact.abs().max().item()
     assert got.dtype == torch.float32 and (got.double() - exact).abs().max().item() < 1e-6 * scale
     assert (torch_kernel.double() - exact).abs().max().item() > 100 * (got.double() - exact).abs().max().item()
-    for start, stop in ((0, 1), (0, 16), (20, 21), (37, 38), (38, 39)):
+    for start, stop in ((0, 1), (0, 16), (20, 21), (37, 38), (40, 47), (46, 47)):
         assert torch.equal(dot(x[start:stop]), got[start:stop])
 
 

@@ -110,11 +110,12 @@ class Faulty:
 
 @pytest.fixture
 def faulty(catalog: ModelCatalog) -> Iterator[tuple[Engine, Faulty]]:
-    """A fresh engine (empty prefix cache) on its own float32 runner: 4 running slots and 2 for prefixes."""
+    """A fresh engine (empty prefix cache) on its own runner, in the default's configuration as the session's
+    engine runs it (its greedy text is the reference): 4 running slots and 2 for prefixes."""
     path = model_dir(catalog)
     config = LlamaConfig.from_dir(path)
     assert config is not None
-    runner = Faulty(LlamaRunner(path, config, dtype=torch.float32, quantization="none", slots=6, max_len=256))
+    runner = Faulty(LlamaRunner(path, config, dtype=torch.bfloat16, quantization="auto", slots=6, max_len=256))
     engine = Engine(lambda: cast(BatchRunner, runner), max_running=4, name="faulty")
     yield engine, runner
     engine.close()
