@@ -485,7 +485,7 @@ def _int4_tile(rows: int) -> Callable[..., None]:
                     for r, acc in enumerate(dots):
                         partial = builder.call(dot, [builder.load(acc), pair(r, index), low])
                         builder.store(builder.call(dot, [partial, pair(r, builder.add(index, _i64(1))), high]), acc)
-                at = builder.mul(builder.add(builder.mul(g, n), column), _i64(2))  # sz[g, column]: scale, zero pairs
+                at = builder.mul(builder.add(builder.mul(block, groups), g), _i64(32))  # sz[block, g]: 16 pairs
                 bits = builder.zext(_load(builder, scales, at, _V32H, 2), _V32I)
                 both = builder.bitcast(builder.shl(bits, ir.Constant(_V32I, [16] * 32)), _V32F)
                 scale = builder.shuffle_vector(both, both, ir.Constant(_V16I, list(range(0, 32, 2))))
@@ -543,7 +543,9 @@ def _int8_tile(rows: int) -> Callable[..., None]:
                         x = builder.load(builder.gep(x_rows, [builder.add(builder.mul(_i64(r), width), step)]))
                         x = builder.bitcast(_splat(builder, x, _V16I), _V32BF)
                         builder.store(builder.call(dot, [builder.load(acc), x, pair_values]), acc)
-                scale = _load(builder, scales_.data, builder.add(builder.mul(g, n), column), _V16F, 4)
+                scale = _load(
+                    builder, scales_.data, builder.mul(builder.add(builder.mul(block, groups), g), _i64(16)), _V16F, 4
+                )
                 for acc, total in zip(dots, totals, strict=True):
                     builder.store(builder.call(fma, [scale, builder.load(acc), builder.load(total)]), total)
             for r, total in enumerate(totals):

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PACK_FORMAT = 2  # the layout of PackedWeights' files; a change that alters it bumps this
+PACK_FORMAT = 3  # the layout of PackedWeights' files; a change that alters it bumps this
 UNUSED_FOR = 7 * 24 * 3600  # seconds; another format's or torch's file is removed after this long unread
 
 

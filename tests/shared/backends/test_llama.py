@@ -120,11 +120,12 @@ def test_the_dot_kernels_give_each_row_its_exact_product_whatever_its_batch(kind
     dot = Linear(weight, torch.bfloat16, kind, dot=True)
     if kind == "int4":
         q, _, _ = quantize_groups4(weight)
-        sz = dot.planes[0][2].double()  # w = (q - 8) * scale + zero, scale and zero as the kernel reads them
-        exact_weight = (q.double() - 8) * sz[:, :, 0].T.unsqueeze(-1) + sz[:, :, 1].T.unsqueeze(-1)
+        sz = dot.planes[0][2].double().transpose(1, 2).reshape(out_features, -1, 2)  # (N, K/G, 2) from blocks of 16
+        # w = (q - 8) * scale + zero, scale and zero as the kernel reads them
+        exact_weight = (q.double() - 8) * sz[:, :, :1] + sz[:, :, 1:]
     else:  # w = q * d, d in float32 as the kernel reads it: exact for a Q8_0 table's float16 scales
         q8, _ = quantize_groups8(weight)
-        exact_weight = q8.double() * dot.planes[0][2].double().T.unsqueeze(-1)
+        exact_weight = q8.double() * dot.planes[0][2].double().transpose(1, 2).reshape(out_features, -1, 1)
     x = torch.randn(47, 576)
     x[::3] *= 10
     exact = x.to(torch.bfloat16).double() @ exact_weight.reshape(out_features, 576).T
