@@ -134,9 +134,10 @@ def _fma(builder: Any, lanes: int) -> Any:
     )
 
 
-def _key_block(dim: int, group: int, half: bool) -> Callable[..., None]:
-    """block(keys, at, q, scores, column, scale): scores[g, column + j] = scale * q[g] . key j of the block of
-    KEY_BLOCK keys at keys[at:], for the `group` query heads that share them (see attention).
+def _key_block_codegen(dim: int, group: int, half: bool) -> Callable[..., Any]:
+    """_key_block(keys, at, q, scores, column, scale, dim, group, half), the last three constants:
+    scores[g, column + j] = scale * q[g] . key j of the block of KEY_BLOCK keys at keys[at:], for the `group`
+    query heads that share them (see attention).
 
     The block holds dimension d of its 32 keys at [32 d, 32 d + 32), so each step broadcasts one query value
     and multiplies it by 32 keys' values: no sums across lanes. With a few query heads each half of the
@@ -145,101 +146,118 @@ def _key_block(dim: int, group: int, half: bool) -> Callable[..., None]:
     chains = 2 if group <= 4 else 1
     halves = KEY_BLOCK // 16
 
-    def typer(typingctx: Any, keys: Any, at: Any, q: Any, scores: Any, column: Any, scale: Any) -> Any:
-        sig = types.void(keys, at, q, scores, column, scale)
-
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            keys_, q_, scores_ = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
-            at_, column_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 4))
-            fma = _fma(builder, 16)
-            base = builder.gep(keys_.data, [at_])
-            zeros = ir.Constant(_V16F, [0.0] * 16)
-            acc = [[[zeros] * chains for _ in range(halves)] for _ in range(group)]
-            for d in range(dim):
-                lanes = [_cache_lanes(builder, base, _i64(KEY_BLOCK * d + 16 * h), 16, half) for h in range(halves)]
-                for g in range(group):
-                    value = _splat(builder, builder.load(builder.gep(q_.data, [_i64(g * dim + d)])), _V16F)
-                    for h in range(halves):
-                        acc[g][h][d % chains] = builder.call(fma, [value, lanes[h], acc[g][h][d % chains]])
-            width = cgutils.unpack_tuple(builder, scores_.shape, 2)[1]
-            scale_ = _splat(builder, context.cast(builder, args[5], signature.args[5], types.float32), _V16F)
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        keys_, q_, scores_ = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
+        at_, column_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 4))
+        fma = _fma(builder, 16)
+        base = builder.gep(keys_.data, [at_])
+        zeros = ir.Constant(_V16F, [0.0] * 16)
+        acc = [[[zeros] * chains for _ in range(halves)] for _ in range(group)]
+        for d in range(dim):
+            lanes = [_cache_lanes(builder, base, _i64(KEY_BLOCK * d + 16 * h), 16, half) for h in range(halves)]
             for g in range(group):
-                row = builder.add(builder.mul(_i64(g), width), column_)
+                value = _splat(builder, builder.load(builder.gep(q_.data, [_i64(g * dim + d)])), _V16F)
                 for h in range(halves):
-                    total = acc[g][h][0]
-                    for part in acc[g][h][1:]:
-                        total = builder.fadd(total, part)
-                    at = builder.gep(scores_.data, [builder.add(row, _i64(16 * h))])
-                    builder.store(builder.fmul(total, scale_), builder.bitcast(at, _V16F.as_pointer()), align=4)
-            return context.get_dummy_value()
+                    acc[g][h][d % chains] = builder.call(fma, [value, lanes[h], acc[g][h][d % chains]])
+        width = cgutils.unpack_tuple(builder, scores_.shape, 2)[1]
+        scale_ = _splat(builder, context.cast(builder, args[5], signature.args[5], types.float32), _V16F)
+        for g in range(group):
+            row = builder.add(builder.mul(_i64(g), width), column_)
+            for h in range(halves):
+                total = acc[g][h][0]
+                for part in acc[g][h][1:]:
+                    total = builder.fadd(total, part)
+                at = builder.gep(scores_.data, [builder.add(row, _i64(16 * h))])
+                builder.store(builder.fmul(total, scale_), builder.bitcast(at, _V16F.as_pointer()), align=4)
+        return context.get_dummy_value()
 
-        return sig, codegen
-
-    return intrinsic(typer)
+    return codegen
 
 
-def _value_rows(dim: int, group: int, half: bool) -> Callable[..., None]:
-    """rows(values, at, n, weights, column, out, r, query): out[r, query + g dim : query + (g + 1) dim] =
-    sum over p < n of weights[g, column + p] * the value at values[at + p dim:], for each of the `group` query
-    heads, in position order (see attention). The sums stay in registers: a slice of up to 16 vectors across
-    the query heads at a time."""
+def _key_block_typer(
+    typingctx: Any, keys: Any, at: Any, q: Any, scores: Any, column: Any, scale: Any, dim: Any, group: Any, half: Any
+) -> Any:
+    if not all(isinstance(t, types.Literal) for t in (dim, group, half)):
+        return None  # typed again with their values: the code is made for them
+    sig = types.void(keys, at, q, scores, column, scale, dim, group, half)
+    return sig, _key_block_codegen(dim.literal_value, group.literal_value, half.literal_value)
+
+
+_key_block: Callable[..., None] = intrinsic(prefer_literal=True)(_key_block_typer)
+
+
+def _value_rows_codegen(dim: int, group: int, half: bool) -> Callable[..., Any]:
+    """_value_rows(values, at, n, weights, column, out, r, query, dim, group, half), the last three constants:
+    out[r, query + g dim : query + (g + 1) dim] = sum over p < n of weights[g, column + p] * the value at
+    values[at + p dim:], for each of the `group` query heads, in position order (see attention). The sums stay
+    in registers: a slice of up to 16 vectors across the query heads at a time."""
     lanes = next(w for w in (16, 8, 4, 2, 1) if dim % w == 0)
     vectors = dim // lanes
     per_slice = max(1, min(vectors, 16 // group))
     vector = ir.VectorType(_F32, lanes)
 
-    def typer(
-        typingctx: Any, values: Any, at: Any, n: Any, weights: Any, column: Any, out: Any, r: Any, query: Any
-    ) -> Any:
-        sig = types.void(values, at, n, weights, column, out, r, query)
-
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            values_, weights_, out_ = (
-                context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 3, 5)
-            )
-            at_, n_, column_, r_, query_ = (
-                context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 4, 6, 7)
-            )
-            fma = _fma(builder, lanes)
-            width = cgutils.unpack_tuple(builder, weights_.shape, 2)[1]
-            out_width = cgutils.unpack_tuple(builder, out_.shape, 2)[1]
-            zeros = ir.Constant(vector, [0.0] * lanes)
-            for first in range(0, vectors, per_slice):
-                part = range(first, min(vectors, first + per_slice))
-                acc = [[cgutils.alloca_once_value(builder, zeros) for _ in part] for _ in range(group)]
-                with cgutils.for_range(builder, n_) as loop:
-                    p = loop.index
-                    row = builder.add(at_, builder.mul(p, _i64(dim)))
-                    loaded = [
-                        _cache_lanes(builder, values_.data, builder.add(row, _i64(lanes * c)), lanes, half)
-                        for c in part
-                    ]
-                    for g in range(group):
-                        at = builder.add(builder.mul(_i64(g), width), builder.add(column_, p))
-                        w = _splat(builder, builder.load(builder.gep(weights_.data, [at])), vector)
-                        for slot, value in zip(acc[g], loaded, strict=True):
-                            builder.store(builder.call(fma, [w, value, builder.load(slot)]), slot)
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        values_, weights_, out_ = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 3, 5))
+        at_, n_, column_, r_, query_ = (
+            context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 4, 6, 7)
+        )
+        fma = _fma(builder, lanes)
+        width = cgutils.unpack_tuple(builder, weights_.shape, 2)[1]
+        out_width = cgutils.unpack_tuple(builder, out_.shape, 2)[1]
+        zeros = ir.Constant(vector, [0.0] * lanes)
+        for first in range(0, vectors, per_slice):
+            part = range(first, min(vectors, first + per_slice))
+            acc = [[cgutils.alloca_once_value(builder, zeros) for _ in part] for _ in range(group)]
+            with cgutils.for_range(builder, n_) as loop:
+                p = loop.index
+                row = builder.add(at_, builder.mul(p, _i64(dim)))
+                loaded = [
+                    _cache_lanes(builder, values_.data, builder.add(row, _i64(lanes * c)), lanes, half) for c in part
+                ]
                 for g in range(group):
-                    for slot, c in zip(acc[g], part, strict=True):
-                        index = builder.add(builder.mul(r_, out_width), builder.add(query_, _i64(g * dim + lanes * c)))
-                        at = builder.bitcast(builder.gep(out_.data, [index]), vector.as_pointer())
-                        builder.store(builder.load(slot), at, align=4)
-            return context.get_dummy_value()
+                    at = builder.add(builder.mul(_i64(g), width), builder.add(column_, p))
+                    w = _splat(builder, builder.load(builder.gep(weights_.data, [at])), vector)
+                    for slot, value in zip(acc[g], loaded, strict=True):
+                        builder.store(builder.call(fma, [w, value, builder.load(slot)]), slot)
+            for g in range(group):
+                for slot, c in zip(acc[g], part, strict=True):
+                    index = builder.add(builder.mul(r_, out_width), builder.add(query_, _i64(g * dim + lanes * c)))
+                    at = builder.bitcast(builder.gep(out_.data, [index]), vector.as_pointer())
+                    builder.store(builder.load(slot), at, align=4)
+        return context.get_dummy_value()
 
-        return sig, codegen
+    return codegen
 
-    return intrinsic(typer)
+
+def _value_rows_typer(
+    typingctx: Any,
+    values: Any,
+    at: Any,
+    n: Any,
+    weights: Any,
+    column: Any,
+    out: Any,
+    r: Any,
+    query: Any,
+    dim: Any,
+    group: Any,
+    half: Any,
+) -> Any:
+    if not all(isinstance(t, types.Literal) for t in (dim, group, half)):
+        return None  # typed again with their values: the code is made for them
+    sig = types.void(values, at, n, weights, column, out, r, query, dim, group, half)
+    return sig, _value_rows_codegen(dim.literal_value, group.literal_value, half.literal_value)
+
+
+_value_rows: Callable[..., None] = intrinsic(prefer_literal=True)(_value_rows_typer)
 
 
 @njit(inline="always")
-def _to_half(x: np.float32) -> np.uint16:
-    """A cache value as float16 bits, clamped to float16's finite range."""
-    top = np.float32(HALF_MAX)
-    return _half_bits(min(max(x, -top), top))
-
-
-@njit(inline="always")
-def _to_float(x: np.float32) -> np.float32:
+def _to_cache(x: np.float32, half: bool) -> Any:
+    """A value as the cache keeps it: float16 bits clamped to float16's finite range, or float32."""
+    if half:
+        top = np.float32(HALF_MAX)
+        return _half_bits(min(max(x, -top), top))
     return x
 
 
@@ -270,8 +288,6 @@ def attention(dim: int, group: int, half: bool = True) -> Callable[..., None]:
     decode row, inside a prompt chunk of any length, or after a reused prefix.
     """
     rotate = dim // 2
-    key_block, value_rows = _key_block(dim, group, half), _value_rows(dim, group, half)
-    to_cache = _to_half if half else _to_float
 
     @njit(parallel=True, fastmath=True, nogil=True, cache=True)
     def kernel(
@@ -299,12 +315,12 @@ def attention(dim: int, group: int, half: bool = True) -> Callable[..., None]:
             at = key_index(pos, dim)
             for d in range(rotate):
                 x = qkv[r, key + d] * cos[pos, d] + qkv[r, key + d + rotate] * signed_sin[pos, d]
-                keys[slot, h, at + d * KEY_BLOCK] = to_cache(x)
+                keys[slot, h, at + d * KEY_BLOCK] = _to_cache(x, half)
             for d in range(rotate, dim):
                 x = qkv[r, key + d] * cos[pos, d] + qkv[r, key + d - rotate] * signed_sin[pos, d]
-                keys[slot, h, at + d * KEY_BLOCK] = to_cache(x)
+                keys[slot, h, at + d * KEY_BLOCK] = _to_cache(x, half)
             for d in range(dim):
-                values[slot, h, pos * dim + d] = to_cache(qkv[r, value + d])
+                values[slot, h, pos * dim + d] = _to_cache(qkv[r, value + d], half)
         for task in prange(rows * kv_heads):
             r = task // kv_heads
             h = task - r * kv_heads
@@ -322,7 +338,7 @@ def attention(dim: int, group: int, half: bool = True) -> Callable[..., None]:
             skip = first - start  # the first block's positions before the window
             scores = np.empty((group, (pos // KEY_BLOCK + 1) * KEY_BLOCK - start), np.float32)
             for b in range(0, scores.shape[1], KEY_BLOCK):
-                key_block(keys[slot, h], (start + b) * dim, q, scores, b, scale)
+                _key_block(keys[slot, h], (start + b) * dim, q, scores, b, scale, dim, group, half)
             for g in range(group):
                 top = scores[g, skip]
                 for p in range(1, n):
@@ -334,7 +350,7 @@ def attention(dim: int, group: int, half: bool = True) -> Callable[..., None]:
                     total += e
                 for p in range(n):
                     scores[g, skip + p] /= total
-            value_rows(values[slot, h], first * dim, n, scores, skip, out, r, h * group * dim)
+            _value_rows(values[slot, h], first * dim, n, scores, skip, out, r, h * group * dim, dim, group, half)
 
     return kernel
 

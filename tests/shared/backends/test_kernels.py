@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numba
@@ -152,3 +155,23 @@ def test_prebuilt_kernels_are_copied_into_numbas_cache_without_replacing_its_own
     with caplog.at_level(logging.WARNING):
         seed_cache(prebuilt)  # the kernels will compile as they would have: a warning, never an error
     assert "could not copy the prebuilt kernels" in caplog.text
+
+
+def test_a_compiled_attention_kernel_is_loaded_by_the_next_process(tmp_path: Path) -> None:
+    """numba keys a closure's cache entry by its captured values: the kernel must capture plain sizes only, or
+    every start compiles it again (~5 s of a function's cold start here) and the cache grows by an entry."""
+    script = (
+        "import numpy as np\n"
+        "from shared.backends.kernels import attention\n"
+        "k = np.zeros((1, 1, 32, 16), np.uint16)\n"
+        "attention(16, 2, True)(np.zeros((1, 64), np.float32), np.ones((32, 16), np.float32),\n"
+        "    np.zeros((32, 16), np.float32), np.zeros(1, np.int64), np.zeros(1, np.int64), k, k.copy(),\n"
+        "    np.zeros((1, 32), np.float32), np.float32(0.25), 0)\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_DEBUG_CACHE": "1"}
+    runs = [
+        subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    ]
+    assert "attention.locals.kernel" in runs[0] and "data saved" in runs[0]  # compiled, then cached
+    assert "data loaded" in runs[1] and "data saved" not in runs[1]  # the next process loads it
