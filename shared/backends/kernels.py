@@ -73,6 +73,38 @@ def _load(builder: Any, base: Any, index: Any, vector: Any, align: int) -> Any:
     return builder.load(builder.bitcast(builder.gep(base, [index]), vector.as_pointer()), align=align)
 
 
+_HALF_PROBE = """
+define float @widen(i16 %bits) {
+  %h = bitcast i16 %bits to half
+  %f = fpext half %h to float
+  ret float %f
+}
+define i16 @narrow(float %x) {
+  %h = fptrunc float %x to half
+  %bits = bitcast half %h to i16
+  ret i16 %bits
+}
+"""
+
+
+@functools.cache
+def float16_native() -> bool:
+    """Whether the CPU numba compiles for (NUMBA_CPU_NAME, else this host) converts float16 by instructions: F16C
+    on x86 (in x86-64-v3), any AArch64. Elsewhere (x86's `generic`, x86-64-v2) LLVM calls conversion helpers that
+    numba cannot link, and the process aborts: the float16 KV cache needs it (the runner keeps float32 without).
+    Found by compiling the two conversions for that CPU and looking for the helpers' calls."""
+    from llvmlite import binding
+
+    binding.initialize_native_target()
+    binding.initialize_native_asmprinter()
+    cpu, features = getattr(numba.config, "CPU_NAME", None), getattr(numba.config, "CPU_FEATURES", None)
+    if cpu in (None, "host"):
+        cpu, features = binding.get_host_cpu_name(), binding.get_host_cpu_features().flatten()
+    machine = binding.Target.from_default_triple().create_target_machine(cpu=cpu, features=features or "")
+    code = machine.emit_assembly(binding.parse_assembly(_HALF_PROBE))
+    return "__extendhfsf2" not in code and "__truncsfhf2" not in code
+
+
 KEY_BLOCK = 32  # positions of a block of keys, stored position-minor: one 64-byte line per dimension (float16)
 HALF_MAX = 65504.0  # the largest finite float16: the cache clamps to it rather than store an infinity
 

@@ -27,6 +27,7 @@ from shared.backends import Chunk
 from shared.backends.kernels import (
     KEY_BLOCK,
     attention,
+    float16_native,
     int4_dot_supported,
     int4_matmul,
     int8_matmul,
@@ -633,16 +634,16 @@ class LlamaRunner:
             if packed and known != "none":  # none: `auto` found the checkpoint not 4-bit, nothing to keep
                 packed.save(weights)
         self.quantization = weights.quantization
-        # Exact float32 keeps a float32 cache; everything else float16 (see below).
-        half = not (self.quantization == "none" and dtype == torch.float32)
+        # Exact float32 keeps a float32 cache; everything else float16 (see below), where the CPU converts it.
+        half = not (self.quantization == "none" and dtype == torch.float32) and float16_native()
         group = c.num_heads // c.num_kv_heads
         self._attention = attention(c.head_dim, group, half) if self.numba else None  # compiled for these sizes
         self.embed, self.lm_head, self.norm, self.layers = weights.embed, weights.lm_head, weights.norm, weights.layers
         self._eps = np.float32(c.rms_norm_eps)
         # Keys and values of every layer, slot and position: (L, 2, S, K, P, D). For the numba kernels in float16
-        # (float32 for exact float32 weights), positions rounded up to whole blocks of keys, each block's keys
-        # stored dimension by dimension (the layout `attention` describes): a 16-row decode step reads each
-        # row's cache once, and float16 halves those bytes (docs/engine.md).
+        # (float32 for exact float32 weights, or on an x86 CPU without F16C), positions rounded up to whole
+        # blocks of keys, each block's keys stored dimension by dimension (the layout `attention` describes):
+        # a 16-row decode step reads each row's cache once, and float16 halves those bytes (docs/engine.md).
         # An anonymous mapping reads as zeros and gets memory page by page as positions are first written, so
         # the cache holds memory for the positions sequences reach, not every slot's full context (torch.zeros
         # writes every page at once: 47 MB a slot for SmolLM2 at 2048 positions; numpy's zeros ask for huge

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,25 @@ def test_a_compiled_attention_kernel_is_loaded_by_the_next_process(tmp_path: Pat
     ]
     assert "attention.locals.kernel" in runs[0] and "data saved" in runs[0]  # compiled, then cached
     assert "data loaded" in runs[1] and "data saved" not in runs[1]  # the next process loads it
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="CPUs without float16 conversions are x86's")
+def test_a_cpu_without_float16_conversions_keeps_a_float32_cache(tmp_path: Path) -> None:
+    """For x86's `generic` CPU (no F16C) LLVM would call conversion helpers numba cannot link, and the process
+    would abort on its first step: there the float16 cache is refused, and the float32 one runs."""
+    script = (
+        "import numpy as np\n"
+        "from shared.backends.kernels import attention, float16_native\n"
+        "half = float16_native()\n"
+        "k = np.zeros((1, 1, 32, 16), np.uint16 if half else np.float32)\n"
+        "out = np.zeros((1, 32), np.float32)\n"
+        "attention(16, 2, half)(np.ones((1, 64), np.float32), np.ones((32, 16), np.float32),\n"
+        "    np.zeros((32, 16), np.float32), np.zeros(1, np.int64), np.zeros(1, np.int64), k, k.copy(), out,\n"
+        "    np.float32(0.25), 0)\n"
+        "print(half, out[0, 0])\n"
+    )
+    for cpu, native in (("generic", False), ("x86-64-v3", True)):
+        env = {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CACHE_DIR": str(tmp_path / cpu)}
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split() == [str(native), "1.0"]  # one position: its value
