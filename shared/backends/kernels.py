@@ -478,6 +478,13 @@ def int4_dot_supported() -> bool:
     return all(features.get(f) for f in ("avx512f", "avx512bw", "avx512bf16"))
 
 
+def _store_rows(builder: Any, out: Any, first: Any, n: Any, column: Any, totals: list[Any]) -> None:
+    """A tile's sums (allocas of 16 lanes, one a row) into out[first + r, column : column + 16] (out: N columns)."""
+    for r, total in enumerate(totals):
+        at = builder.gep(out, [builder.add(builder.mul(builder.add(first, _i64(r)), n), column)])
+        builder.store(builder.load(total), builder.bitcast(at, _V16F.as_pointer()), align=4)
+
+
 def _int4_tile(rows: int) -> Callable[..., None]:
     """tile(pairs, sums, quads, sz, out, r0, block): out[r0 : r0 + rows, 16 block : 16 block + 16] (see
     int4_matmul), as LLVM vector code: numba vectorised no form of it (scalar loads and byte inserts)."""
@@ -542,9 +549,7 @@ def _int4_tile(rows: int) -> Callable[..., None]:
                     group_sum = builder.load(builder.gep(sum_rows, [builder.add(builder.mul(_i64(r), groups), g)]))
                     scaled = builder.call(fma, [scale, builder.load(acc), builder.load(total)])
                     builder.store(builder.call(fma, [zero, _splat(builder, group_sum, _V16F), scaled]), total)
-            for r, total in enumerate(totals):
-                at = builder.gep(out_.data, [builder.add(builder.mul(builder.add(first, _i64(r)), n), column)])
-                builder.store(builder.load(total), builder.bitcast(at, _V16F.as_pointer()), align=4)
+            _store_rows(builder, out_.data, first, n, column, totals)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -596,9 +601,7 @@ def _int8_tile(rows: int) -> Callable[..., None]:
                 )
                 for acc, total in zip(dots, totals, strict=True):
                     builder.store(builder.call(fma, [scale, builder.load(acc), builder.load(total)]), total)
-            for r, total in enumerate(totals):
-                at = builder.gep(out_.data, [builder.add(builder.mul(builder.add(first, _i64(r)), n), column)])
-                builder.store(builder.load(total), builder.bitcast(at, _V16F.as_pointer()), align=4)
+            _store_rows(builder, out_.data, first, n, column, totals)
             return context.get_dummy_value()
 
         return sig, codegen
