@@ -20,7 +20,7 @@ from pydantic_settings import (
 BackendName = Literal["auto", "mlx", "cuda", "cpu"]
 DType = Literal["auto", "float32", "bfloat16"]
 ModelKind = Literal["generate", "embedding"]
-Quantization = Literal["auto", "none", "int4", "int8", "mixed"]
+Quantization = Literal["auto", "none", "int4", "int4-a8", "int8", "mixed"]
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -110,10 +110,13 @@ class Settings(BaseSettings):
     quantization: Quantization = Field(
         default="auto",
         description=(
-            "batched CPU engine only. auto (default): int4 where the model's layer weights are 4-bit groups"
-            " already (a GGUF's Q4_0/Q4_1, as the embedded SmolLM2), so nothing rounds twice; otherwise none, in"
-            " bfloat16 where dtype is auto (Gemma 3's Q4_K_M: more faithful than llama.cpp, ~3x float32's speed)."
-            " int4: 4-bit weights in groups of 32, the output head at 8 bits, bfloat16 activations; none: the"
+            "batched CPU engine only. auto (default): int4-a8 where the model's layer weights are 4-bit groups"
+            " already (a GGUF's Q4_0/Q4_1, as the embedded SmolLM2), so nothing rounds twice (int4 on a CPU"
+            " without AVX-512 BF16 and VNNI); otherwise none, in bfloat16 where dtype is auto (Gemma 3's Q4_K_M:"
+            " more faithful than llama.cpp, ~3x float32's speed)."
+            " int4: 4-bit weights in groups of 32, the output head at 8 bits, bfloat16 activations; int4-a8: the"
+            " same weights, activations at 8 bits in groups of 32 (llama.cpp's arithmetic: as faithful as"
+            " llama.cpp, 10x further from float32 than int4, faster under load); none: the"
             " weights as stored, in the dtype (float32 on CPU: exact); int8: 8-bit weights and activations"
             " (integer matmuls); mixed: int4 for decode steps of a few rows, int8 for larger steps and prefill"
             " (fastest under load, less faithful)"

@@ -14,7 +14,8 @@ quantize_rows: the int8 matmuls' inputs, row by row.
 rms_norm: RMSNorm of rows, one call instead of the composite of ~6 ops torch runs on CPU.
 
 int4_matmul, int8_matmul: rows times 4-bit or 8-bit weights by AVX-512 BF16's dot products, where the CPU has them
-(int4_dot_supported).
+(int4_dot_supported); int4_a8_matmul: rows quantized to 8 bits (quantize_inputs) times 4-bit weights by AVX-512
+VNNI's integer dot products.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class _BFloat16(ir.Type):
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V16F, _V16I, _V32H, _V32BF = (ir.VectorType(t, n) for t, n in ((_F32, 16), (_I32, 16), (_I16, 32), (_BFloat16(), 32)))
 _V32I, _V32F, _V32B = ir.VectorType(_I32, 32), ir.VectorType(_F32, 32), ir.VectorType(_I8, 32)
+_V64B = ir.VectorType(_I8, 64)
 # bfloat16 bits of q - 8 for a 4-bit q, twice: vpermw reads 5 bits of each index, and the fifth is the other nibble's
 _NIBBLE_VALUES = [int(np.float32(q % 16 - 8).view(np.uint32)) >> 16 for q in range(32)]
 
@@ -467,15 +469,15 @@ INT8_TILE_ROWS = 16  # of an int8 task: its conversions cost more, so 16 rows sh
 
 
 def int4_dot_supported() -> bool:
-    """Whether this process compiles numba's kernels for a CPU with AVX-512 BF16 (its bfloat16 dot product) and
-    AVX-512 BW (vpermw), which int4_matmul needs. Kernels compiled for another CPU (an image's NUMBA_CPU_NAME)
-    never use it."""
+    """Whether this process compiles numba's kernels for a CPU with AVX-512 BF16 (its bfloat16 dot product),
+    AVX-512 BW (vpermw) and AVX-512 VNNI (vpdpbusd), which int4_matmul, int8_matmul and int4_a8_matmul need.
+    Kernels compiled for another CPU (an image's NUMBA_CPU_NAME) never use them."""
     from llvmlite import binding
 
     if getattr(numba.config, "CPU_NAME", None) not in (None, "host"):
         return False
     features = binding.get_host_cpu_features()
-    return all(features.get(f) for f in ("avx512f", "avx512bw", "avx512bf16"))
+    return all(features.get(f) for f in ("avx512f", "avx512bw", "avx512bf16", "avx512vnni"))
 
 
 def _store_rows(builder: Any, out: Any, first: Any, n: Any, column: Any, totals: list[Any]) -> None:
@@ -609,6 +611,74 @@ def _int8_tile(rows: int) -> Callable[..., None]:
     return intrinsic(typer)
 
 
+def _int4_a8_tile(rows: int) -> Callable[..., None]:
+    """tile(quads, sums, nibbles, scales, out, r0, block): out[r0 : r0 + rows, 16 block : 16 block + 16] (see
+    int4_a8_matmul), as LLVM vector code, the signature of _int4_tile's."""
+
+    def typer(typingctx: Any, quads: Any, sums: Any, nibbles: Any, scales: Any, out: Any, r0: Any, block: Any) -> Any:
+        sig = types.void(quads, sums, nibbles, scales, out, r0, block)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            arrays = (
+                context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:5], args[:5], strict=True)
+            )
+            quads_, sums_, nibbles_, scales_, out_ = arrays
+            first, block = (
+                context.cast(builder, a, t, types.intp) for a, t in zip(args[5:], signature.args[5:], strict=True)
+            )
+            width = cgutils.unpack_tuple(builder, quads_.shape, 2)[1]  # K / 4: 8-bit inputs in fours a row
+            n = cgutils.unpack_tuple(builder, out_.shape, 2)[1]
+            groups = builder.udiv(width, _i64(8))
+            dot = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_V16I, [_V16I] * 3), "llvm.x86.avx512.vpdpbusd.512"
+            )
+            fma = _fma(builder, 16)
+            column = builder.mul(block, _i64(16))
+            x_rows = builder.gep(quads_.data, [builder.mul(first, width)])
+            sum_rows = builder.gep(sums_.data, [builder.mul(first, builder.mul(groups, _i64(2)))])
+            block_nibbles = builder.gep(nibbles_.data, [builder.mul(block, builder.mul(width, _i64(32)))])
+            low_nibbles = ir.Constant(_V64B, [15] * 64)
+            int_zeros, zeros = ir.Constant(_V16I, [0] * 16), ir.Constant(_V16F, [0.0] * 16)
+            totals = [cgutils.alloca_once_value(builder, zeros) for _ in range(rows)]
+            dots = [cgutils.alloca_once_value(builder, int_zeros) for _ in range(rows)]
+
+            def four(r: int, index: Any) -> Any:
+                """Row r's 8-bit inputs 4 index .. 4 index + 3 in every lane."""
+                x = builder.load(builder.gep(x_rows, [builder.add(builder.mul(_i64(r), width), index)]))
+                return _splat(builder, x, _V16I)
+
+            with cgutils.for_range(builder, groups) as group_loop:
+                g = group_loop.index
+                for acc in dots:
+                    builder.store(int_zeros, acc)
+                with cgutils.for_range(builder, _i64(4)) as step_loop:  # 8 inputs a step, 32 a group
+                    step = builder.add(builder.mul(g, _i64(4)), step_loop.index)
+                    # byte 4j + t: column j's input 8 step + t (low nibble) and 8 step + 4 + t (high nibble)
+                    raw = _load(builder, block_nibbles, builder.mul(step, _i64(64)), _V64B, 1)
+                    low = builder.bitcast(builder.and_(raw, low_nibbles), _V16I)
+                    high = builder.lshr(builder.bitcast(raw, _V16I), ir.Constant(_V16I, [4] * 16))
+                    high = builder.bitcast(builder.and_(builder.bitcast(high, _V64B), low_nibbles), _V16I)
+                    index = builder.mul(step, _i64(2))
+                    for r, acc in enumerate(dots):
+                        partial = builder.call(dot, [builder.load(acc), low, four(r, index)])
+                        builder.store(builder.call(dot, [partial, high, four(r, builder.add(index, _i64(1)))]), acc)
+                at = builder.mul(builder.add(builder.mul(block, groups), g), _i64(32))  # scales[block, g]: 2 x 16
+                scale, low_bound = (_cache_lanes(builder, scales_.data, builder.add(at, _i64(i)), 16, True)
+                                    for i in (0, 16))  # fmt: skip
+                for r, (acc, total) in enumerate(zip(dots, totals, strict=True)):
+                    at = builder.mul(builder.add(builder.mul(_i64(r), groups), g), _i64(2))
+                    unit, group_sum = (builder.load(builder.gep(sum_rows, [builder.add(at, _i64(i))])) for i in (0, 1))
+                    scaled = builder.fmul(scale, _splat(builder, unit, _V16F))
+                    part = builder.call(fma, [scaled, builder.sitofp(builder.load(acc), _V16F), builder.load(total)])
+                    builder.store(builder.call(fma, [low_bound, _splat(builder, group_sum, _V16F), part]), total)
+            _store_rows(builder, out_.data, first, n, column, totals)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
 def _tiled(tiles: tuple[Callable[..., None], ...], top: int) -> Callable[..., None]:
     """run(pairs, sums, weights, scales, out): every tile of out (M, N), tasks of `top` rows by 16 columns in
     parallel, by tile kernels (_int4_tile's or _int8_tile's) of 1, 2, 4, 8 and `top` rows (the last rows in the
@@ -640,6 +710,7 @@ def _tiled(tiles: tuple[Callable[..., None], ...], top: int) -> Callable[..., No
 
 _int4_tiles = _tiled(tuple(_int4_tile(rows) for rows in (1, 2, 4, 8, 8)), INT4_TILE_ROWS)
 _int8_tiles = _tiled(tuple(_int8_tile(rows) for rows in (1, 2, 4, 8, INT8_TILE_ROWS)), INT8_TILE_ROWS)
+_int4_a8_tiles = _tiled(tuple(_int4_a8_tile(rows) for rows in (1, 2, 4, 8, 8)), INT4_TILE_ROWS)
 
 
 @njit(inline="always")
@@ -716,4 +787,50 @@ def int8_matmul(x: np.ndarray, weights: np.ndarray, scales: np.ndarray, n: int) 
     m = x.shape[0]
     out = np.empty((m, n), np.float32)
     _int8_tiles(_bfloat16_pairs(x), np.empty((0, 0), np.float32), weights, scales, out)
+    return out
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def quantize_inputs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (M, K) float32 to 8 bits in groups of 32 inputs, as llama.cpp's Q8_1 activations: q (M, K) int8 =
+    round(x / step), step = the group's largest magnitude / 127; and (M, K/32, 2) float32: each group's step and
+    the sum of its 8-bit inputs times the step (the zero points' share: the sum of the inputs as quantized, so that
+    a group's rounding errors meet its centred weights, not its 0..15 values alone)."""
+    m, k = x.shape
+    groups = k // 32
+    q = np.empty((m, k), np.int8)
+    steps = np.empty((m, groups, 2), np.float32)
+    for i in range(m):
+        for g in range(groups):
+            top = np.float32(0.0)
+            for j in range(g * 32, g * 32 + 32):
+                top = max(top, abs(x[i, j]))
+            inverse = np.float32(127.0) / top if top > 0 else np.float32(0.0)
+            total = np.int32(0)
+            for j in range(g * 32, g * 32 + 32):
+                value = np.int32(np.rint(x[i, j] * inverse))
+                q[i, j] = value
+                total += value
+            step = top / np.float32(127.0)
+            steps[i, g, 0] = step
+            steps[i, g, 1] = np.float32(total) * step
+    return q, steps
+
+
+@njit(nogil=True, cache=True)
+def int4_a8_matmul(x: np.ndarray, nibbles: np.ndarray, scales: np.ndarray, n: int) -> np.ndarray:
+    """x (M, K) float32 times 4-bit weights (N, K), float32 (M, N), with x at 8 bits, where the CPU has AVX-512
+    VNNI (int4_dot_supported). nibbles, scales: shared.backends.llama's _a8_plane (w = q * scale + low in groups
+    of 32 inputs, q 0..15: GGUF's Q4_1).
+
+    llama.cpp's arithmetic for Q4_1 weights: each group of 32 inputs of a row is quantized to 8 bits with its own
+    step (quantize_inputs); each task is INT4_TILE_ROWS rows by 16 columns; for each group it splits 64 bytes
+    into two steps' 4-bit values (an `and` and a shift: 128 weights), takes their integer dot products with the
+    rows' 8-bit inputs by vpdpbusd (4 products a lane, exact in int32), then adds scale * step * dot + low *
+    (the group's sum of the 8-bit inputs times the step). An instruction multiplies 64 pairs where vdpbf16ps
+    multiplies 32, and the decoding costs a third as much. A row's result does not depend on its batch.
+    """
+    q, steps = quantize_inputs(x)
+    out = np.empty((x.shape[0], n), np.float32)
+    _int4_a8_tiles(q.view(np.int32), steps, nibbles, scales, out)
     return out

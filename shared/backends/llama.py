@@ -28,6 +28,7 @@ from shared.backends.kernels import (
     KEY_BLOCK,
     attention,
     float16_native,
+    int4_a8_matmul,
     int4_dot_supported,
     int4_matmul,
     int8_matmul,
@@ -40,7 +41,7 @@ from shared.settings import Quantization
 log = logging.getLogger(__name__)
 
 INT4_GROUP = 32
-Kind = Literal["none", "int4", "int8", "int8-groups"]  # how one Linear stores its weight (see Linear)
+Kind = Literal["none", "int4", "int4-a8", "int8", "int8-groups"]  # how one Linear stores its weight (see Linear)
 Groups8 = tuple[torch.Tensor, torch.Tensor]  # quantize_groups8's (q, d)
 Groups4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # quantize_groups4's (q, scale, minimum)
 MIXED_ROWS = 8  # mixed: from this many rows int8 beats int4 here (16.3 vs 16.0 ms a step at 8, 22 vs 28 at 16)
@@ -155,6 +156,9 @@ class Linear:
     - int4: asymmetric 4-bit weights in groups of 32 along the input, bfloat16 activations (torch's int4pack
       kernel; fast with bfloat16 inputs only, 40x slower with float32). A GGUF's Q4_1 tensor (the same groups,
       a scale and a minimum) comes back to its own 4-bit values; only the scales round, to bfloat16.
+    - int4-a8: the same 4-bit values, each group's scale and minimum in float16 (a Q4_1's own, exactly), and each
+      input row quantized to 8 bits in groups of 32 when it arrives: llama.cpp's arithmetic for Q4_1, by integer
+      dot products (int4_a8_matmul, where the CPU has AVX-512 BF16 and VNNI; int4 elsewhere).
     - int8-groups: symmetric 8-bit weights in groups of 32 (GGUF's Q8_0), bfloat16 activations: for the output
       head, which 4 bits would blur (see docs/engine.md). One pass of the 8-bit dot kernel (int8_matmul) where
       the CPU has AVX-512 BF16, else two of torch's int4 matmuls (high and low nibbles).
@@ -178,14 +182,19 @@ class Linear:
         dot: int4 planes for the bfloat16 dot-product kernel rather than torch's (default INT4_DOT)."""
         self.out_features, self.in_features = weight.shape
         self.quantization = quantization
-        if quantization in ("int4", "int8-groups") and self.in_features % INT4_GROUP:
+        if quantization in ("int4", "int4-a8", "int8-groups") and self.in_features % INT4_GROUP:
             self.quantization = "none"
         self.dot = (INT4_DOT if dot is None else dot) and self.out_features % 16 == 0
+        if self.quantization == "int4-a8" and not self.dot:  # the 8-bit inputs need the dot kernels
+            self.quantization = "int4"
         plane = _dot_plane if self.dot else _int4_plane
-        if self.quantization == "int4":
+        if self.quantization in ("int4", "int4-a8"):
             # Asymmetric 4-bit per group: w = (q - 8) * scale + zero, q in 0..15 (torch's int4pack layout).
             q, scale, lo = (t.unsqueeze(-1) for t in groups4 or quantize_groups4(weight))
-            self.planes = [plane(q.to(torch.int32).reshape(self.out_features, -1), scale, lo + 8 * scale)]
+            q = q.to(torch.int32).reshape(self.out_features, -1)
+            self.planes = [
+                _a8_plane(q, scale, lo) if self.quantization == "int4-a8" else plane(q, scale, lo + 8 * scale)
+            ]
             self.dtype = torch.bfloat16
         elif self.quantization == "int8-groups" and self.dot:
             self.planes = [_int8_plane(*(groups8 or quantize_groups8(weight)))]  # one pass over the 8-bit values
@@ -212,10 +221,12 @@ class Linear:
 
     def _dot_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """The dot kernel's planes as the numpy arrays it takes, made once (~10 us a call otherwise)."""
-        if not self.dot or self.quantization not in ("int4", "int8-groups"):
+        if not self.dot or self.quantization not in ("int4", "int4-a8", "int8-groups"):
             return []
         if self.quantization == "int8-groups":
             return [(values.numpy(), scales.numpy()) for values, _, scales in self.planes]
+        if self.quantization == "int4-a8":
+            return [(nibbles.numpy(), scales.view(torch.int16).numpy()) for nibbles, _, scales in self.planes]
         return [(quads.numpy(), sz.view(torch.int16).numpy()) for quads, _, sz in self.planes]
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -225,7 +236,7 @@ class Linear:
         if self.quantization == "int8":
             raise ValueError("int8 weights are packed by oneDNN and are not saved")
         tensors: dict[str, torch.Tensor] = {}
-        name = ("bytes" if self.quantization == "int8-groups" else "quads") if self.dot else "plane"
+        name = {"int8-groups": "bytes", "int4-a8": "nibbles"}.get(self.quantization, "quads") if self.dot else "plane"
         for j, (packed, _, sz) in enumerate(self.planes):
             tensors.update({f"{name}{j}": packed, f"sz{j}": sz})
         return tensors
@@ -239,12 +250,12 @@ class Linear:
             self.weight, self.dtype = tensors["weight"], dtype
             self.out_features, self.in_features = self.weight.shape
             return self
-        name = next(n for n in ("quads", "bytes", "plane") if f"{n}0" in tensors)
+        name = next(n for n in ("quads", "bytes", "nibbles", "plane") if f"{n}0" in tensors)
         self.dot = name != "plane"
         self.planes = [(tensors[f"{name}{j}"], INT4_GROUP, tensors[f"sz{j}"]) for j in range(len(tensors) // 2)]
         self._arrays = self._dot_arrays()
         self.dtype = torch.bfloat16
-        sz = self.planes[0][2]  # the dot kernels' (N/16, K/G, 16[, 2]), torch's (K/G, N, 2)
+        sz = self.planes[0][2]  # the dot kernels' (N/16, K/G, 16[, 2]) or (N/16, K/G, 2, 16), torch's (K/G, N, 2)
         self.out_features, groups = (sz.shape[0] * 16, sz.shape[1]) if self.dot else (sz.shape[1], sz.shape[0])
         self.in_features = groups * INT4_GROUP
         return self
@@ -253,6 +264,8 @@ class Linear:
         """x (N, in) in any float dtype; the result (N, out) in self.dtype (float32 from the dot kernel)."""
         if self.quantization == "int8-groups" and self.dot:  # they round x to bfloat16 themselves
             return torch.from_numpy(int8_matmul(x.float().contiguous().numpy(), *self._arrays[0], self.out_features))
+        if self.quantization == "int4-a8":  # it quantizes x itself
+            return torch.from_numpy(int4_a8_matmul(x.float().contiguous().numpy(), *self._arrays[0], self.out_features))
         if self.quantization == "int4" and self.dot:
             return int4_dot(x, self._arrays, self.out_features)
         if self.quantization == "int8":
@@ -314,6 +327,19 @@ def _dot_plane(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tupl
     quads = nibbles[:, :, :, 0] | (nibbles[:, :, :, 1] << 4)  # (block, j, step, h)
     sz = torch.cat([scale, zero], dim=-1).reshape(n // 16, 16, -1, 2).transpose(1, 2)  # (block, K/G, j, 2)
     return quads.permute(0, 2, 1, 3).contiguous().reshape(n, k // 2), INT4_GROUP, sz.contiguous().to(torch.bfloat16)
+
+
+def _a8_plane(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """int4_a8_matmul's plane for w = q * scale + low: q (N, K) 0..15 packed in 64 bytes per 16 columns and 8
+    inputs (byte 4j + t of step s holds column j's input 8s + t in its low and 8s + 4 + t in its high nibble, so
+    that an `and` and a shift give the kernel two steps' 4 bytes a lane), and scale and low (N, K/G[, 1]) in
+    float16 (N/16, K/G, 2, 16): a Q4_1 group's scale and minimum are float16s, which this keeps exactly."""
+    n, k = q.shape
+    nibbles = q.to(torch.uint8).reshape(n // 16, 16, k // 8, 2, 4)  # (column block, j, step, low/high, t)
+    packed = (nibbles[:, :, :, 0] | (nibbles[:, :, :, 1] << 4)).permute(0, 2, 1, 3)  # (block, step, j, t)
+    pairs = torch.stack([scale.reshape(n // 16, 16, -1), low.reshape(n // 16, 16, -1)], dim=2)  # (block, j, 2, K/G)
+    scales = pairs.permute(0, 3, 2, 1).contiguous().to(torch.float16)
+    return packed.contiguous().reshape(n, k // 2), INT4_GROUP, scales
 
 
 def _int8_plane(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -428,12 +454,14 @@ def linear(
     """A projection under the quantization asked for. The output head is kept at 8 bits where the layers take
     4: 4-bit logits moved the next-token distribution 50x further from the weights' own (KL 0.052 against
     0.0010 nats, `python -m loadtests.faithfulness`), for 1 of a step's ~30 matmuls."""
-    four: Kind = "int8-groups" if head else "int4"
+    four: Kind = "int8-groups" if head else "int4-a8" if quantization == "int4-a8" else "int4"
     if quantization == "mixed":
         return MixedLinear(weight, dtype, four, groups8)
     if quantization == "auto":
         raise ValueError("quantization 'auto' is resolved by the runner, per model")
-    return Linear(weight, dtype, four if quantization == "int4" else quantization, groups8, device, groups4)
+    return Linear(
+        weight, dtype, four if quantization in ("int4", "int4-a8") else quantization, groups8, device, groups4
+    )
 
 
 def _visible(keys: torch.Tensor, queries: torch.Tensor, window: int) -> torch.Tensor:
@@ -530,7 +558,7 @@ def _load_weights(
                 break
             groups4[k] = quantize_groups4(w[k])
             exact = lossless_at_4_bits(w[k], groups4[k])
-        quantization = "int4" if exact else "none"
+        quantization = ("int4-a8" if INT4_DOT else "int4") if exact else "none"
         if not exact:
             groups4.clear()
         state = "are" if exact else f"are not: weights in {str(dtype).removeprefix('torch.')}"
@@ -624,11 +652,11 @@ class LlamaRunner:
         self.context_length = min(max_len, c.max_position_embeddings, c.sliding_window or max_len)
         packed = (
             PackedWeights(packed_dir, model_dir, quantization, dtype)
-            if packed_dir is not None and dev.type == "cpu" and quantization in ("auto", "int4")
+            if packed_dir is not None and dev.type == "cpu" and quantization in ("auto", "int4", "int4-a8")
             else None
         )
         known = packed.quantization() if packed else None  # what an earlier start resolved `auto` to
-        weights = packed.load(dtype) if packed and known == "int4" else None
+        weights = packed.load(dtype, known) if packed and known in ("int4", "int4-a8") else None
         if weights is None:
             weights = _load_weights(model_dir, c, dtype, known or quantization, dev)
             if packed and known != "none":  # none: `auto` found the checkpoint not 4-bit, nothing to keep

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PACK_FORMAT = 3  # the layout of PackedWeights' files; a change that alters it bumps this
+PACK_FORMAT = 4  # the layout of PackedWeights' files; a change that alters it bumps this
 UNUSED_FOR = 7 * 24 * 3600  # seconds; another format's or torch's file is removed after this long unread
 
 
@@ -63,14 +63,14 @@ class PackedWeights:
         try:
             with safe_open(self.path, "pt") as f:
                 saved = (f.metadata() or {}).get("quantization")
-            return "int4" if saved == "int4" else "none" if saved == "none" else None
+            return saved if saved in ("int4", "int4-a8", "none") else None
         except FileNotFoundError:
             return None
         except Exception as exc:  # a truncated or foreign file: packed again, and written anew
             log.warning("ignoring the packed weights in %s: %s", self.path, exc)
             return None
 
-    def load(self, dtype: torch.dtype) -> Weights | None:
+    def load(self, dtype: torch.dtype, quantization: Quantization) -> Weights | None:
         """The saved weights, mapped from the file (zero-copy), or None when they cannot be read."""
         from shared.backends.llama import Embedding, Layer, Linear, Weights  # that module imports this one
 
@@ -93,7 +93,7 @@ class PackedWeights:
                 for i in range(int(meta["layers"]))
             ]
             embed = Embedding(torch.empty(0), dtype, (parts["embed"]["q"], parts["embed"]["d"]))
-            weights = Weights("int4", embed, item("lm_head"), item("norm"), layers)
+            weights = Weights(quantization, embed, item("lm_head"), item("norm"), layers)
         except Exception as exc:
             log.warning("ignoring the packed weights in %s: %s", self.path, exc)
             return None

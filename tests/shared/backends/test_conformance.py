@@ -135,7 +135,14 @@ SEVEN_BIT_NEAR_TIE = 1.0
 
 @pytest.mark.parametrize(
     ("engine", "quantization"),
-    [("simple", "none"), ("batched", "none"), ("batched", "int4"), ("batched", "int8"), ("batched", "mixed")],
+    [
+        ("simple", "none"),
+        ("batched", "none"),
+        ("batched", "int4"),
+        ("batched", "int4-a8"),
+        ("batched", "int8"),
+        ("batched", "mixed"),
+    ],
     ids=str,
 )
 def test_reduced_precisions_stay_within_the_stated_tolerance(

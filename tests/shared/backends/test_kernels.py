@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.backends.kernels import KEY_BLOCK, attention, quantize_rows, rms_norm, seed_cache
+from shared.backends.kernels import KEY_BLOCK, attention, quantize_inputs, quantize_rows, rms_norm, seed_cache
 
 HEADS, KV_HEADS, DIM, SLOTS, MAX_LEN = 9, 3, 64, 6, 64
 GROUP = HEADS // KV_HEADS
@@ -122,6 +122,26 @@ def test_rows_quantize_to_8_bits_each_with_its_own_scale(top: int) -> None:
     assert (np.abs(values[:4]).max(axis=1) == top).all()  # each row uses the whole range
     assert (np.abs(values * s - x) <= s * 0.5001).all()  # within half a step of its own row's scale
     assert (values[4] == 0).all()  # a row of zeros stays zeros (no division by zero)
+
+
+def test_groups_of_32_inputs_quantize_to_8_bits_each_with_its_own_step() -> None:
+    """The 4-bit kernel's 8-bit inputs: every group of 32 inputs of a row uses the whole +-127 of its own step, each
+    input within half a step, and each group's sum is its 8-bit inputs' times the step."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    x[1, 32:64] *= 100.0  # one loud group: its neighbours keep their own, finer steps
+    x[2, 64:] = 0.0
+    q, steps = quantize_inputs(x)
+    assert q.dtype == np.int8 and steps.shape == (3, 3, 2)
+    values = q.astype(np.int32).reshape(3, 3, 32)
+    groups = x.reshape(3, 3, 32)
+    np.testing.assert_allclose(steps[..., 0], np.abs(groups).max(-1) / 127, rtol=1e-6)
+    assert steps[1, 1, 0] > 50 * max(steps[1, 0, 0], steps[1, 2, 0])
+    live = steps[..., 0] > 0
+    assert (np.abs(values).max(-1)[live] == 127).all()
+    assert (np.abs(values * steps[..., :1] - groups) <= steps[..., :1] * 0.5001).all()
+    np.testing.assert_allclose(steps[..., 1], values.sum(-1) * steps[..., 0], rtol=1e-6)
+    assert (values[2, 2] == 0).all() and steps[2, 2, 1] == 0.0  # a group of zeros stays zeros
 
 
 def test_rms_norm_matches_torch() -> None:
