@@ -612,21 +612,22 @@ def _int8_tile(rows: int) -> Callable[..., None]:
 
 
 def _int4_a8_tile(rows: int) -> Callable[..., None]:
-    """tile(quads, sums, nibbles, scales, out, r0, block): out[r0 : r0 + rows, 16 block : 16 block + 16] (see
-    int4_a8_matmul), as LLVM vector code, the signature of _int4_tile's."""
+    """tile(inputs, sums, nibbles, scales, out, r0, block): out[r0 : r0 + rows, 16 block : 16 block + 16] (see
+    int4_a8_matmul; inputs: the rows' 8-bit values, four to an int32), as LLVM vector code, the signature of
+    _int4_tile's."""
 
-    def typer(typingctx: Any, quads: Any, sums: Any, nibbles: Any, scales: Any, out: Any, r0: Any, block: Any) -> Any:
-        sig = types.void(quads, sums, nibbles, scales, out, r0, block)
+    def typer(typingctx: Any, inputs: Any, sums: Any, nibbles: Any, scales: Any, out: Any, r0: Any, block: Any) -> Any:
+        sig = types.void(inputs, sums, nibbles, scales, out, r0, block)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             arrays = (
                 context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:5], args[:5], strict=True)
             )
-            quads_, sums_, nibbles_, scales_, out_ = arrays
+            inputs_, sums_, nibbles_, scales_, out_ = arrays
             first, block = (
                 context.cast(builder, a, t, types.intp) for a, t in zip(args[5:], signature.args[5:], strict=True)
             )
-            width = cgutils.unpack_tuple(builder, quads_.shape, 2)[1]  # K / 4: 8-bit inputs in fours a row
+            width = cgutils.unpack_tuple(builder, inputs_.shape, 2)[1]  # K / 4: 8-bit inputs in fours a row
             n = cgutils.unpack_tuple(builder, out_.shape, 2)[1]
             groups = builder.udiv(width, _i64(8))
             dot = cgutils.get_or_insert_function(
@@ -634,7 +635,7 @@ def _int4_a8_tile(rows: int) -> Callable[..., None]:
             )
             fma = _fma(builder, 16)
             column = builder.mul(block, _i64(16))
-            x_rows = builder.gep(quads_.data, [builder.mul(first, width)])
+            x_rows = builder.gep(inputs_.data, [builder.mul(first, width)])
             sum_rows = builder.gep(sums_.data, [builder.mul(first, builder.mul(groups, _i64(2)))])
             block_nibbles = builder.gep(nibbles_.data, [builder.mul(block, builder.mul(width, _i64(32)))])
             low_nibbles = ir.Constant(_V64B, [15] * 64)

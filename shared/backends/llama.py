@@ -549,6 +549,9 @@ def _load_weights(
             raise ValueError(f"biases on some of {names} but not all: not a layout this runner implements")
         return torch.cat([get(f"{n}.bias") for n in names]).float().to(dev)
 
+    if quantization == "int4-a8" and not INT4_DOT:
+        log.warning("quantization int4-a8 needs a CPU with AVX-512 BF16 and VNNI: running int4 (bfloat16 inputs)")
+        quantization = "int4"
     groups4: dict[str, Groups4] = {}  # auto's check: each projection's 4-bit groups, kept for packing
     if quantization == "auto":
         exact = dev.type == "cpu"

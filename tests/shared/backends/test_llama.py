@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.backends import Chunk
+from shared.backends import Chunk, llama
 from shared.backends.kernels import int4_dot_supported, quantize_inputs, quantize_rows
 from shared.backends.llama import (
     INT8_INPUT_TOP,
@@ -163,6 +163,16 @@ def test_the_8_bit_input_kernel_gives_each_row_its_integer_product_whatever_its_
     assert ((got.double() - exact).norm() / exact.norm()).item() < 0.008
     for start, stop in ((0, 1), (0, 16), (20, 21), (37, 38), (40, 47), (46, 47)):
         assert torch.equal(linear(x[start:stop]), got[start:stop])
+
+
+def test_int4_a8_on_a_cpu_without_its_kernel_runs_int4_and_says_so(
+    catalog: ModelCatalog, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(llama, "INT4_DOT", False)
+    caplog.set_level("WARNING")
+    runner = smol(catalog, torch.bfloat16, "int4-a8", 1, 32)
+    assert runner.quantization == "int4" and "running int4" in caplog.text
+    assert all(layer.qkv.quantization == "int4" and not layer.qkv.dot for layer in runner.layers)
 
 
 def test_mixed_runs_int4_for_a_few_rows_and_int8_from_eight(catalog: ModelCatalog) -> None:
