@@ -172,7 +172,8 @@ def test_int4_a8_on_a_cpu_without_its_kernel_runs_int4_and_says_so(
     caplog.set_level("WARNING")
     runner = smol(catalog, torch.bfloat16, "int4-a8", 1, 32)
     assert runner.quantization == "int4" and "running int4" in caplog.text
-    assert all(layer.qkv.quantization == "int4" and not layer.qkv.dot for layer in runner.layers)
+    projections = [layer.qkv for layer in runner.layers]
+    assert all(isinstance(p, Linear) and p.quantization == "int4" and not p.dot for p in projections)
 
 
 def test_mixed_runs_int4_for_a_few_rows_and_int8_from_eight(catalog: ModelCatalog) -> None:
