@@ -480,6 +480,13 @@ def int4_dot_supported() -> bool:
     return all(features.get(f) for f in ("avx512f", "avx512bw", "avx512bf16", "avx512vnni"))
 
 
+def _tile_arguments(context: Any, builder: Any, signature: Any, args: Any) -> tuple[list[Any], Any, Any]:
+    """A tile call's five arrays (numba's array structs) and its first row and column block as intp."""
+    arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:5], args[:5], strict=True)]
+    first, block = (context.cast(builder, a, t, types.intp) for a, t in zip(args[5:], signature.args[5:], strict=True))
+    return arrays, first, block
+
+
 def _store_rows(builder: Any, out: Any, first: Any, n: Any, column: Any, totals: list[Any]) -> None:
     """A tile's sums (allocas of 16 lanes, one a row) into out[first + r, column : column + 16] (out: N columns)."""
     for r, total in enumerate(totals):
@@ -495,13 +502,7 @@ def _int4_tile(rows: int) -> Callable[..., None]:
         sig = types.void(pairs, sums, quads, sz, out, r0, block)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            arrays = (
-                context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:5], args[:5], strict=True)
-            )
-            pairs_, sums_, quads_, sz_, out_ = arrays
-            first, block = (
-                context.cast(builder, a, t, types.intp) for a, t in zip(args[5:], signature.args[5:], strict=True)
-            )
+            (pairs_, sums_, quads_, sz_, out_), first, block = _tile_arguments(context, builder, signature, args)
             width = cgutils.unpack_tuple(builder, pairs_.shape, 2)[1]  # K / 2: bfloat16 pairs a row
             n = cgutils.unpack_tuple(builder, out_.shape, 2)[1]
             groups = builder.udiv(width, _i64(16))
@@ -567,10 +568,7 @@ def _int8_tile(rows: int) -> Callable[..., None]:
         sig = types.void(pairs, sums, weights, scales, out, r0, block)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            pairs_, weights_, scales_, out_ = (
-                context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4)
-            )
-            first, block = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (5, 6))
+            (pairs_, _, weights_, scales_, out_), first, block = _tile_arguments(context, builder, signature, args)
             width = cgutils.unpack_tuple(builder, pairs_.shape, 2)[1]  # K / 2: bfloat16 pairs a row
             n = cgutils.unpack_tuple(builder, out_.shape, 2)[1]
             groups = builder.udiv(width, _i64(16))
@@ -620,13 +618,8 @@ def _int4_a8_tile(rows: int) -> Callable[..., None]:
         sig = types.void(inputs, sums, nibbles, scales, out, r0, block)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            arrays = (
-                context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:5], args[:5], strict=True)
-            )
+            arrays, first, block = _tile_arguments(context, builder, signature, args)
             inputs_, sums_, nibbles_, scales_, out_ = arrays
-            first, block = (
-                context.cast(builder, a, t, types.intp) for a, t in zip(args[5:], signature.args[5:], strict=True)
-            )
             width = cgutils.unpack_tuple(builder, inputs_.shape, 2)[1]  # K / 4: 8-bit inputs in fours a row
             n = cgutils.unpack_tuple(builder, out_.shape, 2)[1]
             groups = builder.udiv(width, _i64(8))
