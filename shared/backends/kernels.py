@@ -487,6 +487,30 @@ def _tile_arguments(context: Any, builder: Any, signature: Any, args: Any) -> tu
     return arrays, first, block
 
 
+def _tile_groups(
+    builder: Any,
+    rows: int,
+    groups: Any,
+    steps: int,
+    zero: Any,
+    step_body: Callable[..., None],
+    group_end: Callable[..., None],
+) -> list[Any]:
+    """The loops of every tile: for each group of 32 inputs, a dot accumulator a row set to `zero`,
+    step_body(step, dots) for each of its `steps` steps (step counted from the first group), then
+    group_end(g, dots, totals) adds the group into the rows' float32 totals (allocas of 16 lanes), returned."""
+    totals = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16)) for _ in range(rows)]
+    dots = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
+    with cgutils.for_range(builder, groups) as group_loop:
+        g = group_loop.index
+        for acc in dots:
+            builder.store(zero, acc)
+        with cgutils.for_range(builder, _i64(steps)) as step_loop:
+            step_body(builder.add(builder.mul(g, _i64(steps)), step_loop.index), dots)
+        group_end(g, dots, totals)
+    return totals
+
+
 def _store_rows(builder: Any, out: Any, first: Any, n: Any, column: Any, totals: list[Any]) -> None:
     """A tile's sums (allocas of 16 lanes, one a row) into out[first + r, column : column + 16] (out: N columns)."""
     for r, total in enumerate(totals):
@@ -519,30 +543,24 @@ def _int4_tile(rows: int) -> Callable[..., None]:
             sum_rows = builder.gep(sums_.data, [builder.mul(first, groups)])
             block_quads = builder.gep(quads_.data, [builder.mul(block, builder.mul(width, _i64(16)))])
             scales = builder.bitcast(sz_.data, ir.PointerType(_I16))
-            zeros = ir.Constant(_V16F, [0.0] * 16)
-            totals = [cgutils.alloca_once_value(builder, zeros) for _ in range(rows)]
-            dots = [cgutils.alloca_once_value(builder, zeros) for _ in range(rows)]
 
             def pair(r: int, index: Any) -> Any:
                 """Inputs 2 index and 2 index + 1 of row r, as a bfloat16 pair in every lane."""
                 x = builder.load(builder.gep(x_rows, [builder.add(builder.mul(_i64(r), width), index)]))
                 return builder.bitcast(_splat(builder, x, _V16I), _V32BF)
 
-            with cgutils.for_range(builder, groups) as group_loop:
-                g = group_loop.index
-                for acc in dots:
-                    builder.store(zeros, acc)
-                with cgutils.for_range(builder, _i64(8)) as step_loop:  # 4 inputs a step, 32 a group
-                    step = builder.add(builder.mul(g, _i64(8)), step_loop.index)
-                    # word 2j + h: column j's inputs 4 step + h (low nibble) and 4 step + h + 2 (high nibble)
-                    words = builder.zext(_load(builder, block_quads, builder.mul(step, _i64(32)), _V32B, 1), _V32H)
-                    low = builder.bitcast(builder.call(permute, [ir.Constant(_V32H, _NIBBLE_VALUES), words]), _V32BF)
-                    shifted = builder.lshr(words, ir.Constant(_V32H, [4] * 32))
-                    high = builder.bitcast(builder.call(permute, [ir.Constant(_V32H, _NIBBLE_VALUES), shifted]), _V32BF)
-                    index = builder.mul(step, _i64(2))
-                    for r, acc in enumerate(dots):
-                        partial = builder.call(dot, [builder.load(acc), pair(r, index), low])
-                        builder.store(builder.call(dot, [partial, pair(r, builder.add(index, _i64(1))), high]), acc)
+            def step_body(step: Any, dots: list[Any]) -> None:  # 4 inputs a step, 32 a group
+                # word 2j + h: column j's inputs 4 step + h (low nibble) and 4 step + h + 2 (high nibble)
+                words = builder.zext(_load(builder, block_quads, builder.mul(step, _i64(32)), _V32B, 1), _V32H)
+                low = builder.bitcast(builder.call(permute, [ir.Constant(_V32H, _NIBBLE_VALUES), words]), _V32BF)
+                shifted = builder.lshr(words, ir.Constant(_V32H, [4] * 32))
+                high = builder.bitcast(builder.call(permute, [ir.Constant(_V32H, _NIBBLE_VALUES), shifted]), _V32BF)
+                index = builder.mul(step, _i64(2))
+                for r, acc in enumerate(dots):
+                    partial = builder.call(dot, [builder.load(acc), pair(r, index), low])
+                    builder.store(builder.call(dot, [partial, pair(r, builder.add(index, _i64(1))), high]), acc)
+
+            def group_end(g: Any, dots: list[Any], totals: list[Any]) -> None:
                 at = builder.mul(builder.add(builder.mul(block, groups), g), _i64(32))  # sz[block, g]: 16 pairs
                 bits = builder.zext(_load(builder, scales, at, _V32H, 2), _V32I)
                 both = builder.bitcast(builder.shl(bits, ir.Constant(_V32I, [16] * 32)), _V32F)
@@ -552,6 +570,9 @@ def _int4_tile(rows: int) -> Callable[..., None]:
                     group_sum = builder.load(builder.gep(sum_rows, [builder.add(builder.mul(_i64(r), groups), g)]))
                     scaled = builder.call(fma, [scale, builder.load(acc), builder.load(total)])
                     builder.store(builder.call(fma, [zero, _splat(builder, group_sum, _V16F), scaled]), total)
+
+            zeros = ir.Constant(_V16F, [0.0] * 16)
+            totals = _tile_groups(builder, rows, groups, 8, zeros, step_body, group_end)
             _store_rows(builder, out_.data, first, n, column, totals)
             return context.get_dummy_value()
 
@@ -579,28 +600,25 @@ def _int8_tile(rows: int) -> Callable[..., None]:
             column = builder.mul(block, _i64(16))
             x_rows = builder.gep(pairs_.data, [builder.mul(first, width)])
             block_bytes = builder.gep(weights_.data, [builder.mul(block, builder.mul(width, _i64(32)))])
-            zeros = ir.Constant(_V16F, [0.0] * 16)
-            totals = [cgutils.alloca_once_value(builder, zeros) for _ in range(rows)]
-            dots = [cgutils.alloca_once_value(builder, zeros) for _ in range(rows)]
-            with cgutils.for_range(builder, groups) as group_loop:
-                g = group_loop.index
-                for acc in dots:
-                    builder.store(zeros, acc)
-                with cgutils.for_range(builder, _i64(16)) as step_loop:  # 2 inputs a step, 32 a group
-                    step = builder.add(builder.mul(g, _i64(16)), step_loop.index)
-                    # byte 2j + t: column j's input 2 step + t, an integer of -127..127: exact in bfloat16
-                    values = _load(builder, block_bytes, builder.mul(step, _i64(32)), _V32B, 1)
-                    floats = builder.sitofp(values, _V32F)
-                    pair_values = builder.fptrunc(floats, _V32BF)
-                    for r, acc in enumerate(dots):
-                        x = builder.load(builder.gep(x_rows, [builder.add(builder.mul(_i64(r), width), step)]))
-                        x = builder.bitcast(_splat(builder, x, _V16I), _V32BF)
-                        builder.store(builder.call(dot, [builder.load(acc), x, pair_values]), acc)
+
+            def step_body(step: Any, dots: list[Any]) -> None:  # 2 inputs a step, 32 a group
+                # byte 2j + t: column j's input 2 step + t, an integer of -127..127: exact in bfloat16
+                values = _load(builder, block_bytes, builder.mul(step, _i64(32)), _V32B, 1)
+                floats = builder.sitofp(values, _V32F)
+                pair_values = builder.fptrunc(floats, _V32BF)
+                for r, acc in enumerate(dots):
+                    x = builder.load(builder.gep(x_rows, [builder.add(builder.mul(_i64(r), width), step)]))
+                    x = builder.bitcast(_splat(builder, x, _V16I), _V32BF)
+                    builder.store(builder.call(dot, [builder.load(acc), x, pair_values]), acc)
+
+            def group_end(g: Any, dots: list[Any], totals: list[Any]) -> None:
                 scale = _load(
                     builder, scales_.data, builder.mul(builder.add(builder.mul(block, groups), g), _i64(16)), _V16F, 4
                 )
                 for acc, total in zip(dots, totals, strict=True):
                     builder.store(builder.call(fma, [scale, builder.load(acc), builder.load(total)]), total)
+
+            totals = _tile_groups(builder, rows, groups, 16, ir.Constant(_V16F, [0.0] * 16), step_body, group_end)
             _store_rows(builder, out_.data, first, n, column, totals)
             return context.get_dummy_value()
 
@@ -632,30 +650,24 @@ def _int4_a8_tile(rows: int) -> Callable[..., None]:
             sum_rows = builder.gep(sums_.data, [builder.mul(first, builder.mul(groups, _i64(2)))])
             block_nibbles = builder.gep(nibbles_.data, [builder.mul(block, builder.mul(width, _i64(32)))])
             low_nibbles = ir.Constant(_V64B, [15] * 64)
-            int_zeros, zeros = ir.Constant(_V16I, [0] * 16), ir.Constant(_V16F, [0.0] * 16)
-            totals = [cgutils.alloca_once_value(builder, zeros) for _ in range(rows)]
-            dots = [cgutils.alloca_once_value(builder, int_zeros) for _ in range(rows)]
 
             def four(r: int, index: Any) -> Any:
                 """Row r's 8-bit inputs 4 index .. 4 index + 3 in every lane."""
                 x = builder.load(builder.gep(x_rows, [builder.add(builder.mul(_i64(r), width), index)]))
                 return _splat(builder, x, _V16I)
 
-            with cgutils.for_range(builder, groups) as group_loop:
-                g = group_loop.index
-                for acc in dots:
-                    builder.store(int_zeros, acc)
-                with cgutils.for_range(builder, _i64(4)) as step_loop:  # 8 inputs a step, 32 a group
-                    step = builder.add(builder.mul(g, _i64(4)), step_loop.index)
-                    # byte 4j + t: column j's input 8 step + t (low nibble) and 8 step + 4 + t (high nibble)
-                    raw = _load(builder, block_nibbles, builder.mul(step, _i64(64)), _V64B, 1)
-                    low = builder.bitcast(builder.and_(raw, low_nibbles), _V16I)
-                    high = builder.lshr(builder.bitcast(raw, _V16I), ir.Constant(_V16I, [4] * 16))
-                    high = builder.bitcast(builder.and_(builder.bitcast(high, _V64B), low_nibbles), _V16I)
-                    index = builder.mul(step, _i64(2))
-                    for r, acc in enumerate(dots):
-                        partial = builder.call(dot, [builder.load(acc), low, four(r, index)])
-                        builder.store(builder.call(dot, [partial, high, four(r, builder.add(index, _i64(1)))]), acc)
+            def step_body(step: Any, dots: list[Any]) -> None:  # 8 inputs a step, 32 a group
+                # byte 4j + t: column j's input 8 step + t (low nibble) and 8 step + 4 + t (high nibble)
+                raw = _load(builder, block_nibbles, builder.mul(step, _i64(64)), _V64B, 1)
+                low = builder.bitcast(builder.and_(raw, low_nibbles), _V16I)
+                high = builder.lshr(builder.bitcast(raw, _V16I), ir.Constant(_V16I, [4] * 16))
+                high = builder.bitcast(builder.and_(builder.bitcast(high, _V64B), low_nibbles), _V16I)
+                index = builder.mul(step, _i64(2))
+                for r, acc in enumerate(dots):
+                    partial = builder.call(dot, [builder.load(acc), low, four(r, index)])
+                    builder.store(builder.call(dot, [partial, high, four(r, builder.add(index, _i64(1)))]), acc)
+
+            def group_end(g: Any, dots: list[Any], totals: list[Any]) -> None:
                 at = builder.mul(builder.add(builder.mul(block, groups), g), _i64(32))  # scales[block, g]: 2 x 16
                 scale, low_bound = (_cache_lanes(builder, scales_.data, builder.add(at, _i64(i)), 16, True)
                                     for i in (0, 16))  # fmt: skip
@@ -665,6 +677,8 @@ def _int4_a8_tile(rows: int) -> Callable[..., None]:
                     scaled = builder.fmul(scale, _splat(builder, unit, _V16F))
                     part = builder.call(fma, [scaled, builder.sitofp(builder.load(acc), _V16F), builder.load(total)])
                     builder.store(builder.call(fma, [low_bound, _splat(builder, group_sum, _V16F), part]), total)
+
+            totals = _tile_groups(builder, rows, groups, 4, ir.Constant(_V16I, [0] * 16), step_body, group_end)
             _store_rows(builder, out_.data, first, n, column, totals)
             return context.get_dummy_value()
 
