@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from loadtests.bench_single import smollm2_gguf
-    from shared.backends.llama import LlamaConfig, LlamaRunner
+    from shared.backends import llama
+    from shared.backends.llama_config import LlamaConfig
     from shared.settings import Settings
     from shared.sources import resolve_generation_model
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def distributions(quantization: str, dtype: torch.dtype) -> tuple[np.ndarray, float]:
         """Log-probabilities at every scored position, (chunks, R, vocab)."""
-        runner = LlamaRunner(path, config, dtype=dtype, quantization=quantization, slots=1, max_len=args.ctx)  # type: ignore[arg-type]
+        runner = llama.runner(path, config, dtype=dtype, quantization=quantization, slots=1, max_len=args.ctx)  # type: ignore[arg-type]
         started = time.perf_counter()
         out = []
         for chunk in tokens.tolist():

@@ -162,7 +162,7 @@ def _pack(settings: Settings, model_dir: Path) -> None:
     """Load a generation model once on the CPU backend, as a start would: its weights are packed for the kernels
     and kept in the cache (shared.backends.packed.PackedWeights), so an image's starts map them."""
     from shared.backends import select_backend
-    from shared.backends.llama import LlamaConfig
+    from shared.backends.llama_config import LlamaConfig
 
     if LlamaConfig.from_dir(model_dir) is None:
         return  # served by transformers' own model: nothing to pack

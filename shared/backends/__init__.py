@@ -7,6 +7,7 @@ or chosen, so a function that needs no model imports no framework.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import platform
 from collections.abc import Callable, Sequence
@@ -103,8 +104,15 @@ def _torch_missing() -> str | None:
 
 
 def _cuda_missing(auto: bool) -> str | None:
+    """Why CUDA cannot run here. What can be told without importing torch (~1.5 s, which a CPU start over packed
+    weights never pays) is checked first: a CPU-only torch build, or a Linux machine with no NVIDIA device node."""
     if reason := _torch_missing():
         return reason
+    version = importlib.metadata.version("torch")
+    if version.endswith("+cpu"):
+        return f"no CUDA device for torch {version}, a CPU-only build"
+    if platform.system() == "Linux" and not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/dxg")):
+        return "no CUDA device: no NVIDIA driver's device here (/dev/nvidiactl)"
     import torch
 
     return None if torch.cuda.is_available() else "torch sees no CUDA device"

@@ -3,18 +3,17 @@
 One readable file (nanoGPT-style). Loads the Hugging Face layout (config.json + model.safetensors) that
 `shared.sources` produces, so it serves SmolLM2 and other `model_type: llama` checkpoints. The KV cache is
 allocated once, `slots` sequences by `max_len` positions; the engine keeps its running sequences in slots
-0..n-1 so that a decode step reads the cache through views, never a gather.
+0..n-1 so that a decode step reads the cache through views, never a gather. Here the weights are read, checked
+and quantized (torch), and the model runs as torch ops on any device (LlamaRunner); on the CPU it runs in
+shared.backends.cpu_runner (numpy and the numba kernels), which `runner` picks.
 Shapes: B batch, T new tokens, S slots, H query heads, K kv heads, D head dim, C hidden, P cached positions.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import mmap
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,24 +23,23 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from shared.backends import Chunk
-from shared.backends.kernels import (
-    KEY_BLOCK,
-    attention,
-    float16_native,
-    int4_a8_matmul,
-    int4_dot_supported,
-    int4_matmul,
-    int8_matmul,
-    quantize_rows,
-    rms_norm,
+from shared.backends.cpu_runner import (
+    BatchSteps,
+    ByteEmbedding,
+    CpuRunner,
+    CpuWeights,
+    DotLinear,
+    Projection,
+    rope_tables,
 )
+from shared.backends.cpu_runner import load as load_cpu_runner
+from shared.backends.kernels import int4_dot_supported, quantize_rows
+from shared.backends.llama_config import INT4_GROUP, Kind, Layer, LlamaConfig, Weights
 from shared.backends.packed import PackedWeights
 from shared.settings import Quantization
 
 log = logging.getLogger(__name__)
 
-INT4_GROUP = 32
-Kind = Literal["none", "int4", "int4-a8", "int8", "int8-groups"]  # how one Linear stores its weight (see Linear)
 Groups8 = tuple[torch.Tensor, torch.Tensor]  # quantize_groups8's (q, d)
 Groups4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # quantize_groups4's (q, scale, minimum)
 MIXED_ROWS = 8  # mixed: from this many rows int8 beats int4 here (16.3 vs 16.0 ms a step at 8, 22 vs 28 at 16)
@@ -53,100 +51,6 @@ INT8_INPUT_TOP = 127 if getattr(torch.cpu, "_is_vnni_supported", lambda: False)(
 # int4 through the numba kernel's bfloat16 dot products where the CPU has them, else torch's int4pack kernel
 # (see Linear). One choice for the process, so every row count takes the same kernel.
 INT4_DOT = int4_dot_supported()
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-    sliding_window: int | None = None  # the runner's context is capped to it: within it, attention is full
-    # Gemma 3 (model_type gemma3_text): each layer attends over its own window (None: every position) with its
-    # own rotary base; RMSNorm weights are offsets from 1; q and k are RMS-normed per head; the attention and
-    # MLP outputs are normed before the residual add; the embedding is scaled; the MLP is GELU (tanh).
-    gemma: bool = False
-    qk_norm: bool = False  # q and k RMS-normed per head before the rotation (Gemma 3, Qwen3)
-    layer_windows: tuple[int | None, ...] = ()
-    layer_rope_thetas: tuple[float, ...] = ()
-    attention_scale: float | None = None  # None: head_dim ** -0.5
-
-    @classmethod
-    def from_dir(cls, model_dir: Path) -> LlamaConfig | None:
-        """The config, or None when the checkpoint is not one this file implements."""
-        c = json.loads((model_dir / "config.json").read_text())
-        if unsupported(c) is not None:
-            return None
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        heads = c["num_attention_heads"]
-        layers = c["num_hidden_layers"]
-        gemma = c["model_type"] == "gemma3_text"
-        common = {
-            "vocab_size": c["vocab_size"],
-            "hidden_size": c["hidden_size"],
-            "intermediate_size": c["intermediate_size"],
-            "num_layers": layers,
-            "num_heads": heads,
-            "num_kv_heads": c.get("num_key_value_heads", heads),
-            "head_dim": c.get("head_dim") or c["hidden_size"] // heads,
-            "rms_norm_eps": c.get("rms_norm_eps", 1e-6),
-            "tie_word_embeddings": c.get("tie_word_embeddings", gemma),
-            "max_position_embeddings": c.get("max_position_embeddings", 2048),
-        }
-        if gemma:
-            types = c["layer_types"]
-            return cls(
-                **common,
-                rope_theta=float(rope["full_attention"]["rope_theta"]),
-                gemma=True,
-                qk_norm=True,
-                layer_windows=tuple(c["sliding_window"] if t == "sliding_attention" else None for t in types),
-                layer_rope_thetas=tuple(float(rope[t]["rope_theta"]) for t in types),
-                attention_scale=c["query_pre_attn_scalar"] ** -0.5,
-            )
-        theta = float(c.get("rope_theta", rope.get("rope_theta", 10000.0)))
-        return cls(
-            **common,
-            rope_theta=theta,
-            sliding_window=c.get("sliding_window")
-            if c["model_type"] not in ("qwen2", "qwen3") or c.get("use_sliding_window")
-            else None,
-            qk_norm=c["model_type"] == "qwen3",
-            layer_windows=(None,) * layers,
-            layer_rope_thetas=(theta,) * layers,
-        )
-
-
-def unsupported(c: dict[str, Any]) -> str | None:
-    """What in a config.json this runner does not implement, or None. A field it ignored would compute wrong
-    logits without a word, so such a checkpoint goes to transformers' own model instead."""
-    kind = c.get("model_type")
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if kind == "gemma3_text":
-        ropes = [rope.get(t, {}) for t in set(c.get("layer_types", []))] or [{"rope_type": "missing"}]
-        checks = [
-            (all(r.get("rope_type", "default") == "default" for r in ropes), f"rope scaling {rope!r}"),
-            (c.get("hidden_activation") == "gelu_pytorch_tanh", f"hidden_activation {c.get('hidden_activation')!r}"),
-            (c.get("attn_logit_softcapping") is None, "attn_logit_softcapping"),
-            (c.get("final_logit_softcapping") is None, "final_logit_softcapping"),
-            (not c.get("use_bidirectional_attention"), "use_bidirectional_attention"),
-            (not c.get("attention_bias"), "attention_bias"),
-        ]
-        return next((what for ok, what in checks if not ok), None)
-    checks = [
-        (kind in ("llama", "mistral", "qwen2", "qwen3"), f"model_type {kind!r}"),
-        (rope.get("rope_type", rope.get("type", "default")) == "default", f"rope scaling {rope!r}"),
-        (c.get("hidden_act", "silu") == "silu", f"hidden_act {c.get('hidden_act')!r}"),
-        (c.get("pretraining_tp", 1) == 1, "pretraining_tp"),
-    ]
-    return next((what for ok, what in checks if not ok), None)
 
 
 class Linear:
@@ -217,17 +121,14 @@ class Linear:
         else:
             self.weight = weight.to(device=device, dtype=dtype).contiguous()
             self.dtype = dtype  # what inputs are cast to, and outputs come in
-        self._arrays = self._dot_arrays()
+        self.dot_linear = self._dot_linear()
 
-    def _dot_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The dot kernel's planes as the numpy arrays it takes, made once (~10 us a call otherwise)."""
+    def _dot_linear(self) -> DotLinear | None:
+        """The numba dot kernels' projection over these planes (numpy arrays of the same memory), or None."""
         if not self.dot or self.quantization not in ("int4", "int4-a8", "int8-groups"):
-            return []
-        if self.quantization == "int8-groups":
-            return [(values.numpy(), scales.numpy()) for values, _, scales in self.planes]
-        if self.quantization == "int4-a8":
-            return [(nibbles.numpy(), scales.view(torch.int16).numpy()) for nibbles, _, scales in self.planes]
-        return [(quads.numpy(), sz.view(torch.int16).numpy()) for quads, _, sz in self.planes]
+            return None
+        bits = (lambda t: t.numpy()) if self.quantization == "int8-groups" else (lambda t: t.view(torch.int16).numpy())
+        return DotLinear(self.quantization, [(p.numpy(), bits(sz)) for p, _, sz in self.planes], self.out_features)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The tensors the kernels read, to save (see PackedWeights); int8's oneDNN-packed weight is opaque."""
@@ -253,7 +154,7 @@ class Linear:
         name = next(n for n in ("quads", "bytes", "nibbles", "plane") if f"{n}0" in tensors)
         self.dot = name != "plane"
         self.planes = [(tensors[f"{name}{j}"], INT4_GROUP, tensors[f"sz{j}"]) for j in range(len(tensors) // 2)]
-        self._arrays = self._dot_arrays()
+        self.dot_linear = self._dot_linear()
         self.dtype = torch.bfloat16
         sz = self.planes[0][2]  # the dot kernels' (N/16, K/G, 16[, 2]) or (N/16, K/G, 2, 16), torch's (K/G, N, 2)
         self.out_features, groups = (sz.shape[0] * 16, sz.shape[1]) if self.dot else (sz.shape[1], sz.shape[0])
@@ -262,12 +163,8 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) in any float dtype; the result (N, out) in self.dtype (float32 from the dot kernel)."""
-        if self.quantization == "int8-groups" and self.dot:  # they round x to bfloat16 themselves
-            return torch.from_numpy(int8_matmul(x.float().contiguous().numpy(), *self._arrays[0], self.out_features))
-        if self.quantization == "int4-a8":  # it quantizes x itself
-            return torch.from_numpy(int4_a8_matmul(x.float().contiguous().numpy(), *self._arrays[0], self.out_features))
-        if self.quantization == "int4" and self.dot:
-            return int4_dot(x, self._arrays, self.out_features)
+        if self.dot_linear is not None:  # float32 rows in: the kernels round or quantize them themselves
+            return torch.from_numpy(self.dot_linear(x.float().contiguous().numpy()))
         if self.quantization == "int8":
             q, s = quantize_rows(x.float().contiguous().numpy(), INT8_INPUT_TOP)  # (N, in): top + 1 + round(x / s)
             y = torch.ops.onednn.qlinear_pointwise(
@@ -316,12 +213,12 @@ def _int4_plane(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tup
 
 
 def _dot_plane(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """int4_dot's plane for w = (q - 8) * scale + zero, from the same arguments as _int4_plane: q (N, K) 0..15, its
-    values packed in 32 bytes per 16 columns and 4 inputs (byte 2j + h of step s holds column j's inputs 4s + h in
-    its low and 4s + h + 2 in its high nibble, so that widening the bytes to words gives the kernel the pairs of
-    its dot products), and scale and zero in bfloat16 (N/16, K/G, 16, 2): a block of 16 columns reads its scales
-    in one run, as it reads its values (1.2-1.3x faster at one row than torch's (K/G, N, 2), whose groups lie
-    N * 4 bytes apart)."""
+    """The int4 dot kernel's plane (DotLinear) for w = (q - 8) * scale + zero, from _int4_plane's arguments: q
+    (N, K) 0..15, its values packed in 32 bytes per 16 columns and 4 inputs (byte 2j + h of step s holds column j's
+    inputs 4s + h in its low and 4s + h + 2 in its high nibble, so that widening the bytes to words gives the
+    kernel the pairs of its dot products), and scale and zero in bfloat16 (N/16, K/G, 16, 2): a block of 16
+    columns reads its scales in one run, as it reads its values (1.2-1.3x faster at one row than torch's
+    (K/G, N, 2), whose groups lie N * 4 bytes apart)."""
     n, k = q.shape
     nibbles = q.to(torch.uint8).reshape(n // 16, 16, k // 4, 2, 2)  # (column block, j, step, low/high, h)
     quads = nibbles[:, :, :, 0] | (nibbles[:, :, :, 1] << 4)  # (block, j, step, h)
@@ -351,22 +248,6 @@ def _int8_plane(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, int, to
     values = q.reshape(n // 16, 16, -1, 2).permute(0, 2, 1, 3)  # (column block, step, j, t)
     scales = d.float().reshape(n // 16, 16, -1).transpose(1, 2)  # (block, K/G, j)
     return values.contiguous().reshape(n, -1), INT4_GROUP, scales.contiguous()
-
-
-def int4_dot(x: torch.Tensor, planes: list[tuple[np.ndarray, np.ndarray]], n: int) -> torch.Tensor:
-    """x (M, K) times the sum of _dot_plane planes (as numpy arrays: quads, sz viewed as int16), (M, N) float32,
-    through the numba kernel: each group of 32 inputs is a dot product of x in bfloat16 and the 4-bit values q - 8
-    (exact in bfloat16; AVX-512 BF16's vdpbf16ps, products exact, summed in float32), then scaled: y += scale *
-    dot + zero * sum(x over the group).
-
-    Against torch's int4pack kernel (which rounds every weight to float32 and its output to bfloat16) it is more
-    exact, and at 16 rows ~1.5-2x faster: each 4-bit value is decoded once for 8 rows, and one instruction
-    multiplies 32 of them. A row's result depends on its own inputs only (docs/engine.md, "Speed")."""
-    rows = x.float().contiguous().numpy()
-    y = torch.from_numpy(int4_matmul(rows, *planes[0], n))
-    for plane in planes[1:]:
-        y.add_(torch.from_numpy(int4_matmul(rows, *plane, n)))
-    return y
 
 
 def quantize_groups4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -479,61 +360,25 @@ def _biased(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y.float() + bias
 
 
-@dataclass
-class Layer:
-    attn_norm: torch.Tensor
-    qkv: Linear | MixedLinear
-    o: Linear | MixedLinear
-    mlp_norm: torch.Tensor
-    gate_up: Linear | MixedLinear
-    down: Linear | MixedLinear
-    # Biases, float32, where the checkpoint has them (Qwen2's q/k/v; Llama's attention_bias and mlp_bias)
-    qkv_bias: torch.Tensor | None = None
-    o_bias: torch.Tensor | None = None
-    gate_up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
-    # Gemma 3: per-head q and k norms, and norms of the attention and MLP outputs before the residual add
-    q_norm: torch.Tensor | None = None
-    k_norm: torch.Tensor | None = None
-    attn_out_norm: torch.Tensor | None = None
-    mlp_out_norm: torch.Tensor | None = None
-
-
 @dataclass(frozen=True)
 class Rope:
-    """One rotary base's tables, (P, D): x * cos + (x2, x1) * signed_sin is the rotate-half rotation."""
+    """One rotary base's tables on the device, (P, D): x * cos + (x2, x1) * signed_sin (see rope_tables)."""
 
     cos: torch.Tensor
     signed_sin: torch.Tensor
-    cos_array: np.ndarray  # the same memory, for the numba kernel (CPU only; empty elsewhere)
-    sin_array: np.ndarray
 
 
-def _rope(theta: float, head_dim: int, length: int, device: torch.device, numba: bool) -> Rope:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)  # (P, D), the non-interleaved (rotate-half) layout
-    half = head_dim // 2
-    cos = angles.cos().to(device)
-    signed_sin = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], -1).to(device)
-    empty = np.empty(0, np.float32)
-    return Rope(cos, signed_sin, cos.numpy() if numba else empty, signed_sin.numpy() if numba else empty)
+TorchWeights = Weights[torch.Tensor, Linear | MixedLinear, Embedding]
 
 
-@dataclass
-class Weights:
-    """A runner's weights as its kernels read them, under the quantization they were prepared for."""
-
-    quantization: Quantization
-    embed: Embedding
-    lm_head: Linear | MixedLinear
-    norm: torch.Tensor
-    layers: list[Layer]
+def _rope(theta: float, head_dim: int, length: int, device: torch.device) -> Rope:
+    cos, signed_sin = rope_tables(theta, head_dim, length)
+    return Rope(torch.from_numpy(cos).to(device), torch.from_numpy(signed_sin).to(device))
 
 
 def _load_weights(
     model_dir: Path, c: LlamaConfig, dtype: torch.dtype, quantization: Quantization, dev: torch.device
-) -> Weights:
+) -> TorchWeights:
     """The checkpoint's weights, checked (`auto`), quantized and packed for the kernels."""
     w = load_file(str(model_dir / "model.safetensors"))
 
@@ -616,15 +461,13 @@ def _load_weights(
     return Weights(quantization, embedding, lm_head, norm("norm.weight"), layers)
 
 
-class LlamaRunner:
-    """The model plus its KV cache. Not thread-safe: one engine thread drives it.
+class LlamaRunner(BatchSteps):
+    """The model plus its KV cache as torch ops, on any torch device. Not thread-safe: one engine thread drives it.
 
-    One code path for the model's math on any torch device. kernels="numba" (the CPU default) runs rotation,
-    the cache write, attention and RMSNorm as the numba kernels of shared.backends.kernels, over a float16 cache
-    (float32 for exact float32 weights); kernels="torch" (the default on any other device) runs them as torch
-    ops on the device, over a cache in the model dtype: scaled_dot_product_attention (flash or memory-efficient
-    kernels where the device has them), torch's rms_norm. Weights, embedding, sampling inputs and the engine are
-    the same for both.
+    One code path for the model's math on any torch device (the CPU's default, shared.backends.cpu_runner, runs
+    the same model through numba kernels): scaled_dot_product_attention (flash or memory-efficient kernels where
+    the device has them), torch's rms_norm, over a cache in the model dtype allocated once. Weights, embedding,
+    sampling inputs and the engine are the same for both.
     """
 
     def __init__(
@@ -637,143 +480,43 @@ class LlamaRunner:
         slots: int,
         max_len: int,
         device: torch.device | str = "cpu",
-        kernels: Literal["numba", "torch"] | None = None,
-        packed_dir: Path | None = None,
     ) -> None:
-        """packed_dir: where CPU int4 weights are kept as packed for the kernels (see PackedWeights); None packs
-        them from the checkpoint at every start."""
         self.config = c = config
         self.dtype = dtype
         self.slots = slots
-        self.device = torch.device(device)
-        self.numba = (kernels or ("numba" if self.device.type == "cpu" else "torch")) == "numba"
-        if self.numba and self.device.type != "cpu":
-            raise ValueError("the numba kernels run on the CPU only")
-        if quantization not in ("none", "auto") and self.device.type != "cpu":
-            raise ValueError(f"quantization {quantization!r} runs on the CPU only; use 'none' on {self.device}")
-        dev = self.device
+        self.device = dev = torch.device(device)
+        if quantization not in ("none", "auto") and dev.type != "cpu":
+            raise ValueError(f"quantization {quantization!r} runs on the CPU only; use 'none' on {dev}")
         self.context_length = min(max_len, c.max_position_embeddings, c.sliding_window or max_len)
-        packed = (
-            PackedWeights(packed_dir, model_dir, quantization, dtype)
-            if packed_dir is not None and dev.type == "cpu" and quantization in ("auto", "int4", "int4-a8")
-            else None
-        )
-        known = packed.quantization() if packed else None  # what an earlier start resolved `auto` to
-        weights = packed.load(dtype, known) if packed and known in ("int4", "int4-a8") else None
-        if weights is None:
-            weights = _load_weights(model_dir, c, dtype, known or quantization, dev)
-            if packed and known != "none":  # none: `auto` found the checkpoint not 4-bit, nothing to keep
-                packed.save(weights)
+        weights = _load_weights(model_dir, c, dtype, quantization, dev)
         self.quantization = weights.quantization
-        # Exact float32 keeps a float32 cache; everything else float16 (see below), where the CPU converts it.
-        half = not (self.quantization == "none" and dtype == torch.float32) and float16_native()
-        group = c.num_heads // c.num_kv_heads
-        self._attention = attention(c.head_dim, group, half) if self.numba else None  # compiled for these sizes
         self.embed, self.lm_head, self.norm, self.layers = weights.embed, weights.lm_head, weights.norm, weights.layers
-        self._eps = np.float32(c.rms_norm_eps)
-        # Keys and values of every layer, slot and position: (L, 2, S, K, P, D). For the numba kernels in float16
-        # (float32 for exact float32 weights, or on an x86 CPU without F16C), positions rounded up to whole
-        # blocks of keys, each block's keys stored dimension by dimension (the layout `attention` describes):
-        # a 16-row decode step reads each row's cache once, and float16 halves those bytes (docs/engine.md).
-        # An anonymous mapping reads as zeros and gets memory page by page as positions are first written, so
-        # the cache holds memory for the positions sequences reach, not every slot's full context (torch.zeros
-        # writes every page at once: 47 MB a slot for SmolLM2 at 2048 positions; numpy's zeros ask for huge
-        # pages, 2 MB of which span several slots' whole contexts).
-        # On another device (kernels="torch") the cache is one allocation in the model dtype, made here, once.
-        self._keep_pages = False  # set when the system cannot take pages back (see release_slot)
-        if self.numba:
-            blocks = -(-self.context_length // KEY_BLOCK)
-            shape = (c.num_layers, 2, slots, c.num_kv_heads, blocks * KEY_BLOCK, c.head_dim)
-            element = np.dtype(np.uint16 if half else np.float32)  # uint16: float16 bits, numba has no float16
-            pages = self._pages = mmap.mmap(-1, math.prod(shape) * element.itemsize)
-            self._kv_arrays = np.frombuffer(pages, dtype=element).reshape(shape)  # for the attention kernel
-            self.kv_cache = torch.from_numpy(self._kv_arrays.view(np.float16) if half else self._kv_arrays)  # the same
-        else:
-            shape = (c.num_layers, 2, slots, c.num_kv_heads, self.context_length, c.head_dim)
-            self.kv_cache = torch.zeros(shape, dtype=dtype, device=dev)
-        ropes = {t: _rope(t, c.head_dim, self.context_length, dev, self.numba) for t in set(c.layer_rope_thetas)}
+        self._eps = float(np.float32(c.rms_norm_eps))
+        shape = (c.num_layers, 2, slots, c.num_kv_heads, self.context_length, c.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=dtype, device=dev)  # one allocation in the model dtype, once
+        ropes = {t: _rope(t, c.head_dim, self.context_length, dev) for t in set(c.layer_rope_thetas)}
         self._ropes = [ropes[t] for t in c.layer_rope_thetas]  # each layer's tables
         self._embed_scale = float(np.float32(c.hidden_size**0.5)) if c.gemma else None  # as float32 weights get
-        self.decode([0], [0])  # compiles the attention kernel now (or loads it from numba's cache), not on a request
-
-    def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
-        """Run token_ids for one sequence at positions start.. in its slot; the last position's logits."""
-        logits = self.step([], [], Chunk(slot, token_ids, start))[1]
-        assert logits is not None
-        return logits
-
-    def decode(self, token_ids: list[int], positions: list[int]) -> np.ndarray:
-        """One token for each sequence in slots 0..B-1 at its position; logits (B, vocab) float32."""
-        return self.step(token_ids, positions, None)[0]
-
-    @torch.inference_mode()
-    def step(
-        self, token_ids: list[int], positions: list[int], chunk: Chunk | None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """A decode token for each of slots 0..B-1 and a prompt chunk of one slot, in one pass over the weights.
-
-        Returns the decode rows' logits (B, vocab) and the chunk's last position's logits (vocab,), or None.
-        A few decode rows read every weight anyway, so a chunk that rides along costs little more than the
-        rows it adds (and with `mixed`, from 8 rows the whole step uses the faster int8 matmuls).
-        """
-        if max(positions, default=0) >= self.context_length or (
-            chunk and chunk.start + len(chunk.token_ids) > self.context_length
-        ):
-            raise ValueError(f"positions past the KV cache's {self.context_length}")
-        b = len(token_ids)
-        logits = self._forward(token_ids, np.asarray(positions, dtype=np.int64), chunk).float().cpu().numpy()
-        return logits[:b], (logits[b] if chunk else None)
 
     def move_slot(self, src: int, dst: int, length: int, start: int = 0) -> None:
         """Copy a sequence's cache to another slot (the engine compacts its running set, the prefix cache keeps
         it), from position `start` when dst holds the ones before already."""
-        if not self.numba:
-            self.kv_cache[:, :, dst, :, start:length] = self.kv_cache[:, :, src, :, start:length]
-            return
-        values = self._kv_arrays[:, 1]
-        values[:, dst, :, start:length] = values[:, src, :, start:length]
-        layers, _, slots, heads, positions, dim = self._kv_arrays.shape
-        keys = self._kv_arrays[:, 0].reshape(layers, slots, heads, positions // KEY_BLOCK, dim, KEY_BLOCK)
-        whole = range(-(-start // KEY_BLOCK), length // KEY_BLOCK)  # blocks inside [start, length)
-        keys[:, dst, :, whole.start : whole.stop] = keys[:, src, :, whole.start : whole.stop]
-        for block in {start // KEY_BLOCK, length // KEY_BLOCK} - set(whole):  # partly inside: those positions
-            first, end = max(start - block * KEY_BLOCK, 0), min(length - block * KEY_BLOCK, KEY_BLOCK)
-            if end > first:
-                keys[:, dst, :, block, :, first:end] = keys[:, src, :, block, :, first:end]
+        self.kv_cache[:, :, dst, :, start:length] = self.kv_cache[:, :, src, :, start:length]
 
     def release_slot(self, slot: int) -> None:
-        """Return the pages of a slot's cache to the system: the CPU kernels' cache is a shared anonymous mapping,
-        whose removed pages read as zeros after and take memory again only when written. A device's cache stays
-        allocated."""
-        remove = getattr(mmap, "MADV_REMOVE", None)  # Linux's; elsewhere (macOS) the pages stay until reused
-        if not self.numba or remove is None or self._keep_pages:
-            return
-        layers, kinds, slots, heads, positions, dim = self._kv_arrays.shape
-        block = heads * positions * dim * self._kv_arrays.itemsize  # a layer's keys (or values) of a slot: contiguous
-        page = mmap.PAGESIZE
-        for i in range(layers * kinds):
-            start = (i * slots + slot) * block
-            first, end = -(-start // page) * page, (start + block) // page * page  # whole pages of this slot only
-            if end > first:
-                try:
-                    self._pages.madvise(remove, first, end - first)
-                except OSError as exc:  # a kernel without it: the pages stay until the slot is written again
-                    log.warning("cannot give KV-cache pages back (%s); a slot keeps its memory until reused", exc)
-                    self._keep_pages = True
-                    return
+        """Nothing: a device's cache stays allocated."""
 
-    def _forward(self, token_ids: list[int], positions: np.ndarray, chunk: Chunk | None) -> torch.Tensor:
+    @torch.inference_mode()
+    def _logits(self, token_ids: list[int], positions: np.ndarray, chunk: Chunk | None) -> np.ndarray:
         """Logits for B decode rows (slots 0..B-1, one token each) and the last token of a prompt chunk.
 
-        Every per-token step works on (N, features) rows, decode rows first, then the chunk's. A decode step
-        runs ~15 ops a layer (rotation, cache write and attention are one numba call for all rows): at one row
-        each op costs 2-5 us of dispatch, about as much as the int4 matmuls themselves. The residual stream,
-        norms, rotation and attention are float32 whatever the weights; only matmul inputs are cast.
+        Every per-token step works on (N, features) rows, decode rows first, then the chunk's. The residual
+        stream, norms, rotation and attention are float32 whatever the weights; only matmul inputs are cast.
         """
         c = self.config
         b, t = len(token_ids), len(chunk.token_ids) if chunk else 0
         n, q_width, k_width = b + t, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        scale = np.float32(c.attention_scale or c.head_dim**-0.5)
+        scale = float(np.float32(c.attention_scale or c.head_dim**-0.5))
         x = self.embed(token_ids + (chunk.token_ids if chunk else []))
         if self._embed_scale is not None:
             x = x * self._embed_scale
@@ -789,16 +532,7 @@ class LlamaRunner:
                 qkv[:, :q_width] = self._norm(qkv[:, :q_width].reshape(-1, c.head_dim), layer.q_norm).view(n, -1)
                 k = qkv[:, q_width : q_width + k_width].reshape(-1, c.head_dim)
                 qkv[:, q_width : q_width + k_width] = self._norm(k, layer.k_norm).view(n, -1)
-            rope, window = self._ropes[i], c.layer_windows[i] or 0
-            if self._attention is not None:
-                attn = torch.empty(n, q_width)
-                cache_k, cache_v = self._kv_arrays[i]
-                self._attention(
-                    qkv.numpy(), rope.cos_array, rope.sin_array, slots, rows, cache_k, cache_v, attn.numpy(), scale,
-                    window,
-                )  # fmt: skip
-            else:
-                attn = self._attend(i, qkv, slots, rows, b, rope, window, float(scale))
+            attn = self._attend(i, qkv, slots, rows, b, self._ropes[i], c.layer_windows[i] or 0, scale)
             out = _biased(layer.o(attn), layer.o_bias)  # bfloat16 outputs add as float32
             x = x + (out if layer.attn_out_norm is None else self._norm(out.float(), layer.attn_out_norm))
             gate, up = _biased(layer.gate_up(self._norm(x, layer.mlp_norm)), layer.gate_up_bias).chunk(2, -1)
@@ -807,13 +541,11 @@ class LlamaRunner:
             x = x + (out if layer.mlp_out_norm is None else self._norm(out.float(), layer.mlp_out_norm))
         if chunk:
             x = torch.cat([x[:b], x[-1:]])  # a chunk samples its last position only
-        return self.lm_head(self._norm(x, self.norm))  # (B, vocab)
+        return self.lm_head(self._norm(x, self.norm)).float().cpu().numpy()  # (B, vocab)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm of float32 rows (N, C)."""
-        if self.numba:
-            return torch.from_numpy(rms_norm(x.contiguous().numpy(), weight.numpy(), self._eps))
-        return F.rms_norm(x, (x.shape[-1],), weight, float(self._eps))
+        return F.rms_norm(x, (x.shape[-1],), weight, self._eps)
 
     def _attend(
         self,
@@ -856,3 +588,92 @@ class LlamaRunner:
                 scale=scale,
             )[0].transpose(0, 1)  # fmt: skip
         return out.reshape(n, heads * dim).float()
+
+
+@dataclass(frozen=True)
+class TorchProjection:
+    """One of torch's kernels (int4pack, oneDNN's int8, dense) as a projection of the CPU runner's numpy rows."""
+
+    linear: Linear | MixedLinear
+    out_features: int
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.linear(torch.from_numpy(x)).float().numpy()
+
+
+@dataclass(frozen=True)
+class TorchEmbedding:
+    """A dense table (in the model dtype) as the CPU runner's embedding."""
+
+    embedding: Embedding
+
+    def __call__(self, token_ids: list[int]) -> np.ndarray:
+        return self.embedding(token_ids).numpy()
+
+
+def cpu_weights(
+    model_dir: Path,
+    c: LlamaConfig,
+    dtype: str,
+    quantization: Quantization,
+    packed: PackedWeights | None,
+    threads: int | None = None,
+) -> CpuWeights:
+    """The CPU runner's weights where torch prepares them: read from the packed file (torch's int4pack planes) or
+    the checkpoint, checked (`auto`), quantized and packed (then kept in the packed file), as numpy arrays of
+    the same memory; projections of torch's kernels run as TorchProjection. threads: torch's, set here."""
+    if threads:
+        torch.set_num_threads(threads)  # per thread under OpenMP: the thread the model runs on loads it
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    known = packed.quantization() if packed else None  # what an earlier start resolved `auto` to
+    weights = packed.load(torch_dtype) if packed and known in ("int4", "int4-a8") else None
+    if weights is None:
+        weights = _load_weights(model_dir, c, torch_dtype, known or quantization, torch.device("cpu"))
+        if packed and known != "none":  # none: `auto` found the checkpoint not 4-bit, nothing to keep
+            packed.save(weights)
+
+    def project(p: Linear | MixedLinear) -> DotLinear | TorchProjection:
+        return p.dot_linear if isinstance(p, Linear) and p.dot_linear else TorchProjection(p, p.out_features)
+
+    def array(t: torch.Tensor | None) -> np.ndarray | None:
+        return None if t is None else t.numpy()
+
+    def layer(torch_layer: Layer[torch.Tensor, Linear | MixedLinear]) -> Layer[np.ndarray, Projection]:
+        values: dict[str, Any] = {f.name: getattr(torch_layer, f.name) for f in fields(Layer)}
+        arrays: dict[str, Any] = {
+            k: project(v) if isinstance(v, Linear | MixedLinear) else array(v) for k, v in values.items()
+        }
+        return Layer(**arrays)
+
+    layers = [layer(t) for t in weights.layers]
+    e = weights.embed
+    embed = TorchEmbedding(e) if e.dense is not None else ByteEmbedding(e.q.numpy(), e.d.numpy())
+    return Weights(weights.quantization, embed, project(weights.lm_head), weights.norm.numpy(), layers)
+
+
+def runner(
+    model_dir: Path,
+    config: LlamaConfig,
+    *,
+    dtype: torch.dtype,
+    quantization: Quantization,
+    slots: int,
+    max_len: int,
+    device: torch.device | str = "cpu",
+    kernels: Literal["numba", "torch"] | None = None,
+    packed_dir: Path | None = None,
+) -> CpuRunner | LlamaRunner:
+    """The batched runner: kernels="numba" (the CPU's default) is the CPU runner (shared.backends.cpu_runner),
+    "torch" (the default on any other device) LlamaRunner. packed_dir: where the CPU runner's int4 weights are
+    kept as packed for its kernels (see PackedWeights); None packs them from the checkpoint at every start."""
+    dev = torch.device(device)
+    if (kernels or ("numba" if dev.type == "cpu" else "torch")) == "torch":
+        return LlamaRunner(
+            model_dir, config, dtype=dtype, quantization=quantization, slots=slots, max_len=max_len, device=dev
+        )
+    if dev.type != "cpu":
+        raise ValueError("the numba kernels run on the CPU only")
+    name = str(dtype).removeprefix("torch.")
+    return load_cpu_runner(
+        model_dir, config, dtype=name, quantization=quantization, slots=slots, max_len=max_len, packed_dir=packed_dir
+    )

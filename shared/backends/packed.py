@@ -8,26 +8,32 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
+import struct
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+import numpy as np
 
 from shared.backends.kernels import int4_dot_supported
+from shared.backends.llama_config import Kind, Layer, Weights
 from shared.settings import Quantization
 
 if TYPE_CHECKING:
-    from shared.backends.llama import Kind, Weights
+    import torch
+
+    from shared.backends.cpu_runner import CpuWeights
 
 log = logging.getLogger(__name__)
 
-PACK_FORMAT = 4  # the layout of PackedWeights' files; a change that alters it bumps this
+PACK_FORMAT = 5  # the layout of PackedWeights' files; a change that alters it bumps this
+# safetensors' element types as numpy reads them; bfloat16 as its bits (the kernels read them so)
+_ELEMENTS = {"U8": np.uint8, "I8": np.int8, "I16": np.int16, "F16": np.float16, "BF16": np.int16, "F32": np.float32}
 UNUSED_FOR = 7 * 24 * 3600  # seconds; another format's or torch's file is removed after this long unread
 
 
@@ -35,34 +41,40 @@ class PackedWeights:
     """A runner's CPU int4 weights as the kernels read them (packed 4-bit layers, the 8-bit head and embedding),
     saved once: a later start maps the file instead of reading the float32 checkpoint, checking it for `auto` and
     packing it again (~1 s of a 2-core cold start). The name keys everything the packing depends on: the
-    checkpoint's content and config, the quantization asked for, torch's version and its CPU kernels' ISA, and
-    which int4 kernel reads them.
+    checkpoint's content and config, the quantization asked for, and which int4 kernel reads them; for torch's
+    int4pack kernel (a CPU without the numba dot kernels) also torch's version and its CPU kernels' ISA.
     When `auto` finds a checkpoint that is not 4-bit, the file is an empty marker, so that check runs once too.
+    Weights of the numba kernels come back as numpy arrays without importing torch (`arrays`); torch's, and
+    the packing, import it (`load`, `save`).
     """
 
-    def __init__(self, directory: Path, model_dir: Path, quantization: Quantization, dtype: torch.dtype) -> None:
+    def __init__(self, directory: Path, model_dir: Path, quantization: Quantization, dtype: str) -> None:
+        """dtype: the name of the dense weights' dtype (float32, bfloat16)."""
         from shared.sources import fingerprint
 
-        facts = [
+        facts: list[Any] = [
             PACK_FORMAT,
-            torch.__version__,
-            torch.backends.cpu.get_cpu_capability(),
             int4_dot_supported(),  # whose layout the int4 planes take (see Linear)
             quantization,
-            str(dtype),
+            dtype,
             (model_dir / "config.json").read_text(),
             fingerprint(model_dir / "model.safetensors"),
         ]
+        made_by = f"{PACK_FORMAT} numba"
+        if not int4_dot_supported():  # torch's int4pack layout, which its version and ISA decide
+            import torch
+
+            facts += [torch.__version__, torch.backends.cpu.get_cpu_capability()]
+            made_by = f"{PACK_FORMAT} torch {torch.__version__}"
         key = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
         self._stem = f"{model_dir.name}-{quantization}"
-        self._made_by = f"{PACK_FORMAT} torch {torch.__version__}"  # what a file's readers must match
+        self._made_by = made_by  # what a file's readers must match
         self.path = directory / f"{self._stem}-{key}.safetensors"
 
     def quantization(self) -> Quantization | None:
         """What the saved weights were prepared for, or None when nothing (readable) is saved."""
         try:
-            with safe_open(self.path, "pt") as f:
-                saved = (f.metadata() or {}).get("quantization")
+            saved: Any = _header(self.path)[1].get("quantization")
             return saved if saved in ("int4", "int4-a8", "none") else None
         except FileNotFoundError:
             return None
@@ -70,43 +82,73 @@ class PackedWeights:
             log.warning("ignoring the packed weights in %s: %s", self.path, exc)
             return None
 
-    def load(self, dtype: torch.dtype, quantization: Quantization) -> Weights | None:
-        """The saved weights, mapped from the file (zero-copy), or None when they cannot be read."""
-        from shared.backends.llama import Embedding, Layer, Linear, Weights  # that module imports this one
+    def arrays(self) -> CpuWeights | None:
+        """The saved weights as numpy arrays mapped from the file, for the CPU runner, without torch: None when
+        nothing (readable) is saved or some projection is one of torch's kernels (then `load`)."""
+        from shared.backends.cpu_runner import ByteEmbedding, DotLinear  # that module imports this one
+
+        try:
+            if (found := _read(self.path)) is None:
+                return None
+            meta, tensors = found
+            kinds: dict[str, Kind] = json.loads(meta["kinds"])
+            parts = _parts(tensors)
+            dot = {"quads0", "bytes0", "nibbles0"}  # the numba kernels' planes (see Linear.state)
+            if meta.get("quantization") not in ("int4", "int4-a8") or any(not dot & set(parts[n]) for n in kinds):
+                return None  # torch's int4pack planes or dense weights (or nothing): torch reads them
+
+            def linear(name: str) -> DotLinear:
+                tensors = parts[name]
+                values = next(n for n in ("quads", "bytes", "nibbles") if f"{n}0" in tensors)
+                sz = [tensors[f"sz{j}"] for j in range(len(tensors) // 2)]  # float16's and bfloat16's as int16 bits
+                planes = [
+                    (tensors[f"{values}{j}"], s.view(np.int16) if s.dtype == np.float16 else s)
+                    for j, s in enumerate(sz)
+                ]
+                return DotLinear(kinds[name], planes, 16 * sz[0].shape[0])  # every dot kernel's scales: (N/16, ...)
+
+            embed = ByteEmbedding(parts["embed"]["q"], parts["embed"]["d"])
+            weights: CpuWeights = _assemble(meta, parts, kinds, linear, embed)
+        except Exception as exc:
+            log.warning("ignoring the packed weights in %s: %s", self.path, exc)
+            return None
+        self._used()
+        return weights
+
+    def load(self, dtype: torch.dtype) -> Weights[Any, Any, Any] | None:
+        """The saved weights as torch tensors mapped from the file (zero-copy), or None when they cannot be read."""
+        import torch
+        from safetensors import safe_open
+
+        from shared.backends.llama import Embedding, Linear  # that module imports this one
 
         try:
             with safe_open(self.path, "pt") as f:  # the tensors map the file, as safetensors' load_file does
                 meta = f.metadata()
                 tensors = f.get_tensors()
             kinds: dict[str, Kind] = json.loads(meta["kinds"])
-            parts: dict[str, dict[str, torch.Tensor]] = {}
-            for name, t in tensors.items():
-                owner, _, part = name.partition("/")
-                parts.setdefault(owner, {})[part] = t
-
-            def item(name: str) -> Any:
-                return Linear.restore(kinds[name], dtype, parts[name]) if name in kinds else parts[name][""]
-
-            names = [f.name for f in fields(Layer)]
-            layers = [
-                Layer(**{n: item(f"layers.{i}.{n}") for n in names if f"layers.{i}.{n}" in parts})
-                for i in range(int(meta["layers"]))
-            ]
+            parts = _parts(tensors)
             embed = Embedding(torch.empty(0), dtype, (parts["embed"]["q"], parts["embed"]["d"]))
-            weights = Weights(quantization, embed, item("lm_head"), item("norm"), layers)
+            weights = _assemble(meta, parts, kinds, lambda name: Linear.restore(kinds[name], dtype, parts[name]), embed)
         except Exception as exc:
             log.warning("ignoring the packed weights in %s: %s", self.path, exc)
             return None
+        self._used()
+        return weights
+
+    def _used(self) -> None:
         log.info("loaded packed weights from %s", self.path)
         try:
             os.utime(self.path)  # in use: another torch's writes must not prune it (see _prune)
         except OSError:  # a read-only cache (an image's): nothing prunes it either
             pass
-        return weights
 
-    def save(self, weights: Weights) -> None:
+    def save(self, weights: Weights[Any, Any, Any]) -> None:
         """Write the weights (atomically; a failure to write only costs the next start the packing)."""
-        from shared.backends.llama import Layer, Linear
+        import torch
+        from safetensors.torch import save_file
+
+        from shared.backends.llama import Linear
 
         tensors: dict[str, torch.Tensor] = {}
         kinds: dict[str, Kind] = {}
@@ -153,10 +195,69 @@ class PackedWeights:
             if other == self.path:
                 continue
             try:
-                with safe_open(other, "pt") as f:
-                    made_by = (f.metadata() or {}).get("made_by")
+                made_by = _header(other)[1].get("made_by")
                 if made_by != self._made_by and time.time() - other.stat().st_mtime > UNUSED_FOR:
                     other.unlink()
                     log.info("removed packed weights another version made, unused for a week: %s", other)
             except Exception:  # unreadable (damaged): left alone
                 continue
+
+
+def _header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A safetensors file's tensors (name: dtype, shape, data_offsets) and its metadata."""
+    with path.open("rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+    return header, header.pop("__metadata__", {})
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]] | None:
+    """A safetensors file's metadata and tensors as numpy arrays that map it, or None when there is no file.
+    safetensors' own numpy loader copies each tensor (0.1 s and the weights' size in memory here); the format is
+    an 8-byte header size, a JSON header of offsets, then the data. The mapping is private, as torch's of the
+    same file: the arrays are writable (numba compiles read-only arrays' kernels apart) and the file unchanged."""
+    try:
+        with path.open("rb") as f:
+            pages = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except FileNotFoundError:
+        return None
+    size = struct.unpack("<Q", pages[:8])[0]
+    header = json.loads(pages[8 : 8 + size])
+    meta = header.pop("__metadata__", {})
+    data = memoryview(pages)[8 + size :]
+    tensors = {
+        name: np.frombuffer(data[t["data_offsets"][0] : t["data_offsets"][1]], _ELEMENTS[t["dtype"]]).reshape(
+            t["shape"]
+        )
+        for name, t in header.items()
+    }
+    return meta, tensors
+
+
+def _parts(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Saved tensors by owner: {"layers.0.qkv": {"nibbles0": ..., "sz0": ...}, "norm": {"": ...}, ...}."""
+    parts: dict[str, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        owner, _, part = name.partition("/")
+        parts.setdefault(owner, {})[part] = t
+    return parts
+
+
+def _assemble(
+    meta: dict[str, str],
+    parts: dict[str, dict[str, Any]],
+    kinds: dict[str, Kind],
+    linear: Callable[[str], Any],
+    embed: Any,
+) -> Weights[Any, Any, Any]:
+    """The runner's weights from the saved parts: projections (those in kinds) made by `linear`, arrays as saved."""
+
+    def item(name: str) -> Any:
+        return linear(name) if name in kinds else parts[name][""]
+
+    names = [f.name for f in fields(Layer)]
+    layers = [
+        Layer(**{n: item(f"layers.{i}.{n}") for n in names if f"layers.{i}.{n}" in parts})
+        for i in range(int(meta["layers"]))
+    ]
+    return Weights(meta["quantization"], embed, item("lm_head"), item("norm"), layers)  # type: ignore[arg-type]

@@ -1,4 +1,8 @@
-"""torch backends: CUDA (bfloat16 by default) and CPU (float32 by default). Device and dtype are decided here."""
+"""torch backends: CUDA (bfloat16 by default) and CPU (float32 by default). Device and dtype are decided here.
+
+torch itself is imported only where a model needs it: the CPU runner over weights packed for its numba kernels
+(shared.backends.cpu_runner) never does, which is ~1.5 s and ~175 MB of a function's cold start.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +15,19 @@ from typing import TYPE_CHECKING, Any
 
 import numba
 import numpy as np
-import torch
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
+from shared.backends import cpu_runner
 from shared.backends.kernels import KERNELS_DIR, seed_cache
-from shared.backends.llama import LlamaConfig, LlamaRunner, unsupported
+from shared.backends.llama_config import LlamaConfig, unsupported
 from shared.settings import Settings
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    from shared.backends.llama import LlamaRunner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,60 +47,81 @@ class TorchRunner:
     def new_cache(self) -> TorchCache:
         return TorchCache()
 
-    @torch.inference_mode()
     def forward(self, cache: TorchCache, token_ids: Sequence[int]) -> np.ndarray:
+        import torch
+
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)  # (1, T)
-        out = self.model(input_ids=ids, past_key_values=cache.past, use_cache=True, logits_to_keep=1)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, past_key_values=cache.past, use_cache=True, logits_to_keep=1)
         cache.past = out.past_key_values
         cache.length += len(token_ids)
         return out.logits[0, -1].float().cpu().numpy()  # (vocab,)
 
 
 class TorchBackend:
-    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, settings: Settings) -> None:
+    def __init__(self, name: str, dtype: str, settings: Settings) -> None:
         self.name = name
-        self.device = device
-        self._dtype = dtype
-        self.dtype = str(dtype).removeprefix("torch.")
+        self.device_type = "cuda" if name == "cuda" else "cpu"
+        self.dtype = dtype  # the name of a torch dtype: float32, bfloat16
         self.settings = settings
 
-    def load(self, model_dir: Path) -> TorchRunner | LlamaRunner:
+    def load(self, model_dir: Path) -> TorchRunner | LlamaRunner | cpu_runner.CpuRunner:
         """The batched Llama runner where it applies (Llama family), else transformers' own model.
 
         On CPU the runner uses its numba kernels and the quantization asked for; on CUDA the torch ops path in
         the model dtype (bfloat16 by default), unquantized: the CPU's int4 and int8 kernels do not run there.
         """
         s = self.settings
+        cpu = self.device_type == "cpu"
         if s.threads:
-            torch.set_num_threads(s.threads)  # per thread under OpenMP: set here, on the thread the model runs on
             numba.set_num_threads(min(s.threads, numba.get_num_threads()))  # the attention kernel's
-        if self.device.type == "cpu":
+        if cpu:
             seed_cache(s.cache_dir / KERNELS_DIR)  # an image's kernels, compiled when it was built
         config = LlamaConfig.from_dir(model_dir)
         if config is None and s.engine == "batched":
             raw = json.loads((model_dir / "config.json").read_text())
             log.info("the batched runner does not implement %s: serving with transformers' model", unsupported(raw))
-        if config is not None and s.engine == "batched":
-            cpu = self.device.type == "cpu"
+        batched = config is not None and s.engine == "batched"
+        slots, max_len = s.max_running + s.prefix_cache_slots, s.max_model_len or 2048
+        if batched and cpu:
+            assert config is not None
             # Under auto, weights that stay unquantized (not 4-bit groups already: Gemma's Q4_K_M) are kept in
             # bfloat16 unless a dtype is named: more faithful than llama.cpp's own logits on the same GGUF and
             # ~3x faster than float32 (docs/engine.md). Exact float32 is quantization "none".
-            dense = torch.bfloat16 if cpu and s.quantization == "auto" and s.dtype == "auto" else self._dtype
-            return LlamaRunner(
+            dense = "bfloat16" if s.quantization == "auto" and s.dtype == "auto" else self.dtype
+            return cpu_runner.load(
                 model_dir,
                 config,
                 dtype=dense,
-                quantization=s.quantization if cpu else "none",
-                slots=s.max_running + s.prefix_cache_slots,
-                max_len=s.max_model_len or min(2048, config.max_position_embeddings),
-                device=self.device,
+                quantization=s.quantization,
+                slots=slots,
+                max_len=min(max_len, config.max_position_embeddings),
                 packed_dir=s.cache_dir / "packed",
+                threads=s.threads,
+            )
+        import torch
+
+        if s.threads:
+            torch.set_num_threads(s.threads)  # per thread under OpenMP: set here, on the thread the model runs on
+        device, dtype = torch.device(self.device_type), getattr(torch, self.dtype)
+        if batched:
+            from shared.backends.llama import LlamaRunner
+
+            assert config is not None
+            return LlamaRunner(
+                model_dir,
+                config,
+                dtype=dtype,
+                quantization="none",
+                slots=slots,
+                max_len=min(max_len, config.max_position_embeddings),
+                device=device,
             )
         from transformers import AutoModelForCausalLM  # 1.7 s of imports the batched runner never needs
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self._dtype)
-        model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
-        return TorchRunner(model=model, device=self.device, context_length=_context_length(model.config))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
+        return TorchRunner(model=model, device=device, context_length=_context_length(model.config))
 
 
 def _context_length(config: Any) -> int:
@@ -107,6 +133,5 @@ def _context_length(config: Any) -> int:
 
 def create(name: str, settings: Settings) -> TorchBackend:
     """The CPU or CUDA backend with the dtype the settings ask for."""
-    device = torch.device("cuda" if name == "cuda" else "cpu")
-    dtype_name = settings.dtype if settings.dtype != "auto" else ("bfloat16" if name == "cuda" else "float32")
-    return TorchBackend(name, device, _DTYPES[dtype_name], settings)
+    dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if name == "cuda" else "float32")
+    return TorchBackend(name, dtype, settings)

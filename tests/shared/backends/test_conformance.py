@@ -178,18 +178,20 @@ def test_the_device_agnostic_path_gives_the_cpu_kernels_tokens(
     catalog: ModelCatalog, reference: ModelRunner, smol: GenerationModel
 ) -> None:
     """The torch ops path (what CUDA runs) on the CPU, float32: transformers' tokens, and the numba path's."""
-    from shared.backends.llama import LlamaConfig, LlamaRunner
+    from shared.backends import llama
+    from shared.backends.cpu_runner import CpuRunner
+    from shared.backends.llama_config import LlamaConfig
 
     path = model_dir(catalog)
     config = LlamaConfig.from_dir(path)
     assert config is not None
     runners = {
-        kernels: LlamaRunner(
+        kernels: llama.runner(
             path, config, dtype=torch.float32, quantization="none", slots=4, max_len=256, kernels=kernels
         )
         for kernels in ("torch", "numba")
     }
-    assert not runners["torch"].numba and runners["numba"].numba
+    assert isinstance(runners["torch"], llama.LlamaRunner) and isinstance(runners["numba"], CpuRunner)
     for messages in PROMPTS:
         prompt = smol.encode_chat(messages)
         want = greedy(reference, prompt, TOKENS)[0]
@@ -199,12 +201,13 @@ def test_the_device_agnostic_path_gives_the_cpu_kernels_tokens(
 
 def test_the_device_agnostic_path_batched_equals_unbatched(catalog: ModelCatalog, smol: GenerationModel) -> None:
     """Three prompts of different lengths decoded together as rows of one step, and each alone: same tokens."""
-    from shared.backends.llama import LlamaConfig, LlamaRunner
+    from shared.backends import llama
+    from shared.backends.llama_config import LlamaConfig
 
     path = model_dir(catalog)
     config = LlamaConfig.from_dir(path)
     assert config is not None
-    runner = LlamaRunner(path, config, dtype=torch.float32, quantization="none", slots=3, max_len=256, kernels="torch")
+    runner = llama.runner(path, config, dtype=torch.float32, quantization="none", slots=3, max_len=256, kernels="torch")
     prompts = [smol.encode_chat(messages) for messages in PROMPTS]
     alone = [greedy(runner, prompt, TOKENS)[0] for prompt in prompts]
     assert greedy_rows(runner, prompts, TOKENS) == alone
@@ -223,7 +226,7 @@ def test_the_embedded_gemma_runs_batched_with_transformers_tokens(catalog: Model
     default = select_backend(Settings(backend="cpu", max_model_len=256, max_running=2)).load(path)
     reference = select_backend(Settings(backend="cpu", engine="simple")).load(path)
     assert hasattr(exact, "decode") and not hasattr(reference, "decode")
-    assert [r.layers[0].qkv.dtype for r in (exact, default)] == [torch.float32, torch.bfloat16]  # type: ignore[union-attr]
+    assert [r.layers[0].qkv.linear.dtype for r in (exact, default)] == [torch.float32, torch.bfloat16]  # type: ignore[union-attr]
     tokenizer = load_tokenizer(path)
     prompts = [tokenizer(text)["input_ids"] for text in ("The capital of France is", "def fibonacci(n):")]
     wanted = [greedy(reference, prompt, TOKENS) for prompt in prompts]

@@ -12,17 +12,17 @@ import pytest
 import torch
 
 from shared.backends import Chunk, llama
+from shared.backends.cpu_runner import CpuRunner
 from shared.backends.kernels import int4_dot_supported, quantize_inputs, quantize_rows
 from shared.backends.llama import (
     INT8_INPUT_TOP,
     Kind,
     Linear,
-    LlamaConfig,
-    LlamaRunner,
     dense_linear,
     quantize_groups4,
     quantize_groups8,
 )
+from shared.backends.llama_config import LlamaConfig
 from shared.catalog import ModelCatalog
 from shared.settings import Quantization
 from tests.shared.backends.test_conformance import model_dir
@@ -35,12 +35,12 @@ def smol(
     slots: int,
     max_len: int,
     packed_dir: Path | None = None,
-) -> LlamaRunner:
-    """The batched runner on the embedded SmolLM2."""
+) -> CpuRunner:
+    """The batched runner on the embedded SmolLM2, as the CPU runs it."""
     path = model_dir(catalog)
     config = LlamaConfig.from_dir(path)
     assert config is not None
-    return LlamaRunner(
+    runner = llama.runner(
         path,
         config,
         dtype=dtype,
@@ -49,6 +49,8 @@ def smol(
         max_len=max_len,
         packed_dir=packed_dir,
     )
+    assert isinstance(runner, CpuRunner)
+    return runner
 
 
 @pytest.mark.parametrize("quantization", ["int4", "int8"])
@@ -172,7 +174,8 @@ def test_int4_a8_on_a_cpu_without_its_kernel_runs_int4_and_says_so(
     caplog.set_level("WARNING")
     runner = smol(catalog, torch.bfloat16, "int4-a8", 1, 32)
     assert runner.quantization == "int4" and "running int4" in caplog.text
-    projections = [layer.qkv for layer in runner.layers]
+    projections = [layer.qkv.linear for layer in runner.layers if isinstance(layer.qkv, llama.TorchProjection)]
+    assert len(projections) == len(runner.layers)
     assert all(isinstance(p, Linear) and p.quantization == "int4" and not p.dot for p in projections)
 
 
@@ -182,12 +185,12 @@ def test_mixed_runs_int4_for_a_few_rows_and_int8_from_eight(catalog: ModelCatalo
     runners = {q: smol(catalog, torch.bfloat16, q, 16, 256) for q in ("int4", "int8", "mixed")}
     for slot, length in enumerate(lengths):
         runners["int8"].prefill(slot, list(range(100 + slot, 100 + slot + length)), 0)
-    cache = runners["int8"].kv_cache.clone()
+    cache = runners["int8"].kv_cache.copy()
     out = {}
     for q, runner in runners.items():
-        runner.kv_cache.copy_(cache)
+        runner.kv_cache[...] = cache
         one = runner.decode(tokens[:1], lengths[:1])
-        runner.kv_cache.copy_(cache)
+        runner.kv_cache[...] = cache
         out[q] = one, runner.decode(tokens, lengths)
     assert np.array_equal(out["mixed"][0], out["int4"][0])
     assert np.array_equal(out["mixed"][1], out["int8"][1])
@@ -221,13 +224,13 @@ def test_the_kv_cache_takes_memory_only_for_positions_in_use(catalog: ModelCatal
     runner = smol(catalog, torch.bfloat16, "int4", 32, 2048)
     runner.prefill(3, list(range(100, 200)), 0)
     cache = runner.kv_cache
-    size = cache.numel() * cache.element_size()
-    resident = _resident_bytes(cache.data_ptr())
+    size = cache.nbytes
+    resident = _resident_bytes(cache.ctypes.data)
     config = runner.config
     per_position = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2  # float16 keys and values
     assert size > 2**30
     assert 100 * per_position <= resident < 4 * 100 * per_position + (1 << 20)  # pages round each (layer, head) up
-    assert cache[:, :, 3, :, :100].float().abs().sum() > 0
+    assert np.abs(cache[:, :, 3, :, :100].astype(np.float32)).sum() > 0
     assert not cache[:, :, 3, :, 128:].any()  # past the prompt's block of keys the slot still reads as zeros
 
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from shared.backends.llama import Linear, LlamaConfig, LlamaRunner
+from shared.backends import llama
+from shared.backends.llama import Linear
+from shared.backends.llama_config import LlamaConfig
 from shared.backends.torch_backend import TorchRunner, create
 from shared.settings import Settings
 
@@ -65,7 +67,7 @@ def test_an_implemented_checkpoint_runs_batched_and_matches_transformers(
     model = tiny_model(tmp_path, model_type, **overrides)
     config = LlamaConfig.from_dir(tmp_path)
     assert config is not None
-    runner = LlamaRunner(tmp_path, config, dtype=torch.float32, quantization="none", slots=2, max_len=64)
+    runner = llama.runner(tmp_path, config, dtype=torch.float32, quantization="none", slots=2, max_len=64)
     runner.prefill(0, TOKENS[:-1], 0)
     logits = runner.decode([TOKENS[-1]], [len(TOKENS) - 1])[0]
     assert np.allclose(logits, reference(model), atol=1e-4)
@@ -120,7 +122,7 @@ def test_gemma3_runs_batched_and_matches_transformers(tmp_path: Path, kernels: L
     model.save_pretrained(tmp_path)
     config = LlamaConfig.from_dir(tmp_path)
     assert config is not None and config.gemma and config.layer_windows == (4, None)
-    runner = LlamaRunner(
+    runner = llama.runner(
         tmp_path, config, dtype=torch.float32, quantization="none", slots=2, max_len=64, kernels=kernels
     )
     runner.prefill(1, TOKENS[:3], 0)  # a prompt cut into two chunks
@@ -135,9 +137,11 @@ def test_a_tied_embedding_is_held_once_in_bfloat16(tmp_path: Path, tied: bool) -
     model = tiny_model(tmp_path, "gemma3_text", **{**GEMMA, "tie_word_embeddings": tied})
     config = LlamaConfig.from_dir(tmp_path)
     assert config is not None
-    runner = LlamaRunner(tmp_path, config, dtype=torch.bfloat16, quantization="none", slots=2, max_len=64)
-    assert runner.embed.dense is not None and isinstance(runner.lm_head, Linear)
-    shared = runner.lm_head.weight.untyped_storage().data_ptr() == runner.embed.dense.untyped_storage().data_ptr()
+    runner = llama.runner(tmp_path, config, dtype=torch.bfloat16, quantization="none", slots=2, max_len=64)
+    assert isinstance(runner.embed, llama.TorchEmbedding) and isinstance(runner.lm_head, llama.TorchProjection)
+    dense, head = runner.embed.embedding.dense, runner.lm_head.linear
+    assert dense is not None and isinstance(head, Linear)
+    shared = head.weight.untyped_storage().data_ptr() == dense.untyped_storage().data_ptr()
     assert shared is tied
     runner.prefill(0, TOKENS[:-1], 0)
     logits = runner.decode([TOKENS[-1]], [len(TOKENS) - 1])[0]

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from shared.backends import llama
+from shared.backends.cpu_runner import CpuRunner
 from shared.backends.kernels import int4_dot_supported
-from shared.backends.llama import LlamaConfig, LlamaRunner
+from shared.backends.llama_config import LlamaConfig
 from shared.catalog import ModelCatalog
 from tests.shared.backends.test_conformance import model_dir
 from tests.shared.backends.test_llama import smol
@@ -23,10 +25,10 @@ def test_packed_weights_kept_from_one_start_give_the_same_bits_at_the_next(
     """`auto` packs SmolLM2 to int4 once and keeps it; the next start maps that file (no check, no packing) and
     computes the same logits, bit for bit. A damaged file is packed and written again."""
 
-    def start() -> LlamaRunner:
+    def start() -> CpuRunner:
         return smol(catalog, torch.float32, "auto", 4, 64, packed_dir=tmp_path)
 
-    def logits(runner: LlamaRunner) -> np.ndarray:
+    def logits(runner: CpuRunner) -> np.ndarray:
         runner.prefill(1, [1, 504, 3459, 282, 4649, 314], 0)
         return runner.decode([28, 46, 9], [6, 0, 0])
 
@@ -64,7 +66,7 @@ def test_auto_remembers_a_checkpoint_that_is_not_4_bit(tmp_path: Path, caplog: p
     assert config is not None
     caplog.set_level("INFO")
     for _ in range(2):
-        runner = LlamaRunner(
+        runner = llama.runner(
             model, config, dtype=torch.float32, quantization="auto", slots=1, max_len=32, packed_dir=tmp_path / "p"
         )
         assert runner.quantization == "none"
@@ -86,15 +88,15 @@ def test_files_another_version_made_are_removed_once_unused_for_a_week_and_other
     mark = Weights("none", Embedding(row, torch.float32, None), Linear(row, torch.float32, "none"), row[0], [])
     current = packed.PACK_FORMAT
     monkeypatch.setattr(packed, "PACK_FORMAT", current - 1)
-    earlier = packed.PackedWeights(tmp_path, path, "auto", torch.float32)
+    earlier = packed.PackedWeights(tmp_path, path, "auto", "float32")
     earlier.save(mark)
     monkeypatch.setattr(packed, "PACK_FORMAT", current)
-    other = packed.PackedWeights(tmp_path, path, "auto", torch.bfloat16)
+    other = packed.PackedWeights(tmp_path, path, "auto", "bfloat16")
     other.save(mark)
     assert earlier.path.exists() and other.path.exists()  # just written: maybe another install's, kept
     week = time.time() - packed.UNUSED_FOR - 60
     os.utime(earlier.path, (week, week))
-    now = packed.PackedWeights(tmp_path, path, "auto", torch.float32)
+    now = packed.PackedWeights(tmp_path, path, "auto", "float32")
     now.save(mark)
     assert sorted(tmp_path.iterdir()) == sorted([other.path, now.path])
     assert now.quantization() == other.quantization() == "none"

@@ -67,7 +67,8 @@ def test_int4_stays_close_to_the_weights_own_distribution(catalog: ModelCatalog,
     docs/engine.md), with bfloat16 inputs and with 8-bit ones. A 4-bit output head alone made it 0.05."""
     from transformers import AutoTokenizer
 
-    from shared.backends.llama import LlamaConfig, LlamaRunner
+    from shared.backends import llama
+    from shared.backends.llama_config import LlamaConfig
 
     path = model_dir(catalog)
     config = LlamaConfig.from_dir(path)
@@ -76,7 +77,7 @@ def test_int4_stays_close_to_the_weights_own_distribution(catalog: ModelCatalog,
     ids = AutoTokenizer.from_pretrained(path)(text)["input_ids"][:160]
 
     def logprobs(quantization: str, dtype: torch.dtype) -> np.ndarray:
-        runner = LlamaRunner(path, config, dtype=dtype, quantization=quantization, slots=1, max_len=256)  # type: ignore[arg-type]
+        runner = llama.runner(path, config, dtype=dtype, quantization=quantization, slots=1, max_len=256)  # type: ignore[arg-type]
         runner.prefill(0, ids[:32], 0)
         logits = np.stack([runner.decode([ids[p]], [p])[0] for p in range(32, len(ids))]).astype(np.float64)
         return (
@@ -94,13 +95,14 @@ def test_auto_takes_int4_only_where_nothing_rounds_twice(catalog: ModelCatalog, 
     """SmolLM2's Q4_1 layers come back exactly at 4 bits: int4 (with 8-bit inputs where the CPU has that kernel,
     as faithful as llama.cpp's arithmetic and faster under load). Gemma's Q4_K_M (Q4_K and Q6_K blocks) would round
     again (KL 0.31 against float32 where llama.cpp's own is 0.005, docs/engine.md): served as stored."""
-    from shared.backends.llama import LlamaConfig, LlamaRunner
+    from shared.backends import llama
+    from shared.backends.llama_config import LlamaConfig
     from tests.shared.backends.test_llama_configs import tiny_model
 
     def resolved(path: Path) -> str:
         config = LlamaConfig.from_dir(path)
         assert config is not None
-        return LlamaRunner(path, config, dtype=torch.float32, quantization="auto", slots=1, max_len=32).quantization
+        return llama.runner(path, config, dtype=torch.float32, quantization="auto", slots=1, max_len=32).quantization
 
     gemma = resolve_generation_model(catalog.config("gemma-3-270m"), catalog.settings.cache_dir)
     tiny_model(tmp_path)  # float weights

@@ -16,8 +16,8 @@ import httpx
 import pytest
 import torch
 
-from shared.backends import BatchRunner
-from shared.backends.llama import LlamaConfig, LlamaRunner
+from shared.backends import BatchRunner, llama
+from shared.backends.llama_config import LlamaConfig
 from shared.catalog import ModelCatalog
 from shared.errors import FnserveError, OverloadedError
 from shared.generation.engine import Engine
@@ -93,7 +93,7 @@ def test_a_second_model_answers_while_the_first_is_busy(server_url: str) -> None
 class Faulty:
     """The real batched runner, with a fault injected on demand into one of its methods."""
 
-    def __init__(self, runner: LlamaRunner) -> None:
+    def __init__(self, runner: BatchRunner) -> None:
         self.runner = runner
         self.broken: str | None = None
 
@@ -115,7 +115,7 @@ def faulty(catalog: ModelCatalog) -> Iterator[tuple[Engine, Faulty]]:
     path = model_dir(catalog)
     config = LlamaConfig.from_dir(path)
     assert config is not None
-    runner = Faulty(LlamaRunner(path, config, dtype=torch.bfloat16, quantization="auto", slots=6, max_len=256))
+    runner = Faulty(llama.runner(path, config, dtype=torch.bfloat16, quantization="auto", slots=6, max_len=256))
     engine = Engine(lambda: cast(BatchRunner, runner), max_running=4, name="faulty")
     yield engine, runner
     engine.close()
