@@ -76,6 +76,57 @@ class BatchRunner(Protocol):
         ...
 
 
+class BatchSteps:
+    """A batched runner's step, prefill and decode, around its `_logits` (the runner's forward pass)."""
+
+    context_length: int
+
+    def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
+        """Run token_ids for one sequence at positions start.. in its slot; the last position's logits."""
+        logits = self.step([], [], Chunk(slot, token_ids, start))[1]
+        assert logits is not None
+        return logits
+
+    def decode(self, token_ids: list[int], positions: list[int]) -> np.ndarray:
+        """One token for each sequence in slots 0..B-1 at its position; logits (B, vocab) float32."""
+        return self.step(token_ids, positions, None)[0]
+
+    def step(
+        self, token_ids: list[int], positions: list[int], chunk: Chunk | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A decode token for each of slots 0..B-1 and a prompt chunk of one slot, in one pass over the weights.
+
+        Returns the decode rows' logits (B, vocab) and the chunk's last position's logits (vocab,), or None.
+        A few decode rows read every weight anyway, so a chunk that rides along costs little more than the
+        rows it adds (and with `mixed`, from 8 rows the whole step uses the faster int8 matmuls).
+        """
+        self._check(positions, chunk)
+        b = len(token_ids)
+        logits = self._logits(token_ids, np.asarray(positions, dtype=np.int64), chunk)
+        return logits[:b], (logits[b] if chunk else None)
+
+    def _check(self, positions: list[int], chunk: Chunk | None) -> None:
+        if max(positions, default=0) >= self.context_length or (
+            chunk and chunk.start + len(chunk.token_ids) > self.context_length
+        ):
+            raise ValueError(f"positions past the KV cache's {self.context_length}")
+
+    def _logits(self, token_ids: list[int], positions: np.ndarray, chunk: Chunk | None) -> np.ndarray:
+        """Float32 logits of the decode rows, then of the chunk's last position."""
+        raise NotImplementedError
+
+
+def step_rows(positions: np.ndarray, chunk: Chunk | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's cache slot and position in a step: decode rows in slots 0..B-1 at their positions, then the
+    chunk's tokens in its slot, at chunk.start onwards."""
+    b, t = len(positions), len(chunk.token_ids) if chunk else 0
+    slots = np.arange(b + t, dtype=np.int64)
+    if not chunk:
+        return slots, positions
+    slots[b:] = chunk.slot
+    return slots, np.concatenate([positions, np.arange(chunk.start, chunk.start + t, dtype=np.int64)])
+
+
 class Backend(Protocol):
     name: str
     dtype: str

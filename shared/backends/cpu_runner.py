@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from shared.backends import Chunk
+from shared.backends import BatchSteps, Chunk, step_rows
 from shared.backends.kernels import (
     KEY_BLOCK,
     attention,
@@ -109,43 +109,6 @@ def rope_tables(theta: float, head_dim: int, length: int) -> tuple[np.ndarray, n
     return np.cos(angles), signed_sin
 
 
-class BatchSteps:
-    """A batched runner's step, prefill and decode, around its `_logits` (the runner's forward pass)."""
-
-    context_length: int
-
-    def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
-        """Run token_ids for one sequence at positions start.. in its slot; the last position's logits."""
-        logits = self.step([], [], Chunk(slot, token_ids, start))[1]
-        assert logits is not None
-        return logits
-
-    def decode(self, token_ids: list[int], positions: list[int]) -> np.ndarray:
-        """One token for each sequence in slots 0..B-1 at its position; logits (B, vocab) float32."""
-        return self.step(token_ids, positions, None)[0]
-
-    def step(
-        self, token_ids: list[int], positions: list[int], chunk: Chunk | None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """A decode token for each of slots 0..B-1 and a prompt chunk of one slot, in one pass over the weights.
-
-        Returns the decode rows' logits (B, vocab) and the chunk's last position's logits (vocab,), or None.
-        A few decode rows read every weight anyway, so a chunk that rides along costs little more than the
-        rows it adds (and with `mixed`, from 8 rows the whole step uses the faster int8 matmuls).
-        """
-        if max(positions, default=0) >= self.context_length or (
-            chunk and chunk.start + len(chunk.token_ids) > self.context_length
-        ):
-            raise ValueError(f"positions past the KV cache's {self.context_length}")
-        b = len(token_ids)
-        logits = self._logits(token_ids, np.asarray(positions, dtype=np.int64), chunk)
-        return logits[:b], (logits[b] if chunk else None)
-
-    def _logits(self, token_ids: list[int], positions: np.ndarray, chunk: Chunk | None) -> np.ndarray:
-        """Float32 logits of the decode rows, then of the chunk's last position."""
-        raise NotImplementedError
-
-
 class CpuRunner(BatchSteps):
     """The model plus its KV cache, on the CPU. Not thread-safe: one engine thread drives it.
 
@@ -227,10 +190,7 @@ class CpuRunner(BatchSteps):
         x = self.embed(token_ids + (chunk.token_ids if chunk else []))
         if self._embed_scale is not None:
             x = x * self._embed_scale
-        slots, rows = np.arange(n, dtype=np.int64), positions
-        if chunk:
-            slots[b:] = chunk.slot
-            rows = np.concatenate([positions, np.arange(chunk.start, chunk.start + t, dtype=np.int64)])
+        slots, rows = step_rows(positions, chunk)
         for i, layer in enumerate(self.layers):
             qkv = _biased(layer.qkv(self._norm(x, layer.attn_norm)), layer.qkv_bias)  # (N, Q+2KV)
             if layer.q_norm is not None and layer.k_norm is not None:  # per head, before the rotation

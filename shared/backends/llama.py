@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from shared.backends import Chunk
+from shared.backends import BatchSteps, Chunk, step_rows
 from shared.backends.cpu_runner import (
-    BatchSteps,
     ByteEmbedding,
     CpuRunner,
     CpuWeights,
@@ -520,10 +519,7 @@ class LlamaRunner(BatchSteps):
         x = self.embed(token_ids + (chunk.token_ids if chunk else []))
         if self._embed_scale is not None:
             x = x * self._embed_scale
-        slots, rows = np.arange(n, dtype=np.int64), positions
-        if chunk:
-            slots[b:] = chunk.slot
-            rows = np.concatenate([positions, np.arange(chunk.start, chunk.start + t, dtype=np.int64)])
+        slots, rows = step_rows(positions, chunk)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(self._norm(x, layer.attn_norm)).float()  # (N, Q+2KV)
             if layer.qkv_bias is not None:

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from mlx_lm.models.cache import BatchKVCache, KVCache, RotatingKVCache, make_prompt_cache  # noqa: E402
 from mlx_lm.utils import load_model  # noqa: E402
 
-from shared.backends import Chunk  # noqa: E402
+from shared.backends import BatchSteps, Chunk  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
@@ -165,7 +165,7 @@ def _pad_left(a: mx.array, n: int, end: int) -> mx.array:
     return mx.concatenate([mx.zeros((a.shape[0], a.shape[1], n, a.shape[3]), a.dtype), a[:, :, :end]], axis=2)
 
 
-class MLXBatchRunner:
+class MLXBatchRunner(BatchSteps):
     """Continuous batching on MLX, behind the engine's BatchRunner interface.
 
     A slot's cache lives in one place: a sequence's own prompt cache while its prompt runs in chunks (and for
@@ -182,21 +182,10 @@ class MLXBatchRunner:
         self._rows = _Rows(self._layers)
         self._own: dict[int, Content] = {}  # slots whose cache is not a decode row
 
-    def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
-        logits = self.step([], [], Chunk(slot, token_ids, start))[1]
-        assert logits is not None
-        return logits
-
-    def decode(self, token_ids: list[int], positions: list[int]) -> np.ndarray:
-        return self.step(token_ids, positions, None)[0]
-
     def step(
         self, token_ids: list[int], positions: list[int], chunk: Chunk | None
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        if max(positions, default=0) >= self.context_length or (
-            chunk and chunk.start + len(chunk.token_ids) > self.context_length
-        ):
-            raise ValueError(f"positions past the context length {self.context_length}")
+        self._check(positions, chunk)
         chunk_logits = self._chunk(chunk) if chunk else None
         if not token_ids:
             return np.zeros((0, 0), np.float32), chunk_logits
