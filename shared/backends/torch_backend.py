@@ -82,9 +82,8 @@ class TorchBackend:
             raw = json.loads((model_dir / "config.json").read_text())
             log.info("the batched runner does not implement %s: serving with transformers' model", unsupported(raw))
         batched = config is not None and s.engine == "batched"
-        slots, max_len = s.max_running + s.prefix_cache_slots, s.max_model_len or 2048
-        if batched and cpu:
-            assert config is not None
+        slots = s.max_running + s.prefix_cache_slots
+        if config is not None and batched and cpu:
             # Under auto, weights that stay unquantized (not 4-bit groups already: Gemma's Q4_K_M) are kept in
             # bfloat16 unless a dtype is named: more faithful than llama.cpp's own logits on the same GGUF and
             # ~3x faster than float32 (docs/engine.md). Exact float32 is quantization "none".
@@ -95,7 +94,7 @@ class TorchBackend:
                 dtype=dense,
                 quantization=s.quantization,
                 slots=slots,
-                max_len=min(max_len, config.max_position_embeddings),
+                max_len=s.max_model_len or min(2048, config.max_position_embeddings),
                 packed_dir=s.cache_dir / "packed",
                 threads=s.threads,
             )
@@ -104,17 +103,16 @@ class TorchBackend:
         if s.threads:
             torch.set_num_threads(s.threads)  # per thread under OpenMP: set here, on the thread the model runs on
         device, dtype = torch.device(self.device_type), getattr(torch, self.dtype)
-        if batched:
+        if config is not None and batched:
             from shared.backends.llama import LlamaRunner
 
-            assert config is not None
             return LlamaRunner(
                 model_dir,
                 config,
                 dtype=dtype,
                 quantization="none",
                 slots=slots,
-                max_len=min(max_len, config.max_position_embeddings),
+                max_len=s.max_model_len or min(2048, config.max_position_embeddings),
                 device=device,
             )
         from transformers import AutoModelForCausalLM  # 1.7 s of imports the batched runner never needs
