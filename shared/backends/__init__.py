@@ -159,7 +159,10 @@ def _cuda_missing(auto: bool) -> str | None:
     weights never pays) is checked first: a CPU-only torch build, or a Linux machine with no NVIDIA device node."""
     if reason := _torch_missing():
         return reason
-    version = importlib.metadata.version("torch")
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # a torch without its distribution's metadata: ask torch
+        version = ""
     if version.endswith("+cpu"):
         return f"no CUDA device for torch {version}, a CPU-only build"
     if platform.system() == "Linux" and not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/dxg")):

@@ -635,11 +635,11 @@ def cpu_weights(
         return None if t is None else t.numpy()
 
     def layer(torch_layer: Layer[torch.Tensor, Linear | MixedLinear]) -> Layer[np.ndarray, Projection]:
-        values: dict[str, Any] = {f.name: getattr(torch_layer, f.name) for f in fields(Layer)}
-        arrays: dict[str, Any] = {
-            k: project(v) if isinstance(v, Linear | MixedLinear) else array(v) for k, v in values.items()
-        }
-        return Layer(**arrays)
+        parts: dict[str, Any] = {}
+        for f in fields(Layer):
+            value = getattr(torch_layer, f.name)
+            parts[f.name] = project(value) if isinstance(value, Linear | MixedLinear) else array(value)
+        return Layer(**parts)
 
     layers = [layer(t) for t in weights.layers]
     e = weights.embed

@@ -203,28 +203,27 @@ class PackedWeights:
                 continue
 
 
-def _header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """A safetensors file's tensors (name: dtype, shape, data_offsets) and its metadata."""
+def _header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
+    """A safetensors file's tensors (name: dtype, shape, data_offsets), its metadata, and where its data starts:
+    the format is an 8-byte header size, a JSON header of offsets, then the data."""
     with path.open("rb") as f:
         size = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(size))
-    return header, header.pop("__metadata__", {})
+    return header, header.pop("__metadata__", {}), 8 + size
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]] | None:
     """A safetensors file's metadata and tensors as numpy arrays that map it, or None when there is no file.
-    safetensors' own numpy loader copies each tensor (0.1 s and the weights' size in memory here); the format is
-    an 8-byte header size, a JSON header of offsets, then the data. The mapping is private, as torch's of the
-    same file: the arrays are writable (numba compiles read-only arrays' kernels apart) and the file unchanged."""
+    safetensors' own numpy loader copies each tensor (0.1 s and the weights' size in memory here). The mapping is
+    private, as torch's of the same file: the arrays are writable (numba compiles read-only arrays' kernels apart)
+    and the file unchanged."""
     try:
+        header, meta, start = _header(path)
         with path.open("rb") as f:
             pages = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except FileNotFoundError:
         return None
-    size = struct.unpack("<Q", pages[:8])[0]
-    header = json.loads(pages[8 : 8 + size])
-    meta = header.pop("__metadata__", {})
-    data = memoryview(pages)[8 + size :]
+    data = memoryview(pages)[start:]
     tensors = {
         name: np.frombuffer(data[t["data_offsets"][0] : t["data_offsets"][1]], _ELEMENTS[t["dtype"]]).reshape(
             t["shape"]

@@ -83,6 +83,7 @@ class TorchBackend:
             log.info("the batched runner does not implement %s: serving with transformers' model", unsupported(raw))
         batched = config is not None and s.engine == "batched"
         slots = s.max_running + s.prefix_cache_slots
+        max_len = s.max_model_len or min(2048, config.max_position_embeddings if config else 2048)
         if config is not None and batched and cpu:
             # Under auto, weights that stay unquantized (not 4-bit groups already: Gemma's Q4_K_M) are kept in
             # bfloat16 unless a dtype is named: more faithful than llama.cpp's own logits on the same GGUF and
@@ -94,7 +95,7 @@ class TorchBackend:
                 dtype=dense,
                 quantization=s.quantization,
                 slots=slots,
-                max_len=s.max_model_len or min(2048, config.max_position_embeddings),
+                max_len=max_len,
                 packed_dir=s.cache_dir / "packed",
                 threads=s.threads,
             )
@@ -112,7 +113,7 @@ class TorchBackend:
                 dtype=dtype,
                 quantization="none",
                 slots=slots,
-                max_len=s.max_model_len or min(2048, config.max_position_embeddings),
+                max_len=max_len,
                 device=device,
             )
         from transformers import AutoModelForCausalLM  # 1.7 s of imports the batched runner never needs
