@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numba
 import numpy as np
@@ -56,6 +57,7 @@ _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.
 _V16F, _V16I, _V32H, _V32BF = (ir.VectorType(t, n) for t, n in ((_F32, 16), (_I32, 16), (_I16, 32), (_BFloat16(), 32)))
 _V32I, _V32F, _V32B = ir.VectorType(_I32, 32), ir.VectorType(_F32, 32), ir.VectorType(_I8, 32)
 _V64B = ir.VectorType(_I8, 64)
+_V16W, _V8I = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
 # bfloat16 bits of q - 8 for a 4-bit q, twice: vpermw reads 5 bits of each index, and the fifth is the other nibble's
 _NIBBLE_VALUES = [int(np.float32(q % 16 - 8).view(np.uint32)) >> 16 for q in range(32)]
 
@@ -89,12 +91,8 @@ define i16 @narrow(float %x) {
 """
 
 
-@functools.cache
-def float16_native() -> bool:
-    """Whether the CPU numba compiles for (NUMBA_CPU_NAME, else this host) converts float16 by instructions: F16C
-    on x86 (in x86-64-v3), any AArch64. Elsewhere (x86's `generic`, x86-64-v2) LLVM calls conversion helpers that
-    numba cannot link, and the process aborts: the float16 KV cache needs it (the runner keeps float32 without).
-    Found by compiling the two conversions for that CPU and looking for the helpers' calls."""
+def _target_assembly(module: str) -> str:
+    """LLVM IR compiled to assembly for the CPU numba compiles for (NUMBA_CPU_NAME, else this host)."""
     from llvmlite import binding
 
     binding.initialize_native_target()
@@ -103,8 +101,48 @@ def float16_native() -> bool:
     if cpu in (None, "host"):
         cpu, features = binding.get_host_cpu_name(), binding.get_host_cpu_features().flatten()
     machine = binding.Target.from_default_triple().create_target_machine(cpu=cpu, features=features or "")
-    code = machine.emit_assembly(binding.parse_assembly(_HALF_PROBE))
+    return str(machine.emit_assembly(binding.parse_assembly(module)))
+
+
+@functools.cache
+def float16_native() -> bool:
+    """Whether the CPU numba compiles for (NUMBA_CPU_NAME, else this host) converts float16 by instructions: F16C
+    on x86 (in x86-64-v3), any AArch64. Elsewhere (x86's `generic`, x86-64-v2) LLVM calls conversion helpers that
+    numba cannot link, and the process aborts: the float16 KV cache needs it (the runner keeps float32 without).
+    Found by compiling the two conversions for that CPU and looking for the helpers' calls."""
+    code = _target_assembly(_HALF_PROBE)
     return "__extendhfsf2" not in code and "__truncsfhf2" not in code
+
+
+_AVX2_PROBE = """
+define <16 x i16> @words(<16 x i16> %a, <16 x i16> %b) {
+  %sum = add <16 x i16> %a, %b
+  ret <16 x i16> %sum
+}
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
+define <8 x float> @fused(<8 x float> %a, <8 x float> %b, <8 x float> %c) {
+  %r = call <8 x float> @llvm.fma.v8f32(<8 x float> %a, <8 x float> %b, <8 x float> %c)
+  ret <8 x float> %r
+}
+"""
+
+
+@functools.cache
+def dot_kernels() -> Literal["avx512", "avx2"] | None:
+    """Which instructions the 4- and 8-bit dot kernels take on the CPU numba compiles for: "avx512" where this
+    host has AVX-512 BF16, BW and VNNI (every kernel: int4_matmul, int8_matmul, int4_a8_matmul), "avx2" on another
+    x86 CPU with AVX2 and FMA, or a named one (an image's NUMBA_CPU_NAME=x86-64-v3) that has them (int4_a8_matmul,
+    int8_matmul), None elsewhere (torch's kernels then). A named CPU's features are found by compiling 256-bit
+    integer adds and a fused multiply-add for it and looking for ymm instructions (a call to fmaf without FMA)."""
+    from llvmlite import binding
+
+    if getattr(numba.config, "CPU_NAME", None) in (None, "host"):
+        features = binding.get_host_cpu_features()
+        if all(features.get(f) for f in ("avx512f", "avx512bw", "avx512bf16", "avx512vnni")):
+            return "avx512"
+        return "avx2" if features.get("avx2") and features.get("fma") else None
+    code = _target_assembly(_AVX2_PROBE)
+    return "avx2" if re.search(r"vpaddw\s+%ymm", code) and re.search(r"vfmadd\w+\s+%ymm", code) else None
 
 
 KEY_BLOCK = 32  # positions of a block of keys, stored position-minor: one 64-byte line per dimension (float16)
@@ -465,19 +503,13 @@ def seed_cache(prebuilt: Path) -> None:
 
 
 INT4_TILE_ROWS = 8  # rows of one int4 task: each decoded weight serves 8 rows (8 x 16 columns fit the registers)
+AVX2_ROWS = 4  # rows an AVX2 tile runs at once (see _row_chunks)
 INT8_TILE_ROWS = 16  # of an int8 task: its conversions cost more, so 16 rows share each (6 against 7.5 ms, the head)
 
 
 def int4_dot_supported() -> bool:
-    """Whether this process compiles numba's kernels for a CPU with AVX-512 BF16 (its bfloat16 dot product),
-    AVX-512 BW (vpermw) and AVX-512 VNNI (vpdpbusd), which int4_matmul, int8_matmul and int4_a8_matmul need.
-    Kernels compiled for another CPU (an image's NUMBA_CPU_NAME) never use them."""
-    from llvmlite import binding
-
-    if getattr(numba.config, "CPU_NAME", None) not in (None, "host"):
-        return False
-    features = binding.get_host_cpu_features()
-    return all(features.get(f) for f in ("avx512f", "avx512bw", "avx512bf16", "avx512vnni"))
+    """Whether int4_matmul (AVX-512 BF16's bfloat16 dot products) runs: dot_kernels() is "avx512"."""
+    return dot_kernels() == "avx512"
 
 
 def _tile_arguments(context: Any, builder: Any, signature: Any, args: Any) -> tuple[list[Any], Any, Any]:
@@ -581,45 +613,95 @@ def _int4_tile(rows: int) -> Callable[..., None]:
     return intrinsic(typer)
 
 
-def _int8_tile(rows: int) -> Callable[..., None]:
-    """tile(pairs, sums, bytes, scales, out, r0, block): out[r0 : r0 + rows, 16 block : 16 block + 16] (see
-    int8_matmul), as LLVM vector code, the signature of _int4_tile's (sums unused: no zero points)."""
+def _madd(builder: Any, name: str) -> Any:
+    """AVX2's pmaddubsw ("ub.sw": unsigned bytes times signed bytes, adjacent products summed into 16 int16s)
+    or pmaddwd ("wd": int16s times int16s, adjacent products summed into 8 int32s)."""
+    arguments, result = {"ub.sw": (_V32B, _V16W), "wd": (_V16W, _V8I)}[name]
+    return cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(result, [arguments] * 2), f"llvm.x86.avx2.pmadd.{name}"
+    )
 
-    def typer(typingctx: Any, pairs: Any, sums: Any, weights: Any, scales: Any, out: Any, r0: Any, block: Any) -> Any:
-        sig = types.void(pairs, sums, weights, scales, out, r0, block)
+
+def _half(builder: Any, vector: Any, which: int) -> Any:
+    """The low (0) or high (1) half of a vector's lanes."""
+    lanes = vector.type.count // 2
+    mask = ir.Constant(ir.VectorType(_I32, lanes), [which * lanes + i for i in range(lanes)])
+    return builder.shuffle_vector(vector, vector, mask)
+
+
+def _join(builder: Any, low: Any, high: Any) -> Any:
+    """Two vectors' lanes, low's first."""
+    lanes = low.type.count * 2
+    return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, lanes), list(range(lanes))))
+
+
+def _row_chunks(rows: int, isa: str | None) -> list[tuple[int, int]]:
+    """A tile's rows as (first, count) runs: all at once with AVX-512's 32 registers, AVX2_ROWS at a time with
+    AVX2's 16 (a run's sums of 16 columns take two registers a row there)."""
+    step = rows if isa == "avx512" else AVX2_ROWS
+    return [(r, min(step, rows - r)) for r in range(0, rows, step)]
+
+
+def _int8_tile(rows: int) -> Callable[..., None]:
+    """tile(inputs, steps, bytes, scales, out, r0, block): out[r0 : r0 + rows, 16 block : 16 block + 16] (see
+    int8_matmul; inputs: the rows' 16-bit values, two to an int32, and steps their groups'), as LLVM vector code,
+    the signature of _int4_tile's. AVX-512 VNNI's vpdpwssd sums two 16-bit products into an int32; AVX2
+    (dot_kernels()) takes pmaddwd and an add for it: the same integers, and the same float arithmetic after."""
+
+    def typer(typingctx: Any, pairs: Any, steps: Any, weights: Any, scales: Any, out: Any, r0: Any, block: Any) -> Any:
+        sig = types.void(pairs, steps, weights, scales, out, r0, block)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            (pairs_, _, weights_, scales_, out_), first, block = _tile_arguments(context, builder, signature, args)
-            width = cgutils.unpack_tuple(builder, pairs_.shape, 2)[1]  # K / 2: bfloat16 pairs a row
+            (pairs_, steps_, weights_, scales_, out_), first, block = _tile_arguments(context, builder, signature, args)
+            width = cgutils.unpack_tuple(builder, pairs_.shape, 2)[1]  # K / 2: input pairs a row
             n = cgutils.unpack_tuple(builder, out_.shape, 2)[1]
             groups = builder.udiv(width, _i64(16))
+            isa = dot_kernels()
             dot = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_V16F, [_V16F, _V32BF, _V32BF]), "llvm.x86.avx512bf16.dpbf16ps.512"
+                builder.module, ir.FunctionType(_V16I, [_V16I] * 3), "llvm.x86.avx512.vpdpwssd.512"
             )
             fma = _fma(builder, 16)
             column = builder.mul(block, _i64(16))
-            x_rows = builder.gep(pairs_.data, [builder.mul(first, width)])
             block_bytes = builder.gep(weights_.data, [builder.mul(block, builder.mul(width, _i64(32)))])
 
-            def step_body(step: Any, dots: list[Any]) -> None:  # 2 inputs a step, 32 a group
-                # byte 2j + t: column j's input 2 step + t, an integer of -127..127: exact in bfloat16
-                values = _load(builder, block_bytes, builder.mul(step, _i64(32)), _V32B, 1)
-                floats = builder.sitofp(values, _V32F)
-                pair_values = builder.fptrunc(floats, _V32BF)
-                for r, acc in enumerate(dots):
+            def run(r0: Any, count: int) -> None:
+                x_rows = builder.gep(pairs_.data, [builder.mul(r0, width)])
+                step_rows = builder.gep(steps_.data, [builder.mul(r0, groups)])
+
+                def pair(r: int, step: Any) -> Any:
+                    """Row r's 16-bit inputs 2 step and 2 step + 1 in every lane."""
                     x = builder.load(builder.gep(x_rows, [builder.add(builder.mul(_i64(r), width), step)]))
-                    x = builder.bitcast(_splat(builder, x, _V16I), _V32BF)
-                    builder.store(builder.call(dot, [builder.load(acc), x, pair_values]), acc)
+                    return _splat(builder, x, _V16I)
 
-            def group_end(g: Any, dots: list[Any], totals: list[Any]) -> None:
-                scale = _load(
-                    builder, scales_.data, builder.mul(builder.add(builder.mul(block, groups), g), _i64(16)), _V16F, 4
-                )
-                for acc, total in zip(dots, totals, strict=True):
-                    builder.store(builder.call(fma, [scale, builder.load(acc), builder.load(total)]), total)
+                def step_body(step: Any, dots: list[Any]) -> None:  # 2 inputs a step, 32 a group
+                    # byte 2j + t: column j's input 2 step + t, an integer of -127..127, widened to 16 bits
+                    values = _load(builder, block_bytes, builder.mul(step, _i64(32)), _V32B, 1)
+                    words = builder.sext(values, _V32H)
+                    for r, acc in enumerate(dots):
+                        if isa == "avx512":
+                            builder.store(
+                                builder.call(dot, [builder.load(acc), builder.bitcast(words, _V16I), pair(r, step)]),
+                                acc,
+                            )
+                            continue
+                        x = builder.bitcast(_half(builder, pair(r, step), 0), _V16W)
+                        halves = (builder.call(_madd(builder, "wd"), [_half(builder, words, h), x]) for h in (0, 1))
+                        builder.store(builder.add(builder.load(acc), _join(builder, *halves)), acc)
 
-            totals = _tile_groups(builder, rows, groups, 16, ir.Constant(_V16F, [0.0] * 16), step_body, group_end)
-            _store_rows(builder, out_.data, first, n, column, totals)
+                def group_end(g: Any, dots: list[Any], totals: list[Any]) -> None:
+                    at = builder.mul(builder.add(builder.mul(block, groups), g), _i64(16))
+                    scale = _load(builder, scales_.data, at, _V16F, 4)
+                    for r, (acc, total) in enumerate(zip(dots, totals, strict=True)):
+                        step = builder.load(builder.gep(step_rows, [builder.add(builder.mul(_i64(r), groups), g)]))
+                        unit = builder.fmul(scale, _splat(builder, step, _V16F))
+                        dot_sum = builder.sitofp(builder.load(acc), _V16F)
+                        builder.store(builder.call(fma, [unit, dot_sum, builder.load(total)]), total)
+
+                totals = _tile_groups(builder, count, groups, 16, ir.Constant(_V16I, [0] * 16), step_body, group_end)
+                _store_rows(builder, out_.data, r0, n, column, totals)
+
+            for offset, count in _row_chunks(rows, isa):
+                run(builder.add(first, _i64(offset)), count)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -630,7 +712,10 @@ def _int8_tile(rows: int) -> Callable[..., None]:
 def _int4_a8_tile(rows: int) -> Callable[..., None]:
     """tile(inputs, sums, nibbles, scales, out, r0, block): out[r0 : r0 + rows, 16 block : 16 block + 16] (see
     int4_a8_matmul; inputs: the rows' 8-bit values, four to an int32), as LLVM vector code, the signature of
-    _int4_tile's."""
+    _int4_tile's. AVX-512 VNNI's vpdpbusd sums four byte products into an int32; AVX2 (dot_kernels()) takes two
+    instructions for it: pmaddubsw sums two into an int16 (at most 2 x 15 x 127, a group's eight of them at
+    most 30480: exact), and pmaddwd the group's int16s into int32s at its end. The same integers either way,
+    and the same float arithmetic after them: the same result."""
 
     def typer(typingctx: Any, inputs: Any, sums: Any, nibbles: Any, scales: Any, out: Any, r0: Any, block: Any) -> Any:
         sig = types.void(inputs, sums, nibbles, scales, out, r0, block)
@@ -641,45 +726,71 @@ def _int4_a8_tile(rows: int) -> Callable[..., None]:
             width = cgutils.unpack_tuple(builder, inputs_.shape, 2)[1]  # K / 4: 8-bit inputs in fours a row
             n = cgutils.unpack_tuple(builder, out_.shape, 2)[1]
             groups = builder.udiv(width, _i64(8))
+            isa = dot_kernels()
             dot = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_V16I, [_V16I] * 3), "llvm.x86.avx512.vpdpbusd.512"
             )
             fma = _fma(builder, 16)
             column = builder.mul(block, _i64(16))
-            x_rows = builder.gep(inputs_.data, [builder.mul(first, width)])
-            sum_rows = builder.gep(sums_.data, [builder.mul(first, builder.mul(groups, _i64(2)))])
             block_nibbles = builder.gep(nibbles_.data, [builder.mul(block, builder.mul(width, _i64(32)))])
             low_nibbles = ir.Constant(_V64B, [15] * 64)
+            ones = ir.Constant(_V16W, [1] * 16)
 
-            def four(r: int, index: Any) -> Any:
-                """Row r's 8-bit inputs 4 index .. 4 index + 3 in every lane."""
-                x = builder.load(builder.gep(x_rows, [builder.add(builder.mul(_i64(r), width), index)]))
-                return _splat(builder, x, _V16I)
+            def products(weights: Any, x: Any) -> Any:
+                """AVX2: the 16 columns' sums of two byte products, as 32 int16s (x: four inputs in every lane)."""
+                inputs = builder.bitcast(_half(builder, x, 0), _V32B)
+                halves = (builder.bitcast(_half(builder, weights, h), _V32B) for h in (0, 1))
+                return _join(builder, *(builder.call(_madd(builder, "ub.sw"), [w, inputs]) for w in halves))
 
-            def step_body(step: Any, dots: list[Any]) -> None:  # 8 inputs a step, 32 a group
-                # byte 4j + t: column j's input 8 step + t (low nibble) and 8 step + 4 + t (high nibble)
-                raw = _load(builder, block_nibbles, builder.mul(step, _i64(64)), _V64B, 1)
-                low = builder.bitcast(builder.and_(raw, low_nibbles), _V16I)
-                high = builder.lshr(builder.bitcast(raw, _V16I), ir.Constant(_V16I, [4] * 16))
-                high = builder.bitcast(builder.and_(builder.bitcast(high, _V64B), low_nibbles), _V16I)
-                index = builder.mul(step, _i64(2))
-                for r, acc in enumerate(dots):
-                    partial = builder.call(dot, [builder.load(acc), low, four(r, index)])
-                    builder.store(builder.call(dot, [partial, high, four(r, builder.add(index, _i64(1)))]), acc)
+            def run(r0: Any, count: int) -> None:
+                x_rows = builder.gep(inputs_.data, [builder.mul(r0, width)])
+                sum_rows = builder.gep(sums_.data, [builder.mul(r0, builder.mul(groups, _i64(2)))])
 
-            def group_end(g: Any, dots: list[Any], totals: list[Any]) -> None:
-                at = builder.mul(builder.add(builder.mul(block, groups), g), _i64(32))  # scales[block, g]: 2 x 16
-                scale, low_bound = (_cache_lanes(builder, scales_.data, builder.add(at, _i64(i)), 16, True)
-                                    for i in (0, 16))  # fmt: skip
-                for r, (acc, total) in enumerate(zip(dots, totals, strict=True)):
-                    at = builder.mul(builder.add(builder.mul(_i64(r), groups), g), _i64(2))
-                    unit, group_sum = (builder.load(builder.gep(sum_rows, [builder.add(at, _i64(i))])) for i in (0, 1))
-                    scaled = builder.fmul(scale, _splat(builder, unit, _V16F))
-                    part = builder.call(fma, [scaled, builder.sitofp(builder.load(acc), _V16F), builder.load(total)])
-                    builder.store(builder.call(fma, [low_bound, _splat(builder, group_sum, _V16F), part]), total)
+                def four(r: int, index: Any) -> Any:
+                    """Row r's 8-bit inputs 4 index .. 4 index + 3 in every lane."""
+                    x = builder.load(builder.gep(x_rows, [builder.add(builder.mul(_i64(r), width), index)]))
+                    return _splat(builder, x, _V16I)
 
-            totals = _tile_groups(builder, rows, groups, 4, ir.Constant(_V16I, [0] * 16), step_body, group_end)
-            _store_rows(builder, out_.data, first, n, column, totals)
+                def step_body(step: Any, dots: list[Any]) -> None:  # 8 inputs a step, 32 a group
+                    # byte 4j + t: column j's input 8 step + t (low nibble) and 8 step + 4 + t (high nibble)
+                    raw = _load(builder, block_nibbles, builder.mul(step, _i64(64)), _V64B, 1)
+                    low = builder.bitcast(builder.and_(raw, low_nibbles), _V16I)
+                    high = builder.lshr(builder.bitcast(raw, _V16I), ir.Constant(_V16I, [4] * 16))
+                    high = builder.bitcast(builder.and_(builder.bitcast(high, _V64B), low_nibbles), _V16I)
+                    index = builder.mul(step, _i64(2))
+                    for r, acc in enumerate(dots):
+                        x_low, x_high = four(r, index), four(r, builder.add(index, _i64(1)))
+                        if isa == "avx512":
+                            partial = builder.call(dot, [builder.load(acc), low, x_low])
+                            builder.store(builder.call(dot, [partial, high, x_high]), acc)
+                        else:
+                            partial = builder.add(builder.load(acc), products(low, x_low))
+                            builder.store(builder.add(partial, products(high, x_high)), acc)
+
+                def group_end(g: Any, dots: list[Any], totals: list[Any]) -> None:
+                    at = builder.mul(builder.add(builder.mul(block, groups), g), _i64(32))  # scales[block, g]: 2 x 16
+                    scale, low_bound = (_cache_lanes(builder, scales_.data, builder.add(at, _i64(i)), 16, True)
+                                        for i in (0, 16))  # fmt: skip
+                    for r, (acc, total) in enumerate(zip(dots, totals, strict=True)):
+                        at = builder.mul(builder.add(builder.mul(_i64(r), groups), g), _i64(2))
+                        unit, group_sum = (builder.load(builder.gep(sum_rows, [builder.add(at, _i64(i))]))
+                                           for i in (0, 1))  # fmt: skip
+                        dots_ = builder.load(acc)
+                        if isa != "avx512":  # the int16 pairs' sums
+                            halves = (
+                                builder.call(_madd(builder, "wd"), [_half(builder, dots_, h), ones]) for h in (0, 1)
+                            )
+                            dots_ = _join(builder, *halves)
+                        scaled = builder.fmul(scale, _splat(builder, unit, _V16F))
+                        part = builder.call(fma, [scaled, builder.sitofp(dots_, _V16F), builder.load(total)])
+                        builder.store(builder.call(fma, [low_bound, _splat(builder, group_sum, _V16F), part]), total)
+
+                zero = ir.Constant(_V16I, [0] * 16) if isa == "avx512" else ir.Constant(_V32H, [0] * 32)
+                totals = _tile_groups(builder, count, groups, 4, zero, step_body, group_end)
+                _store_rows(builder, out_.data, r0, n, column, totals)
+
+            for offset, count in _row_chunks(rows, isa):
+                run(builder.add(first, _i64(offset)), count)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -769,33 +880,41 @@ def int4_matmul(x: np.ndarray, quads: np.ndarray, sz: np.ndarray, n: int) -> np.
 
 
 @njit(nogil=True, cache=True)
-def _bfloat16_pairs(x: np.ndarray) -> np.ndarray:
-    """x (M, K) float32 rounded to bfloat16, inputs 2j and 2j + 1 as one pair (M, K / 2): a dot product's operand."""
-    m, k = x.shape
-    bits = x.view(np.uint32)
-    pairs = np.empty((m, k // 2), np.uint32)
-    for i in range(m):
-        for j in range(k // 2):
-            pairs[i, j] = (_bfloat16_bits(bits[i, 2 * j]) >> np.uint32(16)) | _bfloat16_bits(bits[i, 2 * j + 1])
-    return pairs
-
-
-@njit(nogil=True, cache=True)
 def int8_matmul(x: np.ndarray, weights: np.ndarray, scales: np.ndarray, n: int) -> np.ndarray:
-    """x (M, K) float32 times 8-bit weights (N, K), float32 (M, N), where the CPU has AVX-512 BF16
-    (int4_dot_supported). weights, scales: shared.backends.llama's _int8_plane (w = q * scale, q in -127..127,
-    in groups of 32 inputs: GGUF's Q8_0).
+    """x (M, K) float32 times 8-bit weights (N, K), float32 (M, N), where dot_kernels() has a kernel. weights,
+    scales: shared.backends.llama's _int8_plane (w = q * scale, q in -127..127, in groups of 32 inputs: GGUF's
+    Q8_0).
 
-    x is rounded to bfloat16 (as int4_matmul does); then each task is INT8_TILE_ROWS rows by 16 columns. For each
-    group it converts the weights, 32 at a time (two inputs of 16 columns), to bfloat16 (exact), takes their dot
-    products with the rows' inputs by vdpbf16ps (products exact, summed in float32) and adds scale * dot. One
-    pass over the 8-bit values, where two 4-bit planes took two (and twice the dot products). A row's result
-    does not depend on its batch.
+    Each group of 32 inputs of a row is quantized to 16 bits (quantize_words: within 1/65534 of the group's
+    largest value, where bfloat16 rounds each input within 1/512 of itself); each task is INT8_TILE_ROWS rows by
+    16 columns; for each group it widens the weights to 16 bits, 32 at a time (two inputs of 16 columns), takes
+    their integer dot products with the rows' inputs (vpdpwssd, or AVX2's pmaddwd: exact in int32) and adds
+    scale * step * dot. One pass over the 8-bit values. A row's result does not depend on its batch.
     """
-    m = x.shape[0]
-    out = np.empty((m, n), np.float32)
-    _int8_tiles(_bfloat16_pairs(x), np.empty((0, 0), np.float32), weights, scales, out)
+    q, steps = quantize_words(x)
+    out = np.empty((x.shape[0], n), np.float32)
+    _int8_tiles(q.view(np.uint32), steps, weights, scales, out)
     return out
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def quantize_words(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (M, K) float32 to 16 bits in groups of 32 inputs: q (M, K) int16 = round(x / step), step = the group's
+    largest magnitude / 32767; and the steps (M, K/32) float32."""
+    m, k = x.shape
+    groups = k // 32
+    q = np.empty((m, k), np.int16)
+    steps = np.empty((m, groups), np.float32)
+    for i in range(m):
+        for g in range(groups):
+            top = np.float32(0.0)
+            for j in range(g * 32, g * 32 + 32):
+                top = max(top, abs(x[i, j]))
+            inverse = np.float32(32767.0) / top if top > 0 else np.float32(0.0)
+            for j in range(g * 32, g * 32 + 32):
+                q[i, j] = min(max(np.rint(x[i, j] * inverse), np.float32(-32767.0)), np.float32(32767.0))
+            steps[i, g] = top / np.float32(32767.0)
+    return q, steps
 
 
 @njit(nogil=True, cache=True, fastmath=True)

@@ -32,7 +32,7 @@ from shared.backends.cpu_runner import (
     rope_tables,
 )
 from shared.backends.cpu_runner import load as load_cpu_runner
-from shared.backends.kernels import int4_dot_supported, quantize_rows
+from shared.backends.kernels import dot_kernels, quantize_rows
 from shared.backends.llama_config import INT4_GROUP, Kind, Layer, LlamaConfig, Weights
 from shared.backends.packed import PackedWeights
 from shared.settings import Quantization
@@ -49,7 +49,7 @@ MIXED_ROWS = 8  # mixed: from this many rows int8 beats int4 here (16.3 vs 16.0 
 INT8_INPUT_TOP = 127 if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else 63
 # int4 through the numba kernel's bfloat16 dot products where the CPU has them, else torch's int4pack kernel
 # (see Linear). One choice for the process, so every row count takes the same kernel.
-INT4_DOT = int4_dot_supported()
+DOT_KERNELS = dot_kernels()
 
 
 class Linear:
@@ -61,10 +61,10 @@ class Linear:
       a scale and a minimum) comes back to its own 4-bit values; only the scales round, to bfloat16.
     - int4-a8: the same 4-bit values, each group's scale and minimum in float16 (a Q4_1's own, exactly), and each
       input row quantized to 8 bits in groups of 32 when it arrives: llama.cpp's arithmetic for Q4_1, by integer
-      dot products (int4_a8_matmul, where the CPU has AVX-512 BF16 and VNNI; int4 elsewhere).
-    - int8-groups: symmetric 8-bit weights in groups of 32 (GGUF's Q8_0), bfloat16 activations: for the output
-      head, which 4 bits would blur (see docs/engine.md). One pass of the 8-bit dot kernel (int8_matmul) where
-      the CPU has AVX-512 BF16, else two of torch's int4 matmuls (high and low nibbles).
+      dot products (int4_a8_matmul, where the CPU has AVX2 or AVX-512 VNNI: dot_kernels(); int4 elsewhere).
+    - int8-groups: symmetric 8-bit weights in groups of 32 (GGUF's Q8_0): for the output head, which 4 bits would
+      blur (see docs/engine.md). One pass of the 8-bit dot kernel (int8_matmul: bfloat16 or 16-bit inputs) where
+      dot_kernels() has one, else two of torch's int4 matmuls (high and low nibbles) with bfloat16 inputs.
     - int8: symmetric 8-bit weights per output channel, and each input row quantized to 8 bits with its own
       scale when it arrives; an integer matmul (VNNI) accumulates in int32, which is exact, so a row's result
       does not depend on the other rows in the batch.
@@ -82,14 +82,18 @@ class Linear:
     ) -> None:
         """groups8, groups4: quantize_groups8(weight) or quantize_groups4(weight) where the caller has them already
         (a tied embedding; auto's check). device: where dense weights live (the quantized kinds are CPU kernels).
-        dot: int4 planes for the bfloat16 dot-product kernel rather than torch's (default INT4_DOT)."""
+        dot: planes for the numba dot kernels rather than torch's (default: where DOT_KERNELS has the kind's kernel;
+        int4's needs AVX-512)."""
         self.out_features, self.in_features = weight.shape
         self.quantization = quantization
         if quantization in ("int4", "int4-a8", "int8-groups") and self.in_features % INT4_GROUP:
             self.quantization = "none"
-        self.dot = (INT4_DOT if dot is None else dot) and self.out_features % 16 == 0
-        if self.quantization == "int4-a8" and not self.dot:  # the 8-bit inputs need the dot kernels
+        kernels = DOT_KERNELS if dot is None else "avx512" if dot else None
+        if self.quantization == "int4-a8" and not (kernels and self.out_features % 16 == 0):  # 8-bit inputs need them
             self.quantization = "int4"
+        self.dot = self.out_features % 16 == 0 and (
+            kernels == "avx512" if self.quantization == "int4" else bool(kernels)
+        )
         plane = _dot_plane if self.dot else _int4_plane
         if self.quantization in ("int4", "int4-a8"):
             # Asymmetric 4-bit per group: w = (q - 8) * scale + zero, q in 0..15 (torch's int4pack layout).
@@ -393,8 +397,8 @@ def _load_weights(
             raise ValueError(f"biases on some of {names} but not all: not a layout this runner implements")
         return torch.cat([get(f"{n}.bias") for n in names]).float().to(dev)
 
-    if quantization == "int4-a8" and not INT4_DOT:
-        log.warning("quantization int4-a8 needs a CPU with AVX-512 BF16 and VNNI: running int4 (bfloat16 inputs)")
+    if quantization == "int4-a8" and not DOT_KERNELS:
+        log.warning("quantization int4-a8 needs a CPU with AVX2 or AVX-512 VNNI: running int4 (bfloat16 inputs)")
         quantization = "int4"
     groups4: dict[str, Groups4] = {}  # auto's check: each projection's 4-bit groups, kept for packing
     if quantization == "auto":
@@ -405,7 +409,7 @@ def _load_weights(
                 break
             groups4[k] = quantize_groups4(w[k])
             exact = lossless_at_4_bits(w[k], groups4[k])
-        quantization = ("int4-a8" if INT4_DOT else "int4") if exact else "none"
+        quantization = ("int4-a8" if DOT_KERNELS else "int4") if exact else "none"
         if not exact:
             groups4.clear()
         state = "are" if exact else f"are not: weights in {str(dtype).removeprefix('torch.')}"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shared.backends.kernels import int4_dot_supported
+from shared.backends.kernels import dot_kernels
 from shared.backends.llama_config import Kind, Layer, Weights
 from shared.settings import Quantization
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PACK_FORMAT = 5  # the layout of PackedWeights' files; a change that alters it bumps this
+PACK_FORMAT = 6  # the layout of PackedWeights' files; a change that alters it bumps this
 # safetensors' element types as numpy reads them; bfloat16 as its bits (the kernels read them so)
 _ELEMENTS = {"U8": np.uint8, "I8": np.int8, "I16": np.int16, "F16": np.float16, "BF16": np.int16, "F32": np.float32}
 UNUSED_FOR = 7 * 24 * 3600  # seconds; another format's or torch's file is removed after this long unread
@@ -52,17 +52,18 @@ class PackedWeights:
         """dtype: the name of the dense weights' dtype (float32, bfloat16)."""
         from shared.sources import fingerprint
 
+        kernels = dot_kernels()
         facts: list[Any] = [
             PACK_FORMAT,
-            int4_dot_supported(),  # whose layout the int4 planes take (see Linear)
+            kernels,  # whose layout the planes take (see Linear)
             quantization,
             dtype,
             (model_dir / "config.json").read_text(),
             fingerprint(model_dir / "model.safetensors"),
         ]
         made_by = f"{PACK_FORMAT} numba"
-        if not int4_dot_supported():  # torch's int4pack layout, which its version and ISA decide
-            import torch
+        if kernels is None or (kernels == "avx2" and quantization == "int4"):  # torch's int4pack layout, which
+            import torch  # its version and ISA decide
 
             facts += [torch.__version__, torch.backends.cpu.get_cpu_capability()]
             made_by = f"{PACK_FORMAT} torch {torch.__version__}"

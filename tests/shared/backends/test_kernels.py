@@ -1,4 +1,5 @@
-"""The numba kernels against torch: rotary embedding, cache write and attention, row by row; norms; 8-bit rows."""
+"""The numba kernels against torch: rotary embedding, cache write and attention, row by row; norms; 8-bit rows;
+the dot kernels compiled for an image's AVX2 CPU."""
 
 from __future__ import annotations
 
@@ -15,7 +16,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.backends.kernels import KEY_BLOCK, attention, quantize_inputs, quantize_rows, rms_norm, seed_cache
+from shared.backends import llama
+from shared.backends.kernels import (
+    KEY_BLOCK,
+    attention,
+    dot_kernels,
+    quantize_inputs,
+    quantize_rows,
+    rms_norm,
+    seed_cache,
+)
+from shared.backends.llama_config import Kind
 
 HEADS, KV_HEADS, DIM, SLOTS, MAX_LEN = 9, 3, 64, 6, 64
 GROUP = HEADS // KV_HEADS
@@ -218,3 +229,63 @@ def test_a_cpu_without_float16_conversions_keeps_a_float32_cache(tmp_path: Path)
         run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.split() == [str(native), "1.0"]  # one position: its value
+
+
+AVX2_SCRIPT = """
+import sys
+import numpy as np
+import torch
+from shared.backends import llama
+from shared.backends.llama_config import Kind
+from shared.backends.kernels import dot_kernels
+torch.manual_seed(0)
+x = torch.randn(47, 576)
+x[::3] *= 10
+found = {"x": x.numpy()}
+for kind, n in (("int4-a8", 3072), ("int4-a8", 48), ("int8-groups", 1024)):
+    linear = llama.Linear(torch.randn(n, 576), torch.bfloat16, kind)
+    assert linear.quantization == kind and linear.dot, (kind, linear.quantization)
+    found[f"{kind}-{n}"] = linear(x).numpy()
+    for start, stop in ((0, 1), (0, 16), (20, 21), (37, 38), (40, 47), (46, 47)):
+        found[f"{kind}-{n}-{start}-{stop}"] = linear(x[start:stop]).numpy()
+np.savez(sys.argv[1], **found)
+print(dot_kernels())
+"""
+
+
+@pytest.mark.skipif("avx2" not in Path("/proc/cpuinfo").read_text(errors="replace"), reason="needs an AVX2 CPU")
+def test_the_avx2_kernels_an_image_compiles_give_int4_a8_its_bits_and_the_head_finer_products(tmp_path: Path) -> None:
+    """An image compiles the kernels for x86-64-v3 (AVX2 and FMA, no AVX-512). There int4-a8 sums its byte
+    products by pmaddubsw and pmaddwd where AVX-512 VNNI has vpdpbusd: the same integers, so the same bits as the
+    kernel of this process (where it is AVX-512's), alone or batched. The 8-bit head takes its inputs at 16 bits
+    there: each row's product within 1e-4 of the exact one (bfloat16 inputs: ~2e-3), whatever its batch."""
+    script = tmp_path / "avx2.py"
+    script.write_text(AVX2_SCRIPT)
+    env = {**os.environ, "NUMBA_CPU_NAME": "x86-64-v3", "NUMBA_CPU_FEATURES": "", "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "found.npz")], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["avx2"]
+    found = np.load(tmp_path / "found.npz")
+    x = torch.from_numpy(found["x"])
+    torch.manual_seed(0)
+    torch.randn(47, 576)  # x, as the script drew it
+    kinds: list[tuple[Kind, int]] = [("int4-a8", 3072), ("int4-a8", 48), ("int8-groups", 1024)]
+    for kind, n in kinds:
+        weight = torch.randn(n, 576)
+        got = found[f"{kind}-{n}"]
+        for start, stop in ((0, 1), (0, 16), (20, 21), (37, 38), (40, 47), (46, 47)):
+            np.testing.assert_array_equal(found[f"{kind}-{n}-{start}-{stop}"], got[start:stop])
+        if kind == "int4-a8":
+            inputs, steps = (torch.from_numpy(a).double() for a in quantize_inputs(x.numpy()))
+            q, scale, low = (t.double() for t in llama.quantize_groups4(weight))
+            scale, low = (t.half().double() for t in (scale, low))  # float16, as the plane keeps them
+            products = torch.einsum("mgk,ngk->mng", inputs.reshape(47, -1, 32), q)  # (M, N, K/G)
+            expected = (products * scale * steps[:, None, :, 0] + low * steps[:, None, :, 1]).sum(-1).numpy()
+            assert np.abs(got - expected).max() < 1e-6 * np.abs(expected).max()
+            if dot_kernels() == "avx512":
+                np.testing.assert_array_equal(got, llama.Linear(weight, torch.bfloat16, kind)(x).numpy())
+        else:
+            q8, d = llama.quantize_groups8(weight)
+            exact = (x.double() @ (q8.double() * d.double().unsqueeze(-1)).reshape(n, 576).T).numpy()
+            assert np.abs(got - exact).max() < 1e-4 * np.abs(exact).max()

@@ -13,7 +13,7 @@ import torch
 
 from shared.backends import Chunk, llama
 from shared.backends.cpu_runner import CpuRunner
-from shared.backends.kernels import int4_dot_supported, quantize_inputs, quantize_rows
+from shared.backends.kernels import dot_kernels, int4_dot_supported, quantize_inputs, quantize_rows, quantize_words
 from shared.backends.llama import (
     INT8_INPUT_TOP,
     Kind,
@@ -112,22 +112,19 @@ def test_int8_matmuls_are_the_exact_integer_products(rows: int) -> None:
 
 
 @pytest.mark.skipif(not int4_dot_supported(), reason="the dot-product kernels need AVX-512 BF16")
-@pytest.mark.parametrize(("kind", "out_features"), [("int4", 3072), ("int4", 48), ("int8-groups", 1024)])
-def test_the_dot_kernels_give_each_row_its_exact_product_whatever_its_batch(kind: Kind, out_features: int) -> None:
-    """The bfloat16 dot-product kernels: each row's product with the 4-bit (or 8-bit) weights as exact as float32
-    (its inputs rounded to bfloat16, as torch's kernel takes them, whose bfloat16 output is 100x further off),
-    and the same bits alone, among 16 rows, and in a 47-row prompt chunk (its last rows in smaller tiles)."""
+@pytest.mark.parametrize("out_features", [3072, 48])
+def test_the_dot_kernel_gives_each_row_its_exact_product_whatever_its_batch(out_features: int) -> None:
+    """int4's bfloat16 dot-product kernel: each row's product with the 4-bit weights as exact as float32 (its
+    inputs rounded to bfloat16, as torch's kernel takes them, whose bfloat16 output is 100x further off), and
+    the same bits alone, among 16 rows, and in a 47-row prompt chunk (its last rows in smaller tiles)."""
+    kind: Kind = "int4"
     torch.manual_seed(0)
     weight = torch.randn(out_features, 576)
     dot = Linear(weight, torch.bfloat16, kind, dot=True)
-    if kind == "int4":
-        q, _, _ = quantize_groups4(weight)
-        sz = dot.planes[0][2].double().transpose(1, 2).reshape(out_features, -1, 2)  # (N, K/G, 2) from blocks of 16
-        # w = (q - 8) * scale + zero, scale and zero as the kernel reads them
-        exact_weight = (q.double() - 8) * sz[:, :, :1] + sz[:, :, 1:]
-    else:  # w = q * d, d in float32 as the kernel reads it: exact for a Q8_0 table's float16 scales
-        q8, _ = quantize_groups8(weight)
-        exact_weight = q8.double() * dot.planes[0][2].double().transpose(1, 2).reshape(out_features, -1, 1)
+    q, _, _ = quantize_groups4(weight)
+    sz = dot.planes[0][2].double().transpose(1, 2).reshape(out_features, -1, 2)  # (N, K/G, 2) from blocks of 16
+    # w = (q - 8) * scale + zero, scale and zero as the kernel reads them
+    exact_weight = (q.double() - 8) * sz[:, :, :1] + sz[:, :, 1:]
     x = torch.randn(47, 576)
     x[::3] *= 10
     exact = x.to(torch.bfloat16).double() @ exact_weight.reshape(out_features, 576).T
@@ -140,7 +137,7 @@ def test_the_dot_kernels_give_each_row_its_exact_product_whatever_its_batch(kind
         assert torch.equal(dot(x[start:stop]), got[start:stop])
 
 
-@pytest.mark.skipif(not int4_dot_supported(), reason="the dot-product kernels need AVX-512 BF16 and VNNI")
+@pytest.mark.skipif(dot_kernels() is None, reason="the 8-bit input kernel needs AVX2 or AVX-512 VNNI")
 @pytest.mark.parametrize("out_features", [3072, 48])
 def test_the_8_bit_input_kernel_gives_each_row_its_integer_product_whatever_its_batch(out_features: int) -> None:
     """int4-a8: each row's product is exactly that of its 8-bit inputs (float32 sums aside) with the 4-bit
@@ -167,10 +164,37 @@ def test_the_8_bit_input_kernel_gives_each_row_its_integer_product_whatever_its_
         assert torch.equal(linear(x[start:stop]), got[start:stop])
 
 
+@pytest.mark.skipif(dot_kernels() is None, reason="the 8-bit head's kernel needs AVX2 or AVX-512 VNNI")
+def test_the_8_bit_head_gives_each_row_the_integer_product_of_its_16_bit_inputs_whatever_its_batch() -> None:
+    """int8-groups (the output head): each row's product is exactly that of its inputs at 16 bits a group (float32
+    sums aside) with the 8-bit weights; within 3e-5 of the exact float product (bfloat16 inputs were ~2e-3 off,
+    torch's two int4 planes further); and the same bits alone, among 16 rows, and in a 47-row prompt chunk."""
+    torch.manual_seed(0)
+    weight = torch.randn(1024, 576)
+    head = Linear(weight, torch.bfloat16, "int8-groups")
+    assert head.dot and head.quantization == "int8-groups"
+    q8, _ = quantize_groups8(weight)
+    d = head.planes[0][2].double().transpose(1, 2).reshape(1024, -1, 1)  # float32, as the kernel reads it
+    x = torch.randn(47, 576)
+    x[::3] *= 10
+    inputs, steps = (torch.from_numpy(a).double() for a in quantize_words(x.numpy()))
+    products = torch.einsum("mgk,ngk->mng", inputs.reshape(47, -1, 32), q8.double())  # (M, N, K/G)
+    expected = (products * d[:, :, 0] * steps[:, None, :]).sum(-1)
+    got = head(x)
+    assert got.dtype == torch.float32
+    assert (got.double() - expected).abs().max().item() < 1e-6 * expected.abs().max().item()
+    exact = x.double() @ (q8.double() * d).reshape(1024, 576).T
+    assert (got.double() - exact).abs().max().item() < 3e-5 * exact.abs().max().item()
+    torch_planes = Linear(weight, torch.bfloat16, "int8-groups", dot=False)(x)
+    assert (torch_planes.double() - exact).abs().max().item() > 10 * (got.double() - exact).abs().max().item()
+    for start, stop in ((0, 1), (0, 16), (20, 21), (37, 38), (40, 47), (46, 47)):
+        assert torch.equal(head(x[start:stop]), got[start:stop])
+
+
 def test_int4_a8_on_a_cpu_without_its_kernel_runs_int4_and_says_so(
     catalog: ModelCatalog, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(llama, "INT4_DOT", False)
+    monkeypatch.setattr(llama, "DOT_KERNELS", None)
     caplog.set_level("WARNING")
     runner = smol(catalog, torch.bfloat16, "int4-a8", 1, 32)
     assert runner.quantization == "int4" and "running int4" in caplog.text

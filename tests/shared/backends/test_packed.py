@@ -12,7 +12,7 @@ import torch
 
 from shared.backends import llama
 from shared.backends.cpu_runner import CpuRunner
-from shared.backends.kernels import int4_dot_supported
+from shared.backends.kernels import dot_kernels
 from shared.backends.llama_config import LlamaConfig
 from shared.catalog import ModelCatalog
 from tests.shared.backends.test_conformance import model_dir
@@ -41,7 +41,7 @@ def test_packed_weights_kept_from_one_start_give_the_same_bits_at_the_next(
     again = start()
     assert "loaded packed weights" in caplog.text and "quantization auto" not in caplog.text
     assert time.time() - saved.stat().st_mtime < 600  # a read marks it in use (another torch's prune spares it)
-    assert again.quantization == first.quantization == ("int4-a8" if int4_dot_supported() else "int4")
+    assert again.quantization == first.quantization == ("int4-a8" if dot_kernels() else "int4")
     assert any(str(saved) in line for line in open("/proc/self/maps"))  # mapped, not copied
     np.testing.assert_array_equal(logits(again), logits(first))
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from shared.backends.kernels import int4_dot_supported
+from shared.backends.kernels import dot_kernels
 from shared.backends.llama import quantize_groups4, quantize_groups8
 from shared.catalog import ModelCatalog
 from shared.sources import SMOLLM2_GGUF, _package_dir, resolve_generation_model
@@ -106,6 +106,6 @@ def test_auto_takes_int4_only_where_nothing_rounds_twice(catalog: ModelCatalog, 
 
     gemma = resolve_generation_model(catalog.config("gemma-3-270m"), catalog.settings.cache_dir)
     tiny_model(tmp_path)  # float weights
-    assert resolved(model_dir(catalog)) == ("int4-a8" if int4_dot_supported() else "int4")
+    assert resolved(model_dir(catalog)) == ("int4-a8" if dot_kernels() else "int4")
     assert resolved(gemma) == "none"
     assert resolved(tmp_path) == "none"
