@@ -174,7 +174,8 @@ class StreamingChatUser(OpenAIUser):
                 if r.status_code != 200:
                     raise InvalidResponse(f"HTTP {r.status_code}: {r.text[:200]}")
                 done = finished = False
-                for line in r.iter_lines(decode_unicode=True):
+                for raw in r.iter_lines():  # bytes: split at CR and LF alone, as SSE is (str would split at U+2028)
+                    line = raw.decode()
                     if not line or not line.startswith("data: "):
                         continue
                     data = line[6:]

@@ -118,11 +118,17 @@ async def embedding_model(catalog: ModelCatalog, name: str) -> EmbeddingModel:
     return await asyncio.to_thread(catalog.embedding, name)
 
 
+# Line breaks to Python's str.splitlines (and so to requests' iter_lines(decode_unicode=True)) that JSON leaves
+# unescaped: a client reading a stream that way cut a `data:` line at a model's U+2028 and failed to parse it.
+_UNICODE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 async def sse_frames(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[dict[str, Any]]:
-    """SSE `data:` frames for a stream of chunks, then [DONE]; an error mid-stream becomes an error frame."""
+    """SSE `data:` frames for a stream of chunks, then [DONE]; an error mid-stream becomes an error frame. The
+    JSON escapes the Unicode line breaks too (the same JSON), so that every line reader keeps a frame whole."""
     try:
         async for chunk in chunks:
-            yield {"data": chunk.model_dump_json(exclude_none=False)}
+            yield {"data": chunk.model_dump_json(exclude_none=False).translate(_UNICODE_BREAKS)}
     except FnserveError as exc:
         yield {"data": json.dumps(exc.to_dict())}
         return

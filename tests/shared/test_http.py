@@ -33,6 +33,19 @@ async def test_an_error_mid_stream_becomes_an_sse_error_frame_without_done() -> 
     assert "[DONE]" not in frames
 
 
+async def test_a_frame_stays_one_line_to_a_reader_that_splits_at_unicode_line_breaks() -> None:
+    """A model's text may hold U+2028, U+2029 or U+0085, which JSON may leave as they are but Python's
+    str.splitlines (requests' iter_lines with decode_unicode) breaks lines at: escaped, each frame is one line
+    whose JSON gives the text back."""
+    text = "a\u2028b\u2029c\x85d\u00e9"
+
+    async def chunks() -> AsyncIterator[BaseModel]:
+        yield Chunk(text=text)
+
+    frame = [frame["data"] async for frame in sse_frames(chunks())][0]
+    assert frame.splitlines() == [frame] and json.loads(frame) == {"text": text}
+
+
 async def test_a_full_queue_answers_503_with_retry_after_streamed_or_not_and_the_server_recovers() -> None:
     app = build(Settings(preload=[], max_running=1, max_queue=1))
     transport = httpx.ASGITransport(app=app)
