@@ -3,7 +3,7 @@
 The CPU's specialisation of the model in shared.backends.llama (which runs it as torch ops on any device). It
 imports no torch: weights packed for the numba kernels (shared.backends.packed) map straight into it, so such a
 start skips torch's import (~1.5 s and ~175 MB of a function's cold start here). Weights that the numba kernels
-do not read (a checkpoint that is not 4-bit, `mixed`, a CPU without AVX-512 BF16) are prepared by torch
+do not read (a checkpoint that is not 4-bit, `mixed`, a CPU without AVX2) are prepared by torch
 (llama.cpu_weights), and its matmuls then run inside this same forward.
 Shapes: B batch, T new tokens, S slots, H query heads, K kv heads, D head dim, C hidden, P cached positions.
 """
@@ -68,7 +68,8 @@ class DotLinear:
       torch's int4pack kernel (which rounds every weight to float32 and its output to bfloat16) it is more exact,
       and at 16 rows ~1.5-2x faster: each 4-bit value is decoded once for 8 rows, and one instruction multiplies
       32 of them.
-    - int8-groups: (Q8_0 values, float32 scales), multiplied in bfloat16 by int8_matmul (the output head).
+    - int8-groups: (Q8_0 values, float32 scales); int8_matmul quantizes each input row to 16 bits in groups of
+      32 and multiplies integers (the output head).
     A row's result depends on its own inputs only (docs/engine.md, "Speed")."""
 
     kind: Kind

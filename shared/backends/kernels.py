@@ -13,9 +13,9 @@ quantize_rows: the int8 matmuls' inputs, row by row.
 
 rms_norm: RMSNorm of rows, one call instead of the composite of ~6 ops torch runs on CPU.
 
-int4_matmul, int8_matmul: rows times 4-bit or 8-bit weights by AVX-512 BF16's dot products, where the CPU has them
-(int4_dot_supported); int4_a8_matmul: rows quantized to 8 bits (quantize_inputs) times 4-bit weights by AVX-512
-VNNI's integer dot products.
+int4_matmul: rows times 4-bit weights by AVX-512 BF16's dot products, where the CPU has them (int4_dot_supported);
+int4_a8_matmul: rows quantized to 8 bits (quantize_inputs) times 4-bit weights, int8_matmul: rows quantized to 16
+bits (quantize_words) times 8-bit weights, both by integer dot products: AVX-512 VNNI's, or AVX2's (dot_kernels).
 """
 
 from __future__ import annotations
@@ -897,6 +897,15 @@ def int8_matmul(x: np.ndarray, weights: np.ndarray, scales: np.ndarray, n: int) 
     return out
 
 
+@njit(inline="always")
+def _group_top(x: np.ndarray, i: int, g: int) -> np.float32:
+    """The largest magnitude of row i's inputs g * 32 .. g * 32 + 31."""
+    top = np.float32(0.0)
+    for j in range(g * 32, g * 32 + 32):
+        top = max(top, abs(x[i, j]))
+    return top
+
+
 @njit(nogil=True, cache=True, fastmath=True)
 def quantize_words(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x (M, K) float32 to 16 bits in groups of 32 inputs: q (M, K) int16 = round(x / step), step = the group's
@@ -907,9 +916,7 @@ def quantize_words(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     steps = np.empty((m, groups), np.float32)
     for i in range(m):
         for g in range(groups):
-            top = np.float32(0.0)
-            for j in range(g * 32, g * 32 + 32):
-                top = max(top, abs(x[i, j]))
+            top = _group_top(x, i, g)
             inverse = np.float32(32767.0) / top if top > 0 else np.float32(0.0)
             for j in range(g * 32, g * 32 + 32):
                 q[i, j] = min(max(np.rint(x[i, j] * inverse), np.float32(-32767.0)), np.float32(32767.0))
@@ -929,9 +936,7 @@ def quantize_inputs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     steps = np.empty((m, groups, 2), np.float32)
     for i in range(m):
         for g in range(groups):
-            top = np.float32(0.0)
-            for j in range(g * 32, g * 32 + 32):
-                top = max(top, abs(x[i, j]))
+            top = _group_top(x, i, g)
             inverse = np.float32(127.0) / top if top > 0 else np.float32(0.0)
             total = np.int32(0)
             for j in range(g * 32, g * 32 + 32):
@@ -946,16 +951,17 @@ def quantize_inputs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @njit(nogil=True, cache=True)
 def int4_a8_matmul(x: np.ndarray, nibbles: np.ndarray, scales: np.ndarray, n: int) -> np.ndarray:
-    """x (M, K) float32 times 4-bit weights (N, K), float32 (M, N), with x at 8 bits, where the CPU has AVX-512
-    VNNI (int4_dot_supported). nibbles, scales: shared.backends.llama's _a8_plane (w = q * scale + low in groups
+    """x (M, K) float32 times 4-bit weights (N, K), float32 (M, N), with x at 8 bits, where dot_kernels() has a
+    kernel (AVX-512 VNNI or AVX2). nibbles, scales: shared.backends.llama's _a8_plane (w = q * scale + low in groups
     of 32 inputs, q 0..15: GGUF's Q4_1).
 
     llama.cpp's arithmetic for Q4_1 weights: each group of 32 inputs of a row is quantized to 8 bits with its own
     step (quantize_inputs); each task is INT4_TILE_ROWS rows by 16 columns; for each group it splits 64 bytes
     into two steps' 4-bit values (an `and` and a shift: 128 weights), takes their integer dot products with the
-    rows' 8-bit inputs by vpdpbusd (4 products a lane, exact in int32), then adds scale * step * dot + low *
-    (the group's sum of the 8-bit inputs times the step). An instruction multiplies 64 pairs where vdpbf16ps
-    multiplies 32, and the decoding costs a third as much. A row's result does not depend on its batch.
+    rows' 8-bit inputs by vpdpbusd (4 products a lane, exact in int32; AVX2: see _int4_a8_tile), then adds
+    scale * step * dot + low * (the group's sum of the 8-bit inputs times the step). An instruction multiplies 64
+    pairs where vdpbf16ps multiplies 32, and the decoding costs a third as much. A row's result does not depend
+    on its batch.
     """
     q, steps = quantize_inputs(x)
     out = np.empty((x.shape[0], n), np.float32)

@@ -47,8 +47,8 @@ MIXED_ROWS = 8  # mixed: from this many rows int8 beats int4 here (16.3 vs 16.0 
 # (255 * 127 * 2 = 64770): on an AVX2 CPU an 8-row matmul came out up to 246 away from the exact integer product.
 # With 7-bit inputs a pair stays within 127 * 127 * 2 = 32258 and the products are exact.
 INT8_INPUT_TOP = 127 if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else 63
-# int4 through the numba kernel's bfloat16 dot products where the CPU has them, else torch's int4pack kernel
-# (see Linear). One choice for the process, so every row count takes the same kernel.
+# The numba dot kernels' instructions on this CPU ("avx512", "avx2") or None: torch's int4pack kernel then (see
+# Linear). One choice for the process, so every row count takes the same kernel.
 DOT_KERNELS = dot_kernels()
 
 
@@ -63,7 +63,7 @@ class Linear:
       input row quantized to 8 bits in groups of 32 when it arrives: llama.cpp's arithmetic for Q4_1, by integer
       dot products (int4_a8_matmul, where the CPU has AVX2 or AVX-512 VNNI: dot_kernels(); int4 elsewhere).
     - int8-groups: symmetric 8-bit weights in groups of 32 (GGUF's Q8_0): for the output head, which 4 bits would
-      blur (see docs/engine.md). One pass of the 8-bit dot kernel (int8_matmul: bfloat16 or 16-bit inputs) where
+      blur (see docs/engine.md). One pass of the 8-bit dot kernel (int8_matmul, 16-bit inputs) where
       dot_kernels() has one, else two of torch's int4 matmuls (high and low nibbles) with bfloat16 inputs.
     - int8: symmetric 8-bit weights per output channel, and each input row quantized to 8 bits with its own
       scale when it arrives; an integer matmul (VNNI) accumulates in int32, which is exact, so a row's result

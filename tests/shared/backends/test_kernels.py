@@ -231,6 +231,19 @@ def test_a_cpu_without_float16_conversions_keeps_a_float32_cache(tmp_path: Path)
         assert run.stdout.split() == [str(native), "1.0"]  # one position: its value
 
 
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the CPU names are x86's")
+def test_the_dot_kernels_instructions_follow_the_cpu_numba_compiles_for() -> None:
+    """An image names the CPU its kernels are compiled for: x86-64-v3 and Haswell have AVX2 and FMA, so the AVX2
+    kernels; x86-64-v2 and `generic` have neither, so none (torch's kernels), where compiling AVX2's intrinsics
+    would abort the process."""
+    script = "from shared.backends.kernels import dot_kernels\nprint(dot_kernels())\n"
+    for cpu, kernels in (("x86-64-v3", "avx2"), ("haswell", "avx2"), ("x86-64-v2", "None"), ("generic", "None")):
+        env = {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": ""}
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split() == [kernels], cpu
+
+
 AVX2_SCRIPT = """
 import sys
 import numpy as np
