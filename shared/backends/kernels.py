@@ -98,8 +98,9 @@ def _target_assembly(module: str) -> str:
     binding.initialize_native_target()
     binding.initialize_native_asmprinter()
     cpu, features = getattr(numba.config, "CPU_NAME", None), getattr(numba.config, "CPU_FEATURES", None)
-    if cpu in (None, "host"):
-        cpu, features = binding.get_host_cpu_name(), binding.get_host_cpu_features().flatten()
+    if cpu in (None, "host"):  # numba takes this host's name, and its features unless NUMBA_CPU_FEATURES names them
+        cpu = binding.get_host_cpu_name()
+        features = binding.get_host_cpu_features().flatten() if features is None else features
     machine = binding.Target.from_default_triple().create_target_machine(cpu=cpu, features=features or "")
     return str(machine.emit_assembly(binding.parse_assembly(module)))
 
@@ -129,16 +130,14 @@ define <8 x float> @fused(<8 x float> %a, <8 x float> %b, <8 x float> %c) {
 
 @functools.cache
 def dot_kernels() -> Literal["avx512", "avx2"] | None:
-    """Which instructions the 4- and 8-bit dot kernels take on the CPU numba compiles for: "avx512" where this
-    host has AVX-512 BF16, BW and VNNI (every kernel: int4_matmul, int8_matmul, int4_a8_matmul), "avx2" on another
-    x86 CPU with AVX2 and FMA, or a named one (an image's NUMBA_CPU_NAME=x86-64-v3) that has them (int4_a8_matmul,
-    int8_matmul), None elsewhere (torch's kernels then). A named CPU's features are found by compiling 256-bit
-    integer adds and a fused multiply-add for it and looking for ymm instructions (a call to fmaf without FMA)."""
-    from llvmlite import binding
-
+    """Which instructions the 8-bit input and 8-bit head kernels (int4_a8_matmul, int8_matmul) take on the CPU
+    numba compiles for: "avx512" where this host has AVX-512 BW and VNNI (Cascade Lake, Ice Lake and later Xeons,
+    Zen 4), "avx2" on another x86 CPU with AVX2 and FMA, or a named one (an image's NUMBA_CPU_NAME=x86-64-v3) that
+    has them, None elsewhere (torch's kernels then). A named CPU's features are found by compiling 256-bit integer
+    adds and a fused multiply-add for it and looking for ymm instructions (a call to fmaf without FMA)."""
     if getattr(numba.config, "CPU_NAME", None) in (None, "host"):
-        features = binding.get_host_cpu_features()
-        if all(features.get(f) for f in ("avx512f", "avx512bw", "avx512bf16", "avx512vnni")):
+        features = _host_features()
+        if all(features.get(f) for f in ("avx512f", "avx512bw", "avx512vnni")):
             return "avx512"
         return "avx2" if features.get("avx2") and features.get("fma") else None
     code = _target_assembly(_AVX2_PROBE)
@@ -507,9 +506,23 @@ AVX2_ROWS = 4  # rows an AVX2 tile runs at once (see _row_chunks)
 INT8_TILE_ROWS = 16  # of an int8 task: its conversions cost more, so 16 rows share each (6 against 7.5 ms, the head)
 
 
+@functools.cache
 def int4_dot_supported() -> bool:
-    """Whether int4_matmul (AVX-512 BF16's bfloat16 dot products) runs: dot_kernels() is "avx512"."""
-    return dot_kernels() == "avx512"
+    """Whether int4_matmul (AVX-512 BF16's bfloat16 dot products) runs: dot_kernels() is "avx512" and this host
+    has AVX-512 BF16 too (Zen 4, Sapphire Rapids; not Cascade Lake or Ice Lake)."""
+    return dot_kernels() == "avx512" and bool(_host_features().get("avx512bf16"))
+
+
+def _host_features() -> dict[str, bool]:
+    """This host's CPU features as numba compiles for them: LLVM's list, with NUMBA_CPU_FEATURES' +name and
+    -name entries over it (numba hands LLVM that string instead, over the host CPU's own defaults)."""
+    from llvmlite import binding
+
+    features = dict(binding.get_host_cpu_features())
+    for entry in (getattr(numba.config, "CPU_FEATURES", None) or "").split(","):
+        if entry[:1] in ("+", "-") and entry[1:]:
+            features[entry[1:]] = entry[0] == "+"
+    return features
 
 
 def _tile_arguments(context: Any, builder: Any, signature: Any, args: Any) -> tuple[list[Any], Any, Any]:

@@ -32,7 +32,7 @@ from shared.backends.cpu_runner import (
     rope_tables,
 )
 from shared.backends.cpu_runner import load as load_cpu_runner
-from shared.backends.kernels import dot_kernels, quantize_rows
+from shared.backends.kernels import dot_kernels, int4_dot_supported, quantize_rows
 from shared.backends.llama_config import INT4_GROUP, Kind, Layer, LlamaConfig, Weights
 from shared.backends.packed import PackedWeights
 from shared.settings import Quantization
@@ -50,6 +50,7 @@ INT8_INPUT_TOP = 127 if getattr(torch.cpu, "_is_vnni_supported", lambda: False)(
 # The numba dot kernels' instructions on this CPU ("avx512", "avx2") or None: torch's int4pack kernel then (see
 # Linear). One choice for the process, so every row count takes the same kernel.
 DOT_KERNELS = dot_kernels()
+INT4_DOT = int4_dot_supported()  # int4's bfloat16 kernel: AVX-512 BF16 as well
 
 
 class Linear:
@@ -83,7 +84,7 @@ class Linear:
         """groups8, groups4: quantize_groups8(weight) or quantize_groups4(weight) where the caller has them already
         (a tied embedding; auto's check). device: where dense weights live (the quantized kinds are CPU kernels).
         dot: planes for the numba dot kernels rather than torch's (default: where DOT_KERNELS has the kind's kernel;
-        int4's needs AVX-512)."""
+        int4's needs AVX-512 BF16: INT4_DOT)."""
         self.out_features, self.in_features = weight.shape
         self.quantization = quantization
         if quantization in ("int4", "int4-a8", "int8-groups") and self.in_features % INT4_GROUP:
@@ -92,7 +93,7 @@ class Linear:
         if self.quantization == "int4-a8" and not (kernels and self.out_features % 16 == 0):  # 8-bit inputs need them
             self.quantization = "int4"
         self.dot = self.out_features % 16 == 0 and (
-            kernels == "avx512" if self.quantization == "int4" else bool(kernels)
+            (INT4_DOT if dot is None else dot) if self.quantization == "int4" else bool(kernels)
         )
         plane = _dot_plane if self.dot else _int4_plane
         if self.quantization in ("int4", "int4-a8"):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shared.backends.kernels import dot_kernels
+from shared.backends.kernels import dot_kernels, int4_dot_supported
 from shared.backends.llama_config import Kind, Layer, Weights
 from shared.settings import Quantization
 
@@ -62,7 +62,7 @@ class PackedWeights:
             fingerprint(model_dir / "model.safetensors"),
         ]
         made_by = f"{PACK_FORMAT} numba"
-        if kernels is None or (kernels == "avx2" and quantization == "int4"):  # torch's int4pack layout, which
+        if kernels is None or (quantization == "int4" and not int4_dot_supported()):  # torch's int4pack layout:
             import torch  # its version and ISA decide
 
             facts += [torch.__version__, torch.backends.cpu.get_cpu_capability()]

@@ -244,6 +244,50 @@ def test_the_dot_kernels_instructions_follow_the_cpu_numba_compiles_for() -> Non
         assert run.stdout.split() == [kernels], cpu
 
 
+VNNI_SCRIPT = """
+import sys
+import numpy as np
+import torch
+from shared.backends import llama
+from shared.backends.kernels import dot_kernels, int4_dot_supported
+torch.manual_seed(0)
+x = torch.randn(47, 576)
+found = {}
+for kind, n in (("int4-a8", 3072), ("int8-groups", 1024)):
+    linear = llama.Linear(torch.randn(n, 576), torch.bfloat16, kind)
+    assert linear.quantization == kind and linear.dot, (kind, linear.quantization)
+    found[kind] = linear(x).numpy()
+int4 = llama.Linear(torch.randn(64, 576), torch.bfloat16, "int4")
+np.savez(sys.argv[1], **found)
+print(dot_kernels(), int4_dot_supported(), int4.dot)
+"""
+
+
+@pytest.mark.skipif(
+    not all(f in Path("/proc/cpuinfo").read_text(errors="replace") for f in ("avx512bw", "avx512_vnni")),
+    reason="needs a CPU with AVX-512 BW and VNNI",
+)
+def test_a_cpu_with_avx512_vnni_but_not_bf16_takes_the_512_bit_integer_kernels(tmp_path: Path) -> None:
+    """Cascade Lake and Ice Lake have AVX-512 VNNI but not BF16 (simulated: numba compiles for this host less
+    BF16). int4-a8 and the 8-bit head need VNNI alone, so they take the 512-bit kernels: this process's bits.
+    int4's bfloat16 kernel needs BF16, so int4 takes torch's kernel (compiling BF16's intrinsic would abort)."""
+    script = tmp_path / "vnni.py"
+    script.write_text(VNNI_SCRIPT)
+    env = {**os.environ, "NUMBA_CPU_FEATURES": "-avx512bf16", "NUMBA_CACHE_DIR": str(tmp_path)}
+    env.pop("NUMBA_CPU_NAME", None)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "found.npz")], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["avx512", "False", "False"]
+    found = np.load(tmp_path / "found.npz")
+    torch.manual_seed(0)
+    x = torch.randn(47, 576)
+    kinds: list[tuple[Kind, int]] = [("int4-a8", 3072), ("int8-groups", 1024)]
+    for kind, n in kinds:
+        here = llama.Linear(torch.randn(n, 576), torch.bfloat16, kind)(x).numpy()
+        np.testing.assert_array_equal(found[kind], here)
+
+
 AVX2_SCRIPT = """
 import sys
 import numpy as np
