@@ -12,14 +12,10 @@ fnserve is measured alone.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import time
 
-import httpx
-
-from loadtests.bench_single import fnserve_and_peer
+from loadtests.bench_single import fnserve_and_peer, stream_chat
 
 TOPICS = ["the sea", "mountains", "a city at night", "an old library", "the first snow", "a busy market", "a train"]
 FOLLOW_UP = "Now make it shorter."
@@ -28,17 +24,8 @@ FOLLOW_UP = "Now make it shorter."
 def chat(url: str, messages: list[dict[str, str]], max_tokens: int) -> tuple[float, str]:
     """(time to the first text, the whole text) of one greedy streamed chat request."""
     body = {"model": "default", "messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": 0}
-    sent, first, text = time.perf_counter(), float("nan"), ""
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunk = json.loads(line[6:])
-                content = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
-                if content:
-                    first = time.perf_counter() - sent if not text else first
-                    text += content
-    return first, text
+    sent, stamps, text = stream_chat(url, body)
+    return (stamps[0] - sent if stamps else float("nan")), text
 
 
 def main(argv: list[str] | None = None) -> int:
