@@ -115,33 +115,52 @@ def float16_native() -> bool:
     return "__extendhfsf2" not in code and "__truncsfhf2" not in code
 
 
-_AVX2_PROBE = """
-define <16 x i16> @words(<16 x i16> %a, <16 x i16> %b) {
+_EVEN, _ODD = (", ".join(f"i32 {i}" for i in range(first, 32, 2)) for first in (0, 1))  # lanes of pairs
+_DOT_PROBE = f"""
+define <16 x i16> @words(<16 x i16> %a, <16 x i16> %b) {{
   %sum = add <16 x i16> %a, %b
   ret <16 x i16> %sum
-}
+}}
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
-define <8 x float> @fused(<8 x float> %a, <8 x float> %b, <8 x float> %c) {
+define <8 x float> @fused(<8 x float> %a, <8 x float> %b, <8 x float> %c) {{
   %r = call <8 x float> @llvm.fma.v8f32(<8 x float> %a, <8 x float> %b, <8 x float> %c)
   ret <8 x float> %r
-}
+}}
+define <16 x i32> @pairs(<32 x i16> %a, <32 x i16> %b, <16 x i32> %acc) {{
+  %x = sext <32 x i16> %a to <32 x i32>
+  %y = sext <32 x i16> %b to <32 x i32>
+  %m = mul nsw <32 x i32> %x, %y
+  %e = shufflevector <32 x i32> %m, <32 x i32> poison, <16 x i32> <{_EVEN}>
+  %o = shufflevector <32 x i32> %m, <32 x i32> poison, <16 x i32> <{_ODD}>
+  %s = add nsw <16 x i32> %e, %o
+  %r = add <16 x i32> %s, %acc
+  ret <16 x i32> %r
+}}
 """
 
 
 @functools.cache
 def dot_kernels() -> Literal["avx512", "avx2"] | None:
     """Which instructions the 8-bit input and 8-bit head kernels (int4_a8_matmul, int8_matmul) take on the CPU
-    numba compiles for: "avx512" where this host has AVX-512 BW and VNNI (Cascade Lake, Ice Lake and later Xeons,
-    Zen 4), "avx2" on another x86 CPU with AVX2 and FMA, or a named one (an image's NUMBA_CPU_NAME=x86-64-v3) that
-    has them, None elsewhere (torch's kernels then). A named CPU's features are found by compiling 256-bit integer
-    adds and a fused multiply-add for it and looking for ymm instructions (a call to fmaf without FMA)."""
-    if getattr(numba.config, "CPU_NAME", None) in (None, "host"):
+    numba compiles for: "avx512" where it has AVX-512 BW and VNNI (Cascade Lake, Ice Lake and later Xeons, Zen 4),
+    "avx2" where it has AVX2 and FMA (an image's NUMBA_CPU_NAME=x86-64-v3), None elsewhere (torch's kernels then).
+    This host's features are LLVM's; a named CPU's are found by compiling a probe for it: 16-bit products summed
+    in pairs into a 512-bit accumulator (vpdpwssd on zmm only with both), 256-bit integer adds (ymm with AVX2) and
+    a fused multiply-add (a call to fmaf without FMA)."""
+    if _compiles_for_host():
         features = _host_features()
         if all(features.get(f) for f in ("avx512f", "avx512bw", "avx512vnni")):
             return "avx512"
         return "avx2" if features.get("avx2") and features.get("fma") else None
-    code = _target_assembly(_AVX2_PROBE)
+    code = _target_assembly(_DOT_PROBE)
+    if re.search(r"vpdpwssd\s+%zmm", code):
+        return "avx512"
     return "avx2" if re.search(r"vpaddw\s+%ymm", code) and re.search(r"vfmadd\w+\s+%ymm", code) else None
+
+
+def _compiles_for_host() -> bool:
+    """Whether numba compiles for this host's CPU (no NUMBA_CPU_NAME, or `host`)."""
+    return getattr(numba.config, "CPU_NAME", None) in (None, "host")
 
 
 KEY_BLOCK = 32  # positions of a block of keys, stored position-minor: one 64-byte line per dimension (float16)
@@ -508,9 +527,10 @@ INT8_TILE_ROWS = 16  # of an int8 task: its conversions cost more, so 16 rows sh
 
 @functools.cache
 def int4_dot_supported() -> bool:
-    """Whether int4_matmul (AVX-512 BF16's bfloat16 dot products) runs: dot_kernels() is "avx512" and this host
-    has AVX-512 BF16 too (Zen 4, Sapphire Rapids; not Cascade Lake or Ice Lake)."""
-    return dot_kernels() == "avx512" and bool(_host_features().get("avx512bf16"))
+    """Whether int4_matmul (AVX-512 BF16's bfloat16 dot products) runs: numba compiles for this host, whose
+    dot_kernels() are "avx512", and which has AVX-512 BF16 too (Zen 4, Sapphire Rapids; not Cascade Lake or Ice
+    Lake). Kernels compiled for a named CPU leave int4 to torch's kernel."""
+    return _compiles_for_host() and dot_kernels() == "avx512" and bool(_host_features().get("avx512bf16"))
 
 
 def _host_features() -> dict[str, bool]:
