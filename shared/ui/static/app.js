@@ -191,7 +191,7 @@ async function send(text) {
   if (+s.top_k > 0) request.top_k = +s.top_k;
   await socketReady;
   if (socket.readyState !== WebSocket.OPEN) { connect(); await socketReady; }
-  let text_ = "", tokens = 0, first = 0, pending = false;
+  let text_ = "", tokens = 0, first = 0, painting = 0;  // painting: the animation frame that shows new text
   $("send").hidden = true; $("stop").hidden = false;
   answering = {
     frame(frame) {
@@ -199,10 +199,11 @@ async function send(text) {
         text_ += frame.content; tokens += 1; first = first || performance.now();
         const seconds = (performance.now() - first) / 1000;
         if (seconds > 0) $("speed").textContent = `${(tokens / seconds).toFixed(1)} tok/s`;
-        if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; fill(reply, "assistant", text_); reply.scrollIntoView({ block: "end" }); }); }
+        if (!painting) painting = requestAnimationFrame(() => { painting = 0; fill(reply, "assistant", text_); reply.scrollIntoView({ block: "end" }); });
         return;
       }
       answering = null;
+      if (painting) { cancelAnimationFrame(painting); painting = 0; }  // else it would paint over the note below
       $("send").hidden = false; $("stop").hidden = true;
       if (frame.type === "done" && frame.finish_reason === "cancelled") fill(reply, "assistant", text_, "Stopped: this turn was not saved.");
       else if (frame.type === "done") {

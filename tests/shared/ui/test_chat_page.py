@@ -171,6 +171,32 @@ def test_chatting_in_the_browser(browser: object, server_url: str) -> None:
     context.close()
 
 
+def test_a_stopped_answer_keeps_its_note_over_a_pending_paint(browser: object, server_url: str) -> None:
+    """Streamed text is painted on the next animation frame; a stop that lands before it must not be painted
+    over. Frames are slowed to 400 ms here, so a paint is pending whenever the stop's reply comes."""
+    from playwright.sync_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    context = browser.new_context()
+    context.add_init_script(
+        "window.requestAnimationFrame = (f) => setTimeout(() => f(performance.now()), 400);"
+        "window.cancelAnimationFrame = (id) => clearTimeout(id);"
+    )
+    page = context.new_page()
+    page.goto(f"{server_url}/ui/")
+    expect(page.locator("#connection")).to_have_text("connected")
+    page.locator("#max_tokens").evaluate("e => { e.value = 400; e.dispatchEvent(new Event('change')); }")
+    page.fill("#input", "Write a very long story about a lighthouse keeper.")
+    page.keyboard.press("Enter")
+    reply = page.locator(".message.assistant").last
+    expect(reply).to_have_text(re.compile(r"\w+ \w+ \w+ \w+"))
+    page.click("#stop")
+    expect(reply).to_contain_text("Stopped")
+    page.wait_for_timeout(1000)  # past any paint that was pending
+    expect(reply).to_contain_text("Stopped")
+    context.close()
+
+
 def test_code_blocks_are_highlighted_with_a_copy_button(browser: object, server_url: str) -> None:
     from playwright.sync_api import Browser, expect
 
