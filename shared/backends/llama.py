@@ -89,11 +89,11 @@ class Linear:
         self.quantization = quantization
         if quantization in ("int4", "int4-a8", "int8-groups") and self.in_features % INT4_GROUP:
             self.quantization = "none"
-        kernels = DOT_KERNELS if dot is None else "avx512" if dot else None
-        if self.quantization == "int4-a8" and not (kernels and self.out_features % 16 == 0):  # 8-bit inputs need them
+        integer = bool(DOT_KERNELS) if dot is None else dot  # int4-a8's and the head's kernels
+        if self.quantization == "int4-a8" and not (integer and self.out_features % 16 == 0):  # 8-bit inputs need them
             self.quantization = "int4"
         self.dot = self.out_features % 16 == 0 and (
-            (INT4_DOT if dot is None else dot) if self.quantization == "int4" else bool(kernels)
+            (INT4_DOT if dot is None else dot) if self.quantization == "int4" else integer
         )
         plane = _dot_plane if self.dot else _int4_plane
         if self.quantization in ("int4", "int4-a8"):
