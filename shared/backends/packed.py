@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PACK_FORMAT = 6  # the layout of PackedWeights' files; a change that alters it bumps this
+PACK_FORMAT = 7  # the layout of PackedWeights' files, or their keys; a change that alters either bumps this
+# (so that files of the former, which no start reads again, are pruned: see _prune)
 # safetensors' element types as numpy reads them; bfloat16 as its bits (the kernels read them so)
 _ELEMENTS = {"U8": np.uint8, "I8": np.int8, "I16": np.int16, "F16": np.float16, "BF16": np.int16, "F32": np.float32}
 UNUSED_FOR = 7 * 24 * 3600  # seconds; another format's or torch's file is removed after this long unread
@@ -41,8 +42,9 @@ class PackedWeights:
     """A runner's CPU int4 weights as the kernels read them (packed 4-bit layers, the 8-bit head and embedding),
     saved once: a later start maps the file instead of reading the float32 checkpoint, checking it for `auto` and
     packing it again (~1 s of a 2-core cold start). The name keys everything the packing depends on: the
-    checkpoint's content and config, the quantization asked for, and which int4 kernel reads them; for torch's
-    int4pack kernel (a CPU without the numba dot kernels) also torch's version and its CPU kernels' ISA.
+    checkpoint's content and config, the quantization asked for, and whether numba's kernels read them (AVX2's
+    and AVX-512's read the same planes); for torch's int4pack kernel (a CPU without numba's dot kernels, or int4
+    without AVX-512 BF16) also torch's version and its CPU kernels' ISA.
     When `auto` finds a checkpoint that is not 4-bit, the file is an empty marker, so that check runs once too.
     Weights of the numba kernels come back as numpy arrays without importing torch (`arrays`); torch's, and
     the packing, import it (`load`, `save`).
@@ -52,17 +54,17 @@ class PackedWeights:
         """dtype: the name of the dense weights' dtype (float32, bfloat16)."""
         from shared.sources import fingerprint
 
-        kernels = dot_kernels()
+        numba_planes = dot_kernels() is not None  # AVX2's and AVX-512's kernels read the same planes
         facts: list[Any] = [
             PACK_FORMAT,
-            kernels,  # whose layout the planes take (see Linear)
+            numba_planes,  # whose layout the planes take (see Linear)
             quantization,
             dtype,
             (model_dir / "config.json").read_text(),
             fingerprint(model_dir / "model.safetensors"),
         ]
         made_by = f"{PACK_FORMAT} numba"
-        if kernels is None or (quantization == "int4" and not int4_dot_supported()):  # torch's int4pack layout:
+        if not numba_planes or (quantization == "int4" and not int4_dot_supported()):  # torch's int4pack layout:
             import torch  # its version and ISA decide
 
             facts += [torch.__version__, torch.backends.cpu.get_cpu_capability()]

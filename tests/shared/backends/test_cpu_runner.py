@@ -60,9 +60,8 @@ def test_an_images_start_on_avx2_kernels_imports_no_torch_either(catalog: ModelC
     """The CPU image compiles its kernels for x86-64-v3 (AVX2, no AVX-512): its build packs the weights for
     them (int4-a8 layers, the 8-bit head), and a function's start maps them without torch, as on this host,
     to the same logits as the build's process, and the same greedy tokens as this host's kernels. Not the same
-    bits: its float sums run 8 lanes wide (attention, norms) and its head takes 16-bit inputs where this one takes
-    bfloat16, and the 8-bit inputs of int4-a8 turn such differences into roundings (KL 0.004 here, a broken
-    kernel's would be past 1)."""
+    bits: its float sums run 8 lanes wide (attention, norms), and the 8-bit inputs of int4-a8 turn such
+    differences into roundings (KL 0.004 here, a broken kernel's would be past 1)."""
     path = model_dir(catalog)
     settings = {"backend": "auto", "cache_dir": tmp_path, "max_model_len": 64, "max_running": 2}
     image = {"NUMBA_CPU_NAME": "x86-64-v3", "NUMBA_CPU_FEATURES": "", "NUMBA_CACHE_DIR": str(tmp_path / "kernels")}
