@@ -10,13 +10,16 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from shared.errors import FnserveError
 from shared.guards.keys import KeysFileError
 from shared.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from shared.backends.targets import Target
 
 # Each function's models, loaded before readiness when FNSERVE_PRELOAD is not set: a function loads only what
 # it serves (the models function loads none, and imports no framework).
@@ -147,6 +150,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
     settings = Settings()
     logging.basicConfig(level="INFO", format="%(message)s")
+    if args.kernels_for and (problem := _kernels_for_problem(settings)):
+        print(f"fnserve prepare: --kernels-for: {problem}", file=sys.stderr)
+        return 2
     wanted = args.models or [m.id for m in settings.all_models if m.source.startswith("embedded:")]
     for config in settings.all_models:
         if config.id in wanted:
@@ -155,7 +161,59 @@ def _prepare(args: argparse.Namespace) -> int:
             print(f"{config.id}: {path}")
             if config.kind != "embedding" and settings.backend in ("auto", "cpu"):
                 _pack(settings, path)
+    if args.kernels_for:
+        return _compile_kernels_for(settings, args.kernels_for)
     return 0
+
+
+def _kernels_for_problem(settings: Settings) -> str | None:
+    """Why kernels cannot be compiled for more CPUs here: they go beside the baseline's, where starts seek them."""
+    from shared.backends.targets import KERNELS_DIR
+
+    folder = settings.cache_dir / KERNELS_DIR
+    if not os.environ.get("NUMBA_CPU_NAME"):
+        return "needs NUMBA_CPU_NAME, the CPU every host runs (the image's x86-64-v3)"
+    cache = os.environ.get("NUMBA_CACHE_DIR")
+    if not cache or Path(cache).resolve() != folder.resolve():
+        return f"needs NUMBA_CACHE_DIR={folder}, where starts find prebuilt kernels"
+    if settings.backend not in ("auto", "cpu"):
+        return f"the kernels are the CPU backend's, not {settings.backend}'s"
+    return None
+
+
+def _compile_kernels_for(settings: Settings, targets: list[Target]) -> int:
+    """Compile the kernels this process compiled (or found) for its own CPU (NUMBA_CPU_NAME) for each target
+    too, in a process whose numba compiles for it, without running them; then list them for the starts' choice
+    (shared.backends.targets)."""
+    import pickle
+    import subprocess
+
+    from shared.backends.targets import KERNELS_DIR, Target, write_manifest
+
+    if "shared.backends.kernels" not in sys.modules:
+        print("fnserve prepare: --kernels-for: no model here runs numba's kernels", file=sys.stderr)
+        return 2
+    from shared.backends import kernels
+
+    entries = pickle.dumps(kernels.compiled_signatures())
+    step = "from shared.backends import kernels; kernels.compile_pickled()"
+    for target in targets:
+        env = os.environ | target.environment()
+        subprocess.run([sys.executable, "-c", step], input=entries, env=env, check=True)
+        print(f"kernels compiled for {target.name}")
+    baseline = Target.from_environment()
+    assert baseline is not None  # _kernels_for_problem
+    write_manifest(settings.cache_dir / KERNELS_DIR, baseline, targets)
+    return 0
+
+
+def _target(name: str) -> Target:
+    from shared.backends.targets import Target, TargetError
+
+    try:
+        return Target.parse(name)
+    except TargetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _pack(settings: Settings, model_dir: Path) -> None:
@@ -274,6 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     create.set_defaults(run=_keys)
     prepare = commands.add_parser("prepare", help="convert and cache model weights now, not on first use")
     prepare.add_argument("models", nargs="*", help="model ids (default: the embedded models)")
+    prepare.add_argument(
+        "--kernels-for",
+        action="append",
+        type=_target,
+        default=[],
+        metavar="TARGET",
+        help="also compile numba's kernels for this CPU (an x86-64 level and +features, e.g."
+        " x86-64-v4+avx512vnni), best first; each start takes the first its CPU runs",
+    )
     prepare.set_defaults(run=_prepare)
 
     url = os.environ.get("FNSERVE_URL", "http://127.0.0.1:8000/v1")

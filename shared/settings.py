@@ -92,6 +92,13 @@ class Settings(BaseSettings):
         " leaves unquantized",
     )
     threads: int | None = Field(default=None, ge=1, le=1024, description="CPU threads for the model")
+    kernel_cpu: str = Field(
+        default="auto",
+        pattern=r"^(auto|x86-64(-v[234])?(\+[a-z0-9.]+)*)$",
+        description="the CPU numba's prebuilt kernels (an image's) run as: auto, the best one they were compiled"
+        " for that this host runs; or one of their names (x86-64-v3, x86-64-v4+avx512vnni): the same kernels, and"
+        " the same answers at near ties, on every host",
+    )
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     hub_offline: bool = Field(
         default=False, description="never reach the Hugging Face hub: hub models only from the local HF cache"

@@ -191,6 +191,10 @@ REGISTRY: tuple[BackendEntry, ...] = (
 
 
 def _build(entry: BackendEntry, settings: Settings) -> Backend:
+    if entry.module == "shared.backends.torch_backend":  # imports numba, which reads its CPU at its import
+        from shared.backends.targets import KERNELS_DIR, choose
+
+        choose(settings.cache_dir / KERNELS_DIR, settings.kernel_cpu)
     module = importlib.import_module(entry.module)
     backend: Backend = module.create(entry.name, settings)
     return backend

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import pickle
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -33,11 +35,10 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
+from numba.core.dispatcher import Dispatcher
 from numba.core.extending import intrinsic
 
 log = logging.getLogger(__name__)
-
-KERNELS_DIR = "kernels"  # the folder of the cache dir (FNSERVE_CACHE_DIR) an image's build compiles kernels into
 
 
 class _BFloat16(ir.Type):
@@ -442,7 +443,11 @@ def attention(dim: int, group: int, half: bool = True) -> Callable[..., None]:
                     scores[g, skip + p] /= total
             _value_rows(values[slot, h], first * dim, n, scores, skip, out, r, h * group * dim, dim, group, half)
 
+    _ATTENTION[(dim, group, half)] = kernel
     return kernel
+
+
+_ATTENTION: dict[tuple[int, int, bool], Any] = {}  # attention's kernels made in this process, by their arguments
 
 
 @njit(inline="always")
@@ -494,6 +499,32 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
         for j in range(c):
             out[i, j] = weight[j] * (x[i, j] * inv)
     return out
+
+
+KernelKey = str | tuple[int, int, bool]  # a kernel of this module by its name, or attention's by its arguments
+
+
+def compiled_signatures() -> list[tuple[KernelKey, list[Any]]]:
+    """The kernels this process has compiled (or loaded from numba's cache), each with its argument types: what
+    compile_signatures compiles again in a process whose numba compiles for another CPU."""
+    named = [(name, kernel) for name, kernel in globals().items() if isinstance(kernel, Dispatcher)]
+    kernels: list[tuple[KernelKey, Any]] = [*named, *_ATTENTION.items()]
+    return [(key, list(kernel.signatures)) for key, kernel in kernels if kernel.signatures]
+
+
+def compile_signatures(entries: list[tuple[KernelKey, list[Any]]]) -> None:
+    """Compile the kernels compiled_signatures listed (in another process) for the CPU this process's numba
+    compiles for, into its cache, without running them: that CPU may have instructions this one lacks (an
+    image's build compiling for hosts with AVX-512, see shared.backends.targets)."""
+    for key, signatures in entries:
+        kernel: Any = attention(*key) if isinstance(key, tuple) else globals()[key]
+        for signature in signatures:
+            kernel.compile(signature)
+
+
+def compile_pickled() -> None:
+    """compile_signatures over the pickled list on standard input (`fnserve prepare --kernels-for`'s step)."""
+    compile_signatures(pickle.load(sys.stdin.buffer))
 
 
 def seed_cache(prebuilt: Path) -> None:

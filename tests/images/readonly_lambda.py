@@ -39,6 +39,9 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
 def main() -> None:
     sys.addaudithook(_hook)
     import importlib
+    import logging
+
+    logging.basicConfig(level=logging.INFO)  # as Lambda's runtime (awslambdaric) gives the root logger a handler
 
     context = SimpleNamespace(aws_request_id="r", function_name="f", get_remaining_time_in_millis=lambda: 60000)
     results = []

@@ -53,7 +53,7 @@ def test_the_image_is_multi_stage_non_root_health_checked_and_pinned(dockerfile:
 def runtime_env(dockerfile: Path, stage: str = "runtime") -> dict[str, str]:
     """A stage's own ENV, as the image sets it (build arguments at their defaults)."""
     text = dockerfile.read_text()
-    arguments = dict(re.findall(r"^ARG (\w+)=(\S*)$", text, re.MULTILINE))
+    arguments = build_arguments(dockerfile)
     runtime = stages(text)[stage].replace("\\\n", " ")
     env: dict[str, str] = {}
     for line in runtime.splitlines():
@@ -62,11 +62,15 @@ def runtime_env(dockerfile: Path, stage: str = "runtime") -> dict[str, str]:
     return {name: re.sub(r"\$\{(\w+)\}", lambda m: arguments[m[1]], value) for name, value in env.items()}
 
 
-def prepare_command(dockerfile: Path) -> dict[str, str]:
-    """The environment the image's `fnserve prepare` step runs with, on top of the stage's."""
-    step = re.search(r"^RUN ((?:\w+=\S+ )*)fnserve prepare", stages(dockerfile.read_text())["runtime"], re.MULTILINE)
-    assert step is not None
-    return dict(pair.split("=", 1) for pair in step[1].split())
+def prepare_step(dockerfile: Path) -> str:
+    """The shell command of the runtime stage's `fnserve prepare` step (without what follows it: `rm -rf /tmp/*`)."""
+    runtime = stages(dockerfile.read_text())["runtime"].replace("\\\n", " ")
+    step = next(line for line in runtime.splitlines() if line.startswith("RUN ") and "fnserve prepare" in line)
+    return next(part.strip() for part in step[4:].split("&&") if "fnserve prepare" in part)
+
+
+def build_arguments(dockerfile: Path) -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S*)$", dockerfile.read_text(), re.MULTILINE))
 
 
 def test_lambda_entry_points_write_nothing_outside_tmp(tmp_path: Path) -> None:
@@ -90,12 +94,16 @@ def test_lambda_entry_points_write_nothing_outside_tmp(tmp_path: Path) -> None:
         "FNSERVE_HUB_OFFLINE": "true",
     }
     models = ["smollm2-135m-instruct", "all-minilm-l6-v2"]  # what the handlers below use
-    build = prepare_command(ROOT / "Dockerfile.cpu")
-    assert build == {"NUMBA_CACHE_DIR": "/opt/fnserve/cache/kernels"}  # inside FNSERVE_CACHE_DIR, as kernels are sought
-    prepare = [str(FNSERVE), "prepare", *models]
-    build_env = env | {"NUMBA_CACHE_DIR": str(cache / "kernels")}
-    prepared = subprocess.run(prepare, env=build_env, capture_output=True, text=True, timeout=900)
+    step = prepare_step(ROOT / "Dockerfile.cpu")
+    assert step.startswith("NUMBA_CACHE_DIR=/opt/fnserve/cache/kernels fnserve prepare")  # where kernels are sought
+    arguments = build_arguments(ROOT / "Dockerfile.cpu")
+    assert arguments["KERNELS_FOR"] == "x86-64-v4+avx512vnni"  # 512-bit kernels beside x86-64-v3's
+    # The build's own command, with the build arguments' defaults, this cache for the image's and our fnserve
+    command = step.replace("/opt/fnserve/cache", str(cache)) + " " + " ".join(models)
+    build_env = env | arguments | {"PATH": f"{FNSERVE.parent}:{os.environ['PATH']}"}
+    prepared = subprocess.run(["bash", "-c", command], env=build_env, capture_output=True, text=True, timeout=900)
     assert prepared.returncode == 0, prepared.stderr
+    assert "kernels compiled for x86-64-v4+avx512vnni" in prepared.stdout
     assert list((cache / "kernels").rglob("*attention*.nbc"))
     # The build runs as root and the image as uid 10001: whatever the build wrote must be readable by others.
     for path in cache.rglob("*"):
@@ -119,10 +127,16 @@ def test_lambda_entry_points_write_nothing_outside_tmp(tmp_path: Path) -> None:
         cwd=writable,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "packed weights" not in done.stderr  # mapped as prepared: neither packed again nor written
+    assert "loaded packed weights from" in done.stderr  # mapped as prepared: neither packed again nor written
+    assert "ignoring the packed weights" not in done.stderr and "could not keep" not in done.stderr
     loaded = [line for line in done.stdout.splitlines() if line.startswith("[cache] data loaded")]
     assert any("attention" in line for line in loaded), done.stdout[-2000:]  # found, not compiled
     assert not [line for line in done.stdout.splitlines() if line.startswith("[cache] data saved")]
+    # The 512-bit kernels where this CPU runs them (told by the kernel's own list of its flags), else x86-64-v3's
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    flags = set(next(line for line in cpuinfo if line.startswith("flags")).split(":", 1)[1].split())
+    avx512_vnni = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"} <= flags
+    assert ("kernels: compiled for x86-64-v4+avx512vnni" in done.stderr) == avx512_vnni, done.stderr[-2000:]
     models, chat, embeddings = json.loads(done.stdout.splitlines()[-1])
     assert [r["statusCode"] for r in (models, chat, embeddings)] == [200, 200, 200], done.stdout[-2000:]
     assert "Paris" in json.loads(chat["body"])["choices"][0]["message"]["content"]

@@ -117,3 +117,24 @@ def test_probe_says_whether_the_local_server_is_ready(tmp_path: Path) -> None:
         assert fnserve("probe", "--path", "/nowhere", env={"FNSERVE_PORT": port}).returncode == 1
     stopped = fnserve("probe", env={"FNSERVE_PORT": port})
     assert stopped.returncode == 1 and "/readiness" in stopped.stderr
+
+
+def test_prepare_compiles_kernels_for_more_cpus_only_beside_a_named_baseline(tmp_path: Path) -> None:
+    """--kernels-for adds targets to an image's prebuilt kernels: a name that is no target, or a process whose
+    kernels would not land where starts seek them, is refused before any work."""
+    wrong = fnserve("prepare", "--kernels-for", "cascadelake")
+    assert wrong.returncode == 2 and "expected an x86-64 level" in wrong.stderr
+    env = {"FNSERVE_CACHE_DIR": str(tmp_path), "NUMBA_CPU_NAME": "", "NUMBA_CACHE_DIR": str(tmp_path / "kernels")}
+    unnamed = fnserve("prepare", "--kernels-for", "x86-64-v4+avx512vnni", env=env)
+    assert unnamed.returncode == 2 and "needs NUMBA_CPU_NAME" in unnamed.stderr
+    elsewhere = fnserve("prepare", "--kernels-for", "x86-64-v4", env=env | {"NUMBA_CPU_NAME": "x86-64-v3",
+                        "NUMBA_CACHE_DIR": str(tmp_path / "numba")})  # fmt: skip
+    assert elsewhere.returncode == 2 and f"needs NUMBA_CACHE_DIR={tmp_path / 'kernels'}" in elsewhere.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing converted
+
+
+def test_serve_refuses_a_kernel_cpu_that_was_not_prebuilt(tmp_path: Path) -> None:
+    done = fnserve("serve", "--port", str(free_port()), env={"FNSERVE_CACHE_DIR": str(tmp_path),
+                   "FNSERVE_KERNEL_CPU": "x86-64-v3", "FNSERVE_BACKEND": "cpu"})  # fmt: skip
+    assert done.returncode == 2 and "kernel_cpu 'x86-64-v3': no list of prebuilt kernels" in done.stderr
+    assert "Traceback" not in done.stderr

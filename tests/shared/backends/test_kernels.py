@@ -234,23 +234,25 @@ def test_a_cpu_without_float16_conversions_keeps_a_float32_cache(tmp_path: Path)
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the CPU names are x86's")
 def test_the_dot_kernels_instructions_follow_the_cpu_numba_compiles_for() -> None:
     """An image names the CPU its kernels are compiled for: Cascade Lake and Ice Lake have AVX-512 BW and VNNI,
-    so the 512-bit kernels; Skylake-SP and x86-64-v4 have AVX-512 without VNNI, x86-64-v3 and Haswell AVX2 and
-    FMA, so the AVX2 kernels; x86-64-v2 and `generic` have neither, so none (torch's kernels), where compiling
-    AVX2's intrinsics would abort the process. int4's bfloat16 kernel is the host's alone."""
+    as does x86-64-v4 with VNNI added (the image's 512-bit target), so the 512-bit kernels; Skylake-SP and
+    x86-64-v4 have AVX-512 without VNNI, x86-64-v3 and Haswell AVX2 and FMA, so the AVX2 kernels; x86-64-v2 and
+    `generic` have neither, so none (torch's kernels), where compiling AVX2's intrinsics would abort the process.
+    int4's bfloat16 kernel is the host's alone."""
     script = "from shared.backends.kernels import dot_kernels, int4_dot_supported\n"
     script += "print(dot_kernels(), int4_dot_supported())\n"
     expected = {
-        "cascadelake": "avx512",
-        "icelake-server": "avx512",
-        "skylake-avx512": "avx2",
-        "x86-64-v4": "avx2",
-        "x86-64-v3": "avx2",
-        "haswell": "avx2",
-        "x86-64-v2": "None",
-        "generic": "None",
+        ("cascadelake", ""): "avx512",
+        ("icelake-server", ""): "avx512",
+        ("x86-64-v4", "+avx512vnni"): "avx512",
+        ("skylake-avx512", ""): "avx2",
+        ("x86-64-v4", ""): "avx2",
+        ("x86-64-v3", ""): "avx2",
+        ("haswell", ""): "avx2",
+        ("x86-64-v2", ""): "None",
+        ("generic", ""): "None",
     }
-    for cpu, kernels in expected.items():
-        env = {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": ""}
+    for (cpu, features), kernels in expected.items():
+        env = {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features}
         run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.split() == [kernels, "False"], cpu
@@ -279,12 +281,15 @@ print(dot_kernels(), int4_dot_supported(), int4.dot)
     not all(f in Path("/proc/cpuinfo").read_text(errors="replace") for f in ("avx512bw", "avx512_vnni")),
     reason="needs a CPU with AVX-512 BW and VNNI",
 )
-@pytest.mark.parametrize(("cpu", "features"), [(None, "-avx512bf16"), ("cascadelake", "")])
+@pytest.mark.parametrize(
+    ("cpu", "features"), [(None, "-avx512bf16"), ("cascadelake", ""), ("x86-64-v4", "+avx512vnni")]
+)
 def test_a_cpu_with_avx512_vnni_but_not_bf16_takes_the_512_bit_integer_kernels(
     tmp_path: Path, cpu: str | None, features: str
 ) -> None:
-    """Cascade Lake and Ice Lake have AVX-512 VNNI but not BF16: as this host less BF16, and as a CPU an image
-    names (Cascade Lake's instructions are a subset of this CPU's). int4-a8 and the 8-bit head need VNNI alone,
+    """Cascade Lake and Ice Lake have AVX-512 VNNI but not BF16: as this host less BF16, and as CPUs an image
+    names (Cascade Lake, and x86-64-v4 with VNNI: the image's 512-bit target; their instructions are a subset of
+    this CPU's). int4-a8 and the 8-bit head need VNNI alone,
     so they take the 512-bit kernels: this process's bits. int4's bfloat16 kernel needs BF16, so int4 takes
     torch's kernel (compiling BF16's intrinsic would abort)."""
     script = tmp_path / "vnni.py"
