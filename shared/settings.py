@@ -119,8 +119,10 @@ class Settings(BaseSettings):
         description=(
             "batched CPU engine only. auto (default): int4-a8 where the model's layer weights are 4-bit groups"
             " already (a GGUF's Q4_0/Q4_1, as the embedded SmolLM2), so nothing rounds twice (int4 on a CPU"
-            " without AVX2 or AVX-512 VNNI, e.g. arm64); otherwise none, in bfloat16 where dtype is auto"
-            " (Gemma 3's Q4_K_M: more faithful than llama.cpp, ~3x float32's speed)."
+            " without AVX2 or AVX-512 VNNI, e.g. arm64); otherwise, on a CPU with AVX2 or AVX-512 VNNI where the"
+            " embedding is 8-bit groups (a GGUF's Q8_0), each projection as stored: Q8_0, Q5_0 and Q4_0 groups"
+            " exactly on the 8-bit kernel, the rest unquantized (Gemma 3's Q4_K_M: 73x closer to its weights than"
+            " llama.cpp); otherwise none, in bfloat16 where dtype is auto."
             " int4: 4-bit weights in groups of 32, the output head at 8 bits, bfloat16 activations; int4-a8: the"
             " same weights, activations at 8 bits in groups of 32 (llama.cpp's arithmetic: as faithful as"
             " llama.cpp, 10x further from float32 than int4, faster under load); none: the"

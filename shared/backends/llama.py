@@ -154,15 +154,16 @@ class Linear:
         if kind == "none":
             self.weight, self.dtype = tensors["weight"], dtype
             self.out_features, self.in_features = self.weight.shape
+            self.dot, self.dot_linear = False, None
             return self
         name = next(n for n in ("quads", "bytes", "nibbles", "plane") if f"{n}0" in tensors)
         self.dot = name != "plane"
         self.planes = [(tensors[f"{name}{j}"], INT4_GROUP, tensors[f"sz{j}"]) for j in range(len(tensors) // 2)]
-        self.dot_linear = self._dot_linear()
         self.dtype = torch.bfloat16
         sz = self.planes[0][2]  # the dot kernels' (N/16, K/G, 16[, 2]) or (N/16, K/G, 2, 16), torch's (K/G, N, 2)
         self.out_features, groups = (sz.shape[0] * 16, sz.shape[1]) if self.dot else (sz.shape[1], sz.shape[0])
         self.in_features = groups * INT4_GROUP
+        self.dot_linear = self._dot_linear()  # after out_features, which it reads
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,6 +276,30 @@ def lossless_at_4_bits(weight: torch.Tensor, groups: Groups4) -> bool:
     q, scale, lo = groups
     error = q.float().mul_(scale.unsqueeze(-1)).add_(lo.unsqueeze(-1)).sub_(weight.float().reshape(q.shape)).abs_()
     return bool((error <= 1e-3 * scale.unsqueeze(-1)).all())
+
+
+def exact_groups8(weight: torch.Tensor) -> Groups8 | None:
+    """weight (N, K)'s own 8-bit groups of 32 along K, where each group is d * k for integers |k| <= 127: a GGUF's
+    Q8_0, Q5_0 or Q4_0 tensor, whose largest magnitude in a group is 127, 16 or 8 steps (llama.cpp's rules); q
+    int8 (N, K/G, G) and d float32 (N, K/G) as quantize_groups8's, exactly (within a thousandth of a step).
+    None for any other weight (Q4_K, Q6_K, float weights), which 8 bits would round."""
+    if weight.shape[1] % INT4_GROUP:
+        return None
+    n = weight.shape[0]
+    w = weight.float().reshape(n, -1, INT4_GROUP)
+    top = w.abs().amax(-1)
+    q = torch.zeros(w.shape, dtype=torch.int8)
+    d = torch.zeros(top.shape)
+    found = torch.zeros(top.shape, dtype=torch.bool)
+    for steps in (127, 16, 8):
+        step = (top / steps).unsqueeze(-1)
+        k = (w / step.clamp(min=1e-30)).round_()
+        exact = (k * step - w).abs_().le_(1e-3 * step).all(-1) & ~found
+        q[exact], d[exact] = k[exact].to(torch.int8), step.squeeze(-1)[exact]
+        found |= exact
+        if found.all():
+            return q, d
+    return None
 
 
 def quantize_groups8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,25 +427,37 @@ def _load_weights(
         log.warning("quantization int4-a8 needs a CPU with AVX2 or AVX-512 VNNI: running int4 (bfloat16 inputs)")
         quantization = "int4"
     groups4: dict[str, Groups4] = {}  # auto's check: each projection's 4-bit groups, kept for packing
+    embed = get("embed_tokens.weight")
+    groups: Groups8 | None = None
+    # auto, where the layers are not all 4-bit groups: each projection on the kernel that keeps its stored values
+    # (exact_groups8), else dense. Labelled int4-a8 as the all-4-bit case is: integer kernels and an 8-bit table
+    # (what the packed file records); each projection's own kind says the rest.
+    as_stored = False
     if quantization == "auto":
-        exact = dev.type == "cpu"
-        for k in (k for k in w if k.endswith("proj.weight")):
-            if not exact or w[k].shape[1] % INT4_GROUP:
-                exact = False
-                break
+        projections = [k for k in w if k.endswith("proj.weight")]
+        exact = dev.type == "cpu" and not any(w[k].shape[1] % INT4_GROUP for k in projections)
+        for k in projections if exact else []:
             groups4[k] = quantize_groups4(w[k])
-            exact = lossless_at_4_bits(w[k], groups4[k])
-        quantization = ("int4-a8" if DOT_KERNELS else "int4") if exact else "none"
+            if not (exact := lossless_at_4_bits(w[k], groups4[k])):
+                break
         if not exact:
             groups4.clear()
+            # Other GGUF blocks: the 8-bit kernel keeps Q8_0, Q5_0 and Q4_0 exactly, given an 8-bit table too
+            as_stored = dev.type == "cpu" and bool(DOT_KERNELS) and (groups := exact_groups8(embed)) is not None
+        quantization = ("int4-a8" if DOT_KERNELS else "int4") if exact or as_stored else "none"
         state = "are" if exact else f"are not: weights in {str(dtype).removeprefix('torch.')}"
-        log.info("quantization auto: %s (layer weights %s 4-bit groups already)", quantization, state)
-    embed = get("embed_tokens.weight")
-    groups = quantize_groups8(embed) if quantization != "none" else None
+        if not as_stored:
+            log.info("quantization auto: %s (layer weights %s 4-bit groups already)", quantization, state)
+    if quantization != "none" and groups is None:
+        groups = quantize_groups8(embed)
     embedding = Embedding(embed, dtype, groups, dev)
     if c.tie_word_embeddings or "lm_head.weight" not in w:  # one table: a dense one serves both (Gemma: 335 MB)
         tied = embed if embedding.dense is None else embedding.dense
         lm_head = linear(tied, dtype, quantization, head=True, groups8=groups, device=dev)
+    elif as_stored:  # its own table: at 8 bits where it is stored so, else dense
+        head = w["lm_head.weight"]
+        exact8 = exact_groups8(head)
+        lm_head = Linear(head, dtype, "none" if exact8 is None else "int8-groups", exact8, dev)
     else:
         lm_head = linear(w["lm_head.weight"], dtype, quantization, head=True, device=dev)
     offset = 1.0 if c.gemma else 0.0  # Gemma's RMSNorm weights are stored as w - 1
@@ -432,10 +469,16 @@ def _load_weights(
         """The named projections, concatenated along their outputs, under the quantization."""
         keys = [f"model.{n}.weight" if f"model.{n}.weight" in w else f"{n}.weight" for n in names]
         weight = torch.cat([w[k] for k in keys]) if len(keys) > 1 else w[keys[0]]
+        if as_stored:
+            exact8 = exact_groups8(weight)
+            kind: Kind = "int8-groups" if exact8 is not None and weight.shape[0] % 16 == 0 else "none"
+            kinds[kind] = kinds.get(kind, 0) + 1
+            return Linear(weight, dtype, kind, exact8, dev)
         found = [groups4[k] for k in keys if k in groups4]
         groups = tuple(torch.cat(parts) for parts in zip(*found, strict=True)) if found else None
         return linear(weight, dtype, quantization, device=dev, groups4=groups)  # type: ignore[arg-type]
 
+    kinds: dict[Kind, int] = {}  # as_stored: the projections of each kind
     layers = []
     for i in range(c.num_layers):
         p = f"layers.{i}."
@@ -462,6 +505,11 @@ def _load_weights(
                 **extra,
             )
         )
+    if as_stored:
+        found = ", ".join(f"{n} {'8-bit groups' if k == 'int8-groups' else str(dtype).removeprefix('torch.')}"
+                          for k, n in sorted(kinds.items()))  # fmt: skip
+        head_kind = "8 bits" if isinstance(lm_head, Linear) and lm_head.quantization == "int8-groups" else "dense"
+        log.info("quantization auto: as stored, per projection (%s; the head %s, as stored)", found, head_kind)
     return Weights(quantization, embedding, lm_head, norm("norm.weight"), layers)
 
 
@@ -628,8 +676,9 @@ def cpu_weights(
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     known = packed.quantization() if packed else None  # what an earlier start resolved `auto` to
     weights = packed.load(torch_dtype) if packed and known in ("int4", "int4-a8") else None
-    if weights is None:
-        weights = _load_weights(model_dir, c, torch_dtype, known or quantization, torch.device("cpu"))
+    if weights is None:  # `none` marks a checkpoint auto found unquantizable: its check is not run again
+        asked = "none" if known == "none" else quantization
+        weights = _load_weights(model_dir, c, torch_dtype, asked, torch.device("cpu"))
         if packed and known != "none":  # none: `auto` found the checkpoint not 4-bit, nothing to keep
             packed.save(weights)
 

@@ -100,3 +100,55 @@ def test_files_another_version_made_are_removed_once_unused_for_a_week_and_other
     now.save(mark)
     assert sorted(tmp_path.iterdir()) == sorted([other.path, now.path])
     assert now.quantization() == other.quantization() == "none"
+
+
+def test_a_checkpoint_kept_as_stored_per_projection_is_mapped_with_its_kinds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Weights of several GGUF kinds (as Gemma's Q4_K_M): Q8_0 and Q5_0 projections and a Q8_0 embedding run on
+    the 8-bit kernel as stored, float ones dense. The next start reads that mix back from the packed file, each
+    projection on its kind, and computes the same logits; a file it cannot read is packed again under auto's own
+    choice, never another."""
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    from shared.backends.cpu_runner import DotLinear
+    from tests.shared.backends.test_llama_configs import tiny_model
+
+    if not dot_kernels():
+        pytest.skip("the 8-bit kernel needs AVX2 or AVX-512 VNNI")
+    model = tmp_path / "model"
+    tiny_model(model, hidden_size=64, intermediate_size=128)
+    weights = load_file(str(model / "model.safetensors"))
+    for name, kind in (("embed_tokens", "Q8_0"), ("q_proj", "Q5_0"), ("k_proj", "Q8_0"), ("v_proj", "Q5_0")):
+        qtype = getattr(gguf.GGMLQuantizationType, kind)
+        for key in [k for k in weights if f"{name}.weight" in k]:
+            blocks = gguf.quants.quantize(weights[key].numpy(), qtype)
+            weights[key] = torch.from_numpy(gguf.quants.dequantize(blocks, qtype).astype(np.float32))
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    config = LlamaConfig.from_dir(model)
+    assert config is not None
+
+    def start() -> tuple[CpuRunner, np.ndarray]:
+        runner = llama.runner(
+            model, config, dtype=torch.bfloat16, quantization="auto", slots=2, max_len=32, packed_dir=tmp_path / "p"
+        )
+        assert isinstance(runner, CpuRunner)
+        layer = runner.layers[0]
+        assert isinstance(layer.qkv, DotLinear) and layer.qkv.kind == "int8-groups"
+        assert not isinstance(layer.o, DotLinear) and not isinstance(layer.gate_up, DotLinear)
+        return runner, runner.prefill(0, [5, 17, 3, 88, 42], 0)
+
+    caplog.set_level("INFO")
+    _, first = start()
+    assert "as stored, per projection (2 8-bit groups, 6 bfloat16;" in caplog.text
+    caplog.clear()
+    _, again = start()
+    assert "loaded packed weights" in caplog.text and "quantization auto" not in caplog.text
+    np.testing.assert_array_equal(again, first)
+    (saved,) = (tmp_path / "p").glob("*.safetensors")
+    saved.write_bytes(saved.read_bytes()[:-64])  # cut short
+    caplog.clear()
+    _, repacked = start()
+    assert "ignoring the packed weights" in caplog.text and "as stored, per projection" in caplog.text
+    np.testing.assert_array_equal(repacked, first)

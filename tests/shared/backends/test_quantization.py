@@ -16,8 +16,9 @@ import torch
 from safetensors import safe_open
 
 from shared.backends.kernels import dot_kernels
-from shared.backends.llama import quantize_groups4, quantize_groups8
+from shared.backends.llama import exact_groups8, quantize_groups4, quantize_groups8
 from shared.catalog import ModelCatalog
+from shared.settings import Quantization
 from shared.sources import SMOLLM2_GGUF, _package_dir, resolve_generation_model
 from tests.shared.backends.test_conformance import model_dir
 
@@ -107,5 +108,73 @@ def test_auto_takes_int4_only_where_nothing_rounds_twice(catalog: ModelCatalog, 
     gemma = resolve_generation_model(catalog.config("gemma-3-270m"), catalog.settings.cache_dir)
     tiny_model(tmp_path)  # float weights
     assert resolved(model_dir(catalog)) == ("int4-a8" if dot_kernels() else "int4")
-    assert resolved(gemma) == "none"
+    assert resolved(gemma) == ("int4-a8" if dot_kernels() else "none")  # as stored: see the test below
     assert resolved(tmp_path) == "none"
+
+
+def _gguf_round_trip(x: np.ndarray, kind: str) -> torch.Tensor:
+    """x quantized to a GGUF block type by gguf's own quantizer, and de-quantised as the conversion does."""
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(x, qtype), qtype).astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0", "Q4_0"])
+def test_symmetric_gguf_groups_come_back_exactly_at_8_bits(kind: str) -> None:
+    """Q8_0, Q5_0 and Q4_0 groups are a scale times integers within 127, 16 or 8: the 8-bit kernel's groups hold
+    them without a second rounding (and the groups' own steps, not Q8_0's rule, which would round Q5_0's)."""
+    x = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    x[3, 32:64] = 0.0  # a group of zeros
+    weight = _gguf_round_trip(x, kind)
+    groups = exact_groups8(weight)
+    assert groups is not None
+    q, d = groups
+    assert torch.equal((q.float() * d.unsqueeze(-1)).reshape(weight.shape), weight)
+    if kind != "Q8_0":
+        q8, d8 = quantize_groups8(weight)
+        assert not torch.equal((q8.float() * d8.unsqueeze(-1)).reshape(weight.shape), weight)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q5_1", None])
+def test_groups_with_a_minimum_or_float_weights_are_not_8_bit_groups(kind: str | None) -> None:
+    x = np.random.default_rng(1).standard_normal((32, 128)).astype(np.float32)
+    assert exact_groups8(_gguf_round_trip(x, kind) if kind else torch.from_numpy(x)) is None
+
+
+def test_gemmas_q4_k_m_runs_each_projection_on_the_kernel_that_keeps_its_values(
+    catalog: ModelCatalog, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Gemma 3's GGUF mixes Q5_0 and Q8_0 (q, k, v, gate, up; the embedding) with Q4_K and Q6_K (o, down): under
+    auto the first run on the 8-bit kernel, exactly as stored (16-bit inputs), the others stay dense in bfloat16,
+    and the tied head reads the embedding's own 8-bit groups. Its logits stay as close to float32's as all-dense
+    bfloat16's were, or closer."""
+    if not dot_kernels():
+        pytest.skip("the 8-bit kernel needs AVX2 or AVX-512 VNNI")
+    from shared.backends import cpu_runner, llama
+    from shared.backends.llama_config import LlamaConfig
+
+    gemma = resolve_generation_model(catalog.config("gemma-3-270m"), catalog.settings.cache_dir)
+    config = LlamaConfig.from_dir(gemma)
+    assert config is not None
+    logits = {}
+    runs: list[tuple[Quantization, torch.dtype]] = [
+        ("auto", torch.bfloat16),
+        ("none", torch.bfloat16),
+        ("none", torch.float32),
+    ]
+    for quantization, dtype in runs:
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            runner = llama.runner(gemma, config, dtype=dtype, quantization=quantization, slots=1, max_len=64)
+        assert isinstance(runner, cpu_runner.CpuRunner)
+        logits[quantization, str(dtype)] = runner.prefill(0, [2, 818, 5279, 529, 7001, 563], 0)
+        if quantization == "auto":
+            assert "as stored, per projection (36 8-bit groups, 36 bfloat16;" in caplog.text
+            layer = runner.layers[0]
+            assert all(
+                isinstance(p, cpu_runner.DotLinear) and p.kind == "int8-groups" for p in (layer.qkv, layer.gate_up)
+            )
+            assert not isinstance(layer.o, cpu_runner.DotLinear) and not isinstance(layer.down, cpu_runner.DotLinear)
+            assert isinstance(runner.lm_head, cpu_runner.DotLinear) and runner.lm_head.kind == "int8-groups"
+    exact = logits["none", "torch.float32"]
+    as_stored, dense = (np.abs(logits[q, "torch.bfloat16"] - exact).max() for q in ("auto", "none"))
+    assert as_stored <= dense and int(np.argmax(logits["auto", "torch.bfloat16"])) == int(np.argmax(exact))
