@@ -224,7 +224,7 @@ def _pack(settings: Settings, model_dir: Path) -> None:
 
     if LlamaConfig.from_dir(model_dir) is None:
         return  # served by transformers' own model: nothing to pack
-    backend = select_backend(settings)
+    backend = select_backend(settings, prebuilt_kernels=False)  # compiled for the environment's CPU
     if backend.name == "cpu":
         backend.load(model_dir)
 

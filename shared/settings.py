@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=None, ge=1, le=1024, description="CPU threads for the model")
     kernel_cpu: str = Field(
         default="auto",
-        pattern=r"^(auto|x86-64(-v[234])?(\+[a-z0-9.]+)*)$",
+        pattern=r"^[a-z0-9][a-z0-9.+_-]*$",
         description="the CPU numba's prebuilt kernels (an image's) run as: auto, the best one they were compiled"
         " for that this host runs; or one of their names (x86-64-v3, x86-64-v4+avx512vnni): the same kernels, and"
         " the same answers at near ties, on every host",

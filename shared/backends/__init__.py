@@ -190,8 +190,8 @@ REGISTRY: tuple[BackendEntry, ...] = (
 )
 
 
-def _build(entry: BackendEntry, settings: Settings) -> Backend:
-    if entry.module == "shared.backends.torch_backend":  # imports numba, which reads its CPU at its import
+def _build(entry: BackendEntry, settings: Settings, prebuilt_kernels: bool = True) -> Backend:
+    if prebuilt_kernels and entry.module == "shared.backends.torch_backend":  # numba reads its CPU at its import
         from shared.backends.targets import KERNELS_DIR, choose
 
         choose(settings.cache_dir / KERNELS_DIR, settings.kernel_cpu)
@@ -200,16 +200,18 @@ def _build(entry: BackendEntry, settings: Settings) -> Backend:
     return backend
 
 
-def select_backend(settings: Settings) -> Backend:
-    """The backend the settings name, or the first available one. A named backend that cannot run is an error."""
+def select_backend(settings: Settings, prebuilt_kernels: bool = True) -> Backend:
+    """The backend the settings name, or the first available one. A named backend that cannot run is an error.
+    prebuilt_kernels: whether numba may take the best CPU an image's kernels were compiled for (not while they
+    are being compiled for the environment's own: `fnserve prepare`)."""
     if settings.backend != "auto":
         entry = next(e for e in REGISTRY if e.name == settings.backend)
         if reason := entry.missing(False):
             raise BackendUnavailableError(f"backend {entry.name!r} was asked for, but {reason}")
-        return _build(entry, settings)
+        return _build(entry, settings, prebuilt_kernels)
     reasons = []
     for entry in REGISTRY:
         if (reason := entry.missing(True)) is None:
-            return _build(entry, settings)
+            return _build(entry, settings, prebuilt_kernels)
         reasons.append(f"{entry.name}: {reason}")
     raise BackendUnavailableError("no backend can run here: " + "; ".join(reasons))

@@ -37,7 +37,7 @@ LEVELS: dict[str, tuple[str, ...]] = {"x86-64": _V1, "x86-64-v2": _V2, "x86-64-v
 
 
 class TargetError(ValueError):
-    """A target that is not a level with features, or a choice the prebuilt kernels cannot meet."""
+    """A target that is not an x86-64 level with features."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,14 @@ def choose(prebuilt: Path, wanted: str = "auto") -> Target | None:
             raise BackendUnavailableError(f"kernel_cpu {wanted!r}: no list of prebuilt kernels ({prebuilt / MANIFEST})")
         return None
     baseline, targets = manifest
-    if Target.from_environment() != baseline:
+    current = Target.from_environment()
+    if wanted in ("auto", current and current.name) and current in [t for t, _ in targets]:
+        return current  # chosen by an earlier load in this process
+    if current != baseline:
+        if wanted != "auto":
+            raise BackendUnavailableError(
+                f"kernel_cpu {wanted!r}: NUMBA_CPU_NAME names another CPU than {baseline.name}"
+            )
         log.info("kernels: numba compiles for NUMBA_CPU_NAME as set, not the prebuilt kernels' CPUs")
         return None
     if wanted != "auto":

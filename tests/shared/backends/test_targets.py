@@ -97,3 +97,34 @@ def test_an_unreadable_list_leaves_numba_its_environments_cpu(
             assert choose(tmp_path) is None
         assert environment["NUMBA_CPU_FEATURES"] == "" and "cannot read" in caplog.text
         caplog.clear()
+
+
+def test_a_later_load_in_the_process_keeps_the_choice_quietly(
+    tmp_path: Path, environment: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    write_manifest(tmp_path, BASELINE, [RUNNABLE])
+    assert choose(tmp_path) == RUNNABLE
+    sys.modules["numba"] = sys  # imported by the first model's load
+    with caplog.at_level(logging.INFO):
+        assert choose(tmp_path) == RUNNABLE and choose(tmp_path, RUNNABLE.name) == RUNNABLE
+    assert caplog.text == ""
+    with pytest.raises(BackendUnavailableError, match="NUMBA_CPU_NAME names another CPU"):
+        choose(tmp_path, BASELINE.name)  # pinned, but the environment already runs another
+
+
+def test_prepare_compiles_for_the_environments_cpu_not_the_prebuilt_choice(
+    tmp_path: Path, environment: dict[str, str]
+) -> None:
+    """`fnserve prepare` over an image's cache compiles the kernels for the baseline the environment names (the
+    next targets are compiled from what it compiled); a start takes its choice."""
+    from shared.backends import select_backend
+    from shared.settings import Settings
+
+    (tmp_path / "kernels").mkdir()
+    write_manifest(tmp_path / "kernels", BASELINE, [RUNNABLE])
+    settings = Settings(cache_dir=tmp_path, backend="cpu")
+    assert select_backend(settings, prebuilt_kernels=False).name == "cpu"
+    assert Target.from_environment() == BASELINE
+    sys.modules.pop("numba", None)  # as in a new process (the fixture puts it back)
+    select_backend(settings)
+    assert Target.from_environment() == RUNNABLE
