@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +23,7 @@ from shared.guards.access import GUARDED, Guards, presented_key
 from shared.guards.gate import Gate
 from shared.guards.middleware import Lifecycle, RequestMiddleware
 from shared.http import CatalogDep, install_error_handlers
+from shared.logs import configure_logging
 from shared.metrics import Metrics
 from shared.settings import Settings, get_settings
 from shared.tracing import make_tracer
@@ -161,6 +163,18 @@ async def _preload(catalog: ModelCatalog, lifecycle: Lifecycle) -> None:
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
 
+def _lambda_logging(settings: Settings) -> None:
+    """Lambda's runtime gives the root logger its own handler (CloudWatch, each line with its request id) and
+    leaves its level at WARNING unless the function's log level is configured (AWS_LAMBDA_LOG_LEVEL): then
+    the settings' level (FNSERVE_LOG_LEVEL), so each request's access line and a model's load are logged. Where
+    no runtime installed a handler (the handler run by other means), fnserve's own, as `fnserve serve` has."""
+    root = logging.getLogger()
+    if not root.handlers:
+        configure_logging(settings)
+    elif not os.environ.get("AWS_LAMBDA_LOG_LEVEL"):
+        root.setLevel(settings.log_level.upper())
+
+
 def lambda_handler(app: FastAPI) -> LambdaHandler:
     """A Lambda entry point for the app: API Gateway (v1, v2), ALB and Function URL events through Mangum.
 
@@ -168,8 +182,12 @@ def lambda_handler(app: FastAPI) -> LambdaHandler:
     container's first invocation and stay loaded for the next ones.
     """
     mangum = Mangum(app, lifespan="off")
+    logs: list[bool] = []  # set up on the first invocation, not at import (an ASGI server may import the module)
 
     def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        if not logs:
+            _lambda_logging(app.state.settings)
+            logs.append(True)
         # Mangum runs the app on the thread's current event loop; make sure there is an open one.
         try:
             loop = asyncio.get_event_loop_policy().get_event_loop()

@@ -187,3 +187,6 @@ def test_awslambdaric_runs_the_models_function_as_a_real_process(runtime_api: tu
     assert [m["id"] for m in json.loads(first["body"])["data"]][0] == "smollm2-135m-instruct"
     second = api.answers["/2018-06-01/runtime/invocation/inv-2/response"]
     assert json.loads(second["body"])["id"] == "smollm2-135m-instruct"
+    # Lambda's runtime logs at WARNING unless told otherwise: the function sets FNSERVE_LOG_LEVEL's (info), so
+    # each request's access line reaches the runtime's log (here the process's output)
+    assert "GET /v1/models 200" in output and "GET /v1/models/default 200" in output, output[-2000:]

@@ -41,7 +41,7 @@ def main() -> None:
     import importlib
     import logging
 
-    logging.basicConfig(level=logging.INFO)  # as Lambda's runtime (awslambdaric) gives the root logger a handler
+    logging.basicConfig()  # as Lambda's runtime (awslambdaric) gives the root logger a handler, level WARNING
 
     context = SimpleNamespace(aws_request_id="r", function_name="f", get_remaining_time_in_millis=lambda: 60000)
     results = []
