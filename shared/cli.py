@@ -199,7 +199,9 @@ def _compile_kernels_for(settings: Settings, targets: list[Target]) -> int:
     step = "from shared.backends import kernels; kernels.compile_pickled()"
     for target in targets:
         env = os.environ | target.environment()
-        subprocess.run([sys.executable, "-c", step], input=entries, env=env, check=True)
+        if subprocess.run([sys.executable, "-c", step], input=entries, env=env).returncode:
+            print(f"fnserve prepare: --kernels-for: compiling for {target.name} failed (above)", file=sys.stderr)
+            return 1
         print(f"kernels compiled for {target.name}")
     baseline = Target.from_environment()
     assert baseline is not None  # _kernels_for_problem
