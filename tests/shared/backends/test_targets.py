@@ -105,6 +105,7 @@ def test_a_later_load_in_the_process_keeps_the_choice_quietly(
     write_manifest(tmp_path, BASELINE, [RUNNABLE])
     assert choose(tmp_path) == RUNNABLE
     sys.modules["numba"] = sys  # imported by the first model's load
+    caplog.clear()
     with caplog.at_level(logging.INFO):
         assert choose(tmp_path) == RUNNABLE and choose(tmp_path, RUNNABLE.name) == RUNNABLE
     assert caplog.text == ""
