@@ -205,7 +205,8 @@ class CpuRunner(BatchSteps):
             out = _biased(layer.o(attn), layer.o_bias)
             x = x + (out if layer.attn_out_norm is None else self._norm(out, layer.attn_out_norm))
             gate_up = _biased(layer.gate_up(self._norm(x, layer.mlp_norm)), layer.gate_up_bias)
-            gate, up = np.split(gate_up, 2, axis=-1)
+            middle = gate_up.shape[1] // 2
+            gate, up = gate_up[:, :middle], gate_up[:, middle:]  # views: np.split costs ~8 us a call
             out = _biased(layer.down((_gelu(gate) if c.gemma else _silu(gate)) * up), layer.down_bias)
             x = x + (out if layer.mlp_out_norm is None else self._norm(out, layer.mlp_out_norm))
         if chunk:

@@ -225,41 +225,56 @@ def _fma(builder: Any, lanes: int) -> Any:
     )
 
 
+def _vector_registers() -> tuple[int, int]:
+    """The float32 lanes of a vector register and how many there are, on the CPU numba compiles for: AVX-512's
+    32 of 16, AVX2's 16 of 8 (dot_kernels()); elsewhere taken as AVX-512's (LLVM splits the vectors)."""
+    return (8, 16) if dot_kernels() == "avx2" else (16, 32)
+
+
 def _key_block_codegen(dim: int, group: int, half: bool) -> Callable[..., Any]:
     """_key_block(keys, at, q, scores, column, scale, dim, group, half), the last three constants:
     scores[g, column + j] = scale * q[g] . key j of the block of KEY_BLOCK keys at keys[at:], for the `group`
     query heads that share them (see attention).
 
     The block holds dimension d of its 32 keys at [32 d, 32 d + 32), so each step broadcasts one query value
-    and multiplies it by 32 keys' values: no sums across lanes. With a few query heads each half of the
-    dimensions sums into its own registers (twice the independent chains of fused multiply-adds), added at
-    the end; the order is fixed, so a score depends on its own row's inputs only."""
+    and multiplies it by the keys' values: no sums across lanes. With a few query heads the even and odd
+    dimensions sum into their own registers (twice the independent chains of fused multiply-adds), added at
+    the end; the order is fixed, so a score depends on its own row's inputs only. The sums stay in registers:
+    the block's keys in passes of as many as three quarters of the CPU's vector registers hold (all 32 with
+    AVX-512's 32 registers; 16 or 8 with AVX2's 16, whose sums of all 32 spilled to memory at every step), each
+    key's sum the same either way."""
     chains = 2 if group <= 4 else 1
-    halves = KEY_BLOCK // 16
+    lanes, registers = _vector_registers()
+    vector = ir.VectorType(_F32, lanes)
+    per_pass = next(
+        (n for n in (KEY_BLOCK, 16, 8) if group * chains * (n // lanes) <= registers * 3 // 4), min(KEY_BLOCK, lanes)
+    )
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         keys_, q_, scores_ = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
         at_, column_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 4))
-        fma = _fma(builder, 16)
+        fma = _fma(builder, lanes)
         base = builder.gep(keys_.data, [at_])
-        zeros = ir.Constant(_V16F, [0.0] * 16)
-        acc = [[[zeros] * chains for _ in range(halves)] for _ in range(group)]
-        for d in range(dim):
-            lanes = [_cache_lanes(builder, base, _i64(KEY_BLOCK * d + 16 * h), 16, half) for h in range(halves)]
-            for g in range(group):
-                value = _splat(builder, builder.load(builder.gep(q_.data, [_i64(g * dim + d)])), _V16F)
-                for h in range(halves):
-                    acc[g][h][d % chains] = builder.call(fma, [value, lanes[h], acc[g][h][d % chains]])
         width = cgutils.unpack_tuple(builder, scores_.shape, 2)[1]
-        scale_ = _splat(builder, context.cast(builder, args[5], signature.args[5], types.float32), _V16F)
-        for g in range(group):
-            row = builder.add(builder.mul(_i64(g), width), column_)
-            for h in range(halves):
-                total = acc[g][h][0]
-                for part in acc[g][h][1:]:
-                    total = builder.fadd(total, part)
-                at = builder.gep(scores_.data, [builder.add(row, _i64(16 * h))])
-                builder.store(builder.fmul(total, scale_), builder.bitcast(at, _V16F.as_pointer()), align=4)
+        scale_ = _splat(builder, context.cast(builder, args[5], signature.args[5], types.float32), vector)
+        zeros = ir.Constant(vector, [0.0] * lanes)
+        for first in range(0, KEY_BLOCK, per_pass):
+            part = range(first, first + per_pass, lanes)  # the pass's vectors, by their first key
+            acc = [[[zeros] * chains for _ in part] for _ in range(group)]
+            for d in range(dim):
+                keys = [_cache_lanes(builder, base, _i64(KEY_BLOCK * d + j), lanes, half) for j in part]
+                for g in range(group):
+                    value = _splat(builder, builder.load(builder.gep(q_.data, [_i64(g * dim + d)])), vector)
+                    for v, key in enumerate(keys):
+                        acc[g][v][d % chains] = builder.call(fma, [value, key, acc[g][v][d % chains]])
+            for g in range(group):
+                row = builder.add(builder.mul(_i64(g), width), column_)
+                for v, j in enumerate(part):
+                    total = acc[g][v][0]
+                    for chain in acc[g][v][1:]:
+                        total = builder.fadd(total, chain)
+                    at = builder.gep(scores_.data, [builder.add(row, _i64(j))])
+                    builder.store(builder.fmul(total, scale_), builder.bitcast(at, vector.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return codegen
@@ -281,10 +296,12 @@ def _value_rows_codegen(dim: int, group: int, half: bool) -> Callable[..., Any]:
     """_value_rows(values, at, n, weights, column, out, r, query, dim, group, half), the last three constants:
     out[r, query + g dim : query + (g + 1) dim] = sum over p < n of weights[g, column + p] * the value at
     values[at + p dim:], for each of the `group` query heads, in position order (see attention). The sums stay
-    in registers: a slice of up to 16 vectors across the query heads at a time."""
-    lanes = next(w for w in (16, 8, 4, 2, 1) if dim % w == 0)
+    in registers: a slice of the vectors across the query heads at a time, as many as the CPU's registers hold
+    beside the slice's values (AVX2's 16 registers of 8 lanes take fewer than AVX-512's 32 of 16)."""
+    register_lanes, registers = _vector_registers()
+    lanes = next(w for w in (16, 8, 4, 2, 1) if dim % w == 0 and w <= register_lanes)
     vectors = dim // lanes
-    per_slice = max(1, min(vectors, 16 // group))
+    per_slice = max(1, min(vectors, (registers - 2) // (group + 1)))
     vector = ir.VectorType(_F32, lanes)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:

@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
@@ -64,38 +65,56 @@ def tables() -> tuple[torch.Tensor, torch.Tensor]:
     return angles.cos(), torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], -1)
 
 
-def test_each_row_attends_over_its_own_positions_with_its_kv_heads() -> None:
+ATTENTION_SCRIPT = """
+import sys
+import numpy as np
+from shared.backends.kernels import attention
+found = dict(np.load(sys.argv[1]))
+dim, group = (int(v) for v in found.pop("sizes"))
+attention(dim, group)(*(found[name] for name in ("qkv", "cos", "sin", "slots", "positions", "k", "v", "out")),
+    np.float32(dim**-0.5), 0)
+np.savez(sys.argv[1], **found)
+"""
+
+
+@pytest.mark.parametrize("cpu", [None, "x86-64-v3"])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(HEADS, KV_HEADS), (8, 2)])
+def test_each_row_attends_over_its_own_positions_with_its_kv_heads(
+    tmp_path: Path, cpu: str | None, heads: int, kv_heads: int
+) -> None:
     """Five decode rows in slots 0-4, then a 4-token prompt chunk of slot 5 at positions 10-13; the cache in
-    float16 (its keys in blocks of positions), attention in float32 over those values."""
+    float16 (its keys in blocks of positions), attention in float32 over those values. For this CPU, and
+    compiled for x86-64-v3 (an image's kernels; AVX2's 16 registers hold fewer of a block's sums at once), for
+    SmolLM2's three query heads to a kv head and Gemma's four."""
     torch.manual_seed(0)
     cos, sin = tables()
     slots = np.array([0, 1, 2, 3, 4, 5, 5, 5, 5], dtype=np.int64)
     positions = np.array([0, 5, 40, 17, 63, 10, 11, 12, 13], dtype=np.int64)  # one row sees only itself
     rows = len(positions)
-    qkv = torch.randn(rows, (HEADS + 2 * KV_HEADS) * DIM)
-    want_k, want_v = torch.randn(2, SLOTS + 1, KV_HEADS, MAX_LEN, DIM).half().float().unbind(0)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * DIM)
+    want_k, want_v = torch.randn(2, SLOTS + 1, kv_heads, MAX_LEN, DIM).half().float().unbind(0)
     k_cache, v_cache = blocked(want_k), half_bits(want_v)
-    out = torch.empty(rows, HEADS * DIM)
-
-    attention(DIM, GROUP)(
-        qkv.numpy(),
-        cos.numpy(),
-        sin.numpy(),
-        slots,
-        positions,
-        k_cache,
-        v_cache,
-        out.numpy(),
-        np.float32(DIM**-0.5),
-        0,
-    )
+    out = torch.empty(rows, heads * DIM)
+    arrays: dict[str, Any] = {"qkv": qkv.numpy(), "cos": cos.numpy(), "sin": sin.numpy(), "slots": slots}
+    arrays |= {"positions": positions, "k": k_cache, "v": v_cache, "out": out.numpy()}
+    if cpu is None:
+        attention(DIM, heads // kv_heads)(*arrays.values(), np.float32(DIM**-0.5), 0)
+    else:
+        (tmp_path / "attention.py").write_text(ATTENTION_SCRIPT)
+        np.savez(tmp_path / "arrays.npz", **arrays, sizes=np.array([DIM, heads // kv_heads]))
+        env = {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": "", "NUMBA_CACHE_DIR": str(tmp_path)}
+        run = subprocess.run([sys.executable, str(tmp_path / "attention.py"), str(tmp_path / "arrays.npz")],
+                             env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        found = np.load(tmp_path / "arrays.npz")
+        k_cache, v_cache, out = found["k"], found["v"], torch.from_numpy(found["out"])
 
     for r, (slot, p) in enumerate(zip(slots.tolist(), positions.tolist(), strict=True)):
-        _, k, v = qkv[r].split([HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM])
-        want_k[slot, :, p] = rotate(k.view(KV_HEADS, DIM), cos[p], sin[p]).half().float()
-        want_v[slot, :, p] = v.view(KV_HEADS, DIM).half().float()
+        _, k, v = qkv[r].split([heads * DIM, kv_heads * DIM, kv_heads * DIM])
+        want_k[slot, :, p] = rotate(k.view(kv_heads, DIM), cos[p], sin[p]).half().float()
+        want_v[slot, :, p] = v.view(kv_heads, DIM).half().float()
     for r, (slot, p) in enumerate(zip(slots.tolist(), positions.tolist(), strict=True)):
-        q = rotate(qkv[r, : HEADS * DIM].view(HEADS, DIM), cos[p], sin[p])
+        q = rotate(qkv[r, : heads * DIM].view(heads, DIM), cos[p], sin[p])
         keys, values = want_k[slot, :, : p + 1], want_v[slot, :, : p + 1]  # (K, P, D): the chunk's earlier rows too
         want = F.scaled_dot_product_attention(q.unsqueeze(1), keys, values, enable_gqa=True)  # (H, 1, D)
         torch.testing.assert_close(out[r], want.reshape(-1), atol=1e-5, rtol=1e-5)
