@@ -130,8 +130,9 @@ def test_cuda_matches_torch_cpu(catalog: ModelCatalog, reference: ModelRunner, s
 FAST_NEAR_TIE = 0.5  # the stated tolerance of bfloat16 and the quantizations against float32, in logits
 # int8's inputs take 7 bits on a CPU without AVX-512 VNNI (INT8_INPUT_TOP), where their rounding is twice as
 # coarse: mean KL against float32 0.161 nats for int8 and 0.025 for mixed on an AVX2 CPU, against 0.044 and
-# 0.008 with 8-bit inputs on an AVX-512 VNNI one (`python -m loadtests.faithfulness`).
-SEVEN_BIT_NEAR_TIE = 1.0
+# 0.008 with 8-bit inputs on an AVX-512 VNNI one (`python -m loadtests.faithfulness`). On an AVX2-only Zen 3,
+# int8 left float32's greedy tokens where its top two were 1.58 apart (p99 KL 0.56 nats there): 2.0 logits.
+SEVEN_BIT_NEAR_TIE = 2.0
 
 
 @pytest.mark.parametrize(
