@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from shared.backends import BatchRunner, Chunk, ModelRunner
 from shared.errors import FnserveError, OverloadedError
+from shared.generation.compute import on_compute_thread
 from shared.generation.prefix_cache import PrefixCache
 from shared.generation.sequence import Sequence, StepOutput
 from shared.settings import MAX_QUEUE, MAX_RUNNING, PREFILL_CHUNK
@@ -71,8 +72,8 @@ class Engine:
 
         prefix_tokens: the positions the prefix cache's entries may hold together (None: as its slots allow).
 
-        The model is loaded on the thread that will run it: with OpenMP, the thread that first runs parallel
-        work keeps the warm worker pool, and steps driven from any other thread ran at half speed here.
+        The load and every forward pass run on the process's compute thread (shared.generation.compute), one
+        for all models: OpenMP's worker pools stay warm only while a single thread drives them.
         """
         self.name = name
         self.prefill_chunk = prefill_chunk
@@ -97,7 +98,7 @@ class Engine:
 
         def run() -> None:
             try:
-                runner = self.runner = load()
+                runner = self.runner = on_compute_thread(load)
                 self.batch_runner = runner if hasattr(runner, "decode") else None  # type: ignore[assignment]
                 self.seq_runner = None if self.batch_runner else runner  # type: ignore[assignment]
                 if self.batch_runner is not None:
@@ -258,7 +259,7 @@ class Engine:
         if chunk is not None and chunk.slot < n:
             positions[chunk.slot] += len(chunk.token_ids)
         try:
-            logits, chunk_logits = runner.step(tokens, positions, chunk)
+            logits, chunk_logits = on_compute_thread(runner.step, tokens, positions, chunk)
         except Exception as exc:
             self._fail(ready + ([chunk.slot] if chunk else []), exc)
             return
@@ -351,11 +352,11 @@ class Engine:
             return
         try:
             if slot.cache is None:
-                slot.cache = runner.new_cache()
-                logits = runner.forward(slot.cache, seq.prompt_ids)
+                slot.cache = on_compute_thread(runner.new_cache)
+                logits = on_compute_thread(runner.forward, slot.cache, seq.prompt_ids)
                 self._stats.prompt_tokens += len(seq.prompt_ids)
             else:
-                logits = runner.forward(slot.cache, seq.output_ids[-1:])
+                logits = on_compute_thread(runner.forward, slot.cache, seq.output_ids[-1:])
             out = seq.step(logits)
         except Exception as exc:
             self._log_failure(exc)

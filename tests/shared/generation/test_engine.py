@@ -1,5 +1,6 @@
-"""The engine runs model compute on its own thread, one per model: the server stays responsive while it works,
-and a failure ends the requests it hit with an error, never a silent hang, while the engine goes on serving."""
+"""Model compute runs off the event loop (each model's engine on its own thread, every forward pass on the one
+compute thread): the server stays responsive while it works, and a failure ends the requests it hit with an
+error, never a silent hang, while the engine goes on serving."""
 
 from __future__ import annotations
 
@@ -139,6 +140,54 @@ def _run(engine: Engine, smol: GenerationModel, prompts: list[str]) -> list[str 
         return list(await asyncio.wait_for(asyncio.gather(*(one(p) for p in prompts)), timeout=60))
 
     return asyncio.run(all_of())
+
+
+class StepThreads:
+    """The real batched runner, noting the thread each of its forward passes runs on."""
+
+    def __init__(self, runner: BatchRunner) -> None:
+        self.runner = runner
+        self.threads: set[int | None] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.runner, name)
+        if name != "step":
+            return method
+
+        def step(*args: Any) -> Any:
+            self.threads.add(threading.get_ident())
+            return method(*args)
+
+        return step
+
+
+def test_every_models_load_and_forward_passes_run_on_one_thread(catalog: ModelCatalog, smol: GenerationModel) -> None:
+    """OpenMP keeps its worker pools warm only while one thread drives them (a second engine thread driving
+    its own made every step of the first 2.5x slower here): two engines load and step their models on the
+    process's one compute thread, which is neither engine's own, and answer as one engine does."""
+    path = model_dir(catalog)
+    config = LlamaConfig.from_dir(path)
+    assert config is not None
+    loads: list[int | None] = []
+    runners: list[StepThreads] = []
+
+    def load() -> BatchRunner:
+        loads.append(threading.get_ident())
+        runners.append(
+            StepThreads(llama.runner(path, config, dtype=torch.bfloat16, quantization="auto", slots=2, max_len=128))
+        )
+        return cast(BatchRunner, runners[-1])
+
+    engines = [Engine(load, max_running=2, name=f"engine-{i}") for i in range(2)]
+    try:
+        answers = [_run(engine, smol, PROMPTS[:2]) for engine in engines]
+        assert answers[0] == answers[1] and all(isinstance(a, str) and a for a in answers[0]), answers
+        threads = set(loads).union(*(r.threads for r in runners))
+        assert len(threads) == 1, "every load and step on one thread"
+        assert threads.isdisjoint({engine._thread.ident for engine in engines})
+    finally:
+        for engine in engines:
+            engine.close()
 
 
 @pytest.mark.parametrize("fault", ["step", "move_slot"])
