@@ -22,6 +22,7 @@ import numpy as np
 from shared.backends import BatchSteps, Chunk, step_rows
 from shared.backends.kernels import (
     KEY_BLOCK,
+    add_rms_norm,
     attention,
     float16_native,
     gated,
@@ -139,7 +140,10 @@ class CpuRunner(BatchSteps):
         self._kv_arrays = np.frombuffer(pages, dtype=element).reshape(shape)  # for the attention kernel
         self.kv_cache = self._kv_arrays.view(np.float16) if half else self._kv_arrays  # the same memory
         ropes = {t: rope_tables(t, c.head_dim, self.context_length) for t in set(c.layer_rope_thetas)}
-        self._ropes = [ropes[t] for t in c.layer_rope_thetas]  # each layer's tables
+        # Each layer's attention arguments beside its rows: rotary tables, cache keys and values, window.
+        self._layer_attention = [
+            (*ropes[c.layer_rope_thetas[i]], *self._kv_arrays[i], c.layer_windows[i] or 0) for i in range(c.num_layers)
+        ]
         self._embed_scale = np.float32(c.hidden_size**0.5) if c.gemma else None  # as float32 weights get
         self.decode([0], [0])  # compiles the attention kernel now (or loads it from numba's cache), not on a request
 
@@ -191,24 +195,29 @@ class CpuRunner(BatchSteps):
         if self._embed_scale is not None:
             x = x * self._embed_scale
         slots, rows = step_rows(positions, chunk)
+        last = len(self.layers) - 1
+        h = self._norm(x, self.layers[0].attn_norm)
         for i, layer in enumerate(self.layers):
-            qkv = _biased(layer.qkv(self._norm(x, layer.attn_norm)), layer.qkv_bias)  # (N, Q+2KV)
+            qkv = _biased(layer.qkv(h), layer.qkv_bias)  # (N, Q+2KV)
             if layer.q_norm is not None and layer.k_norm is not None:  # per head, before the rotation
                 qkv[:, :q_width] = self._norm(qkv[:, :q_width].reshape(-1, c.head_dim), layer.q_norm).reshape(n, -1)
                 k = qkv[:, q_width : q_width + k_width].reshape(-1, c.head_dim)
                 qkv[:, q_width : q_width + k_width] = self._norm(k, layer.k_norm).reshape(n, -1)
             attn = np.empty((n, q_width), np.float32)
-            cos, signed_sin = self._ropes[i]
-            cache_k, cache_v = self._kv_arrays[i]
-            self._attention(qkv, cos, signed_sin, slots, rows, cache_k, cache_v, attn, scale, c.layer_windows[i] or 0)
+            cos, signed_sin, cache_k, cache_v, window = self._layer_attention[i]
+            self._attention(qkv, cos, signed_sin, slots, rows, cache_k, cache_v, attn, scale, window)
             out = _biased(layer.o(attn), layer.o_bias)
-            x = x + (out if layer.attn_out_norm is None else self._norm(out, layer.attn_out_norm))
-            gate_up = _biased(layer.gate_up(self._norm(x, layer.mlp_norm)), layer.gate_up_bias)
+            if layer.attn_out_norm is not None:
+                out = self._norm(out, layer.attn_out_norm)
+            x, h = add_rms_norm(x, out, layer.mlp_norm, self._eps)  # the residual, and the MLP's input
+            gate_up = _biased(layer.gate_up(h), layer.gate_up_bias)
             out = _biased(layer.down(gated(gate_up, c.gemma)), layer.down_bias)
-            x = x + (out if layer.mlp_out_norm is None else self._norm(out, layer.mlp_out_norm))
+            if layer.mlp_out_norm is not None:
+                out = self._norm(out, layer.mlp_out_norm)
+            x, h = add_rms_norm(x, out, self.norm if i == last else self.layers[i + 1].attn_norm, self._eps)
         if chunk:
-            x = np.concatenate([x[:b], x[-1:]])  # a chunk samples its last position only
-        return self.lm_head(self._norm(x, self.norm))  # (B, vocab)
+            h = np.concatenate([h[:b], h[-1:]])  # a chunk samples its last position only
+        return self.lm_head(h)  # (B, vocab)
 
     def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """RMSNorm of float32 rows (N, C)."""

@@ -11,7 +11,8 @@ sums in an order that depends on the chunk's length).
 
 quantize_rows: the int8 matmuls' inputs, row by row.
 
-rms_norm: RMSNorm of rows, one call instead of the composite of ~6 ops torch runs on CPU.
+rms_norm: RMSNorm of rows, one call instead of the composite of ~6 ops torch runs on CPU; add_rms_norm: a block's
+output added to the residual stream and the sum's RMSNorm, one call where numpy's add and rms_norm took two.
 
 gated: the MLP's activation (SiLU, or Gemma's GELU) times its up projection, one call instead of numpy's five.
 
@@ -540,6 +541,18 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
         for j in range(c):
             out[i, j] = weight[j] * (x[i, j] * inv)
     return out
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def add_rms_norm(x: np.ndarray, y: np.ndarray, weight: np.ndarray, eps: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """x + y (N, C) float32, the residual stream after a block, and rms_norm of it with weight: the next block's
+    input. A one-row step makes 60 such pairs, each a numpy add and a call (~5 us together here, 0.3 ms a step)."""
+    n, c = x.shape
+    total = np.empty((n, c), np.float32)
+    for i in range(n):
+        for j in range(c):
+            total[i, j] = x[i, j] + y[i, j]
+    return total, rms_norm(total, weight, eps)
 
 
 KernelKey = str | tuple[int, int, bool]  # a kernel of this module by its name, or attention's by its arguments

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from shared.backends import llama
 from shared.backends.kernels import (
     KEY_BLOCK,
+    add_rms_norm,
     attention,
     dot_kernels,
     gated,
@@ -180,6 +181,16 @@ def test_rms_norm_matches_torch() -> None:
     x, weight = torch.randn(7, 576) * 3, torch.rand(576) + 0.5
     got = rms_norm(x.numpy(), weight.numpy(), np.float32(1e-5))
     torch.testing.assert_close(torch.from_numpy(got), F.rms_norm(x, (576,), weight, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+def test_a_blocks_output_joins_the_residual_stream_and_the_sum_is_normed_as_rms_norm_does() -> None:
+    """The runner's residual add and the next norm in one call: the same bits as numpy's add and rms_norm."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((2, 5, 576), dtype=np.float32) * 3
+    weight = rng.random(576, dtype=np.float32) + 0.5
+    total, normed = add_rms_norm(x, y, weight, np.float32(1e-5))
+    np.testing.assert_array_equal(total, x + y)
+    np.testing.assert_array_equal(normed, rms_norm(x + y, weight, np.float32(1e-5)))
 
 
 @pytest.mark.parametrize("gelu", [False, True])
