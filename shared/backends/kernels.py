@@ -546,7 +546,8 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
 @njit(fastmath=True, nogil=True, cache=True)
 def add_rms_norm(x: np.ndarray, y: np.ndarray, weight: np.ndarray, eps: np.float32) -> tuple[np.ndarray, np.ndarray]:
     """x + y (N, C) float32, the residual stream after a block, and rms_norm of it with weight: the next block's
-    input. A one-row step makes 60 such pairs, each a numpy add and a call (~5 us together here, 0.3 ms a step)."""
+    input. A step makes 60 such pairs; one call each in place of a numpy add and a call made one-row steps ~2 %
+    faster here."""
     n, c = x.shape
     total = np.empty((n, c), np.float32)
     for i in range(n):
