@@ -9,8 +9,9 @@ happened as soon as a second model was loaded: on a 2-core machine a served Smol
 3-4x slower). One thread for every model's compute keeps one team; models' steps take turns on it, as they
 would share the cores anyway. The engines' own threads keep the rest (admission, sampling, delivery).
 
-A model's load runs here too (its first forward pass compiles or loads the kernels), so it holds up the other
-models' steps while it lasts: ~1 s from converted weights, longer on a model's first start.
+A model's load runs here too (its weights packed by torch on a first start, its first forward pass loading
+the kernels), so it holds up the other models' steps while it lasts: ~1 s from packed weights, longer on a
+model's first start.
 """
 
 from __future__ import annotations
