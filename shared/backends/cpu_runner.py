@@ -111,7 +111,7 @@ def rope_tables(theta: float, head_dim: int, length: int) -> tuple[np.ndarray, n
 
 
 class CpuRunner(BatchSteps):
-    """The model plus its KV cache, on the CPU. Not thread-safe: one engine thread drives it.
+    """The model plus its KV cache, on the CPU. Not thread-safe: one engine drives it.
 
     Rotation, the cache write, attention and RMSNorm run as the numba kernels, over a float16 cache (float32 for
     exact float32 weights, or on an x86 CPU without F16C); the matmuls as the weights' projections (DotLinear,

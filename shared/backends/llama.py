@@ -514,7 +514,7 @@ def _load_weights(
 
 
 class LlamaRunner(BatchSteps):
-    """The model plus its KV cache as torch ops, on any torch device. Not thread-safe: one engine thread drives it.
+    """The model plus its KV cache as torch ops, on any torch device. Not thread-safe: one engine drives it.
 
     One code path for the model's math on any torch device (the CPU's default, shared.backends.cpu_runner, runs
     the same model through numba kernels): scaled_dot_product_attention (flash or memory-efficient kernels where

@@ -4,8 +4,9 @@ With a BatchRunner it batches continuously: each step is one forward pass that r
 running sequence together with one prompt chunk (so a long prompt never stalls the others for long, and the
 chunk shares the pass over the weights); new requests join between steps and finished ones leave. Other
 runners (transformers' models for other architectures, MLX) step each running sequence in turn. Model compute
-runs on the engine's own thread, never on the event loop, so health checks and new connections are answered
-while the model works. Callers consume an async iterator of StepOutput; closing it cancels the sequence,
+never runs on the event loop (the engine schedules on its own thread; forward passes run on the process's
+compute thread, shared.generation.compute), so health checks and new connections are answered while the model
+works. Callers consume an async iterator of StepOutput; closing it cancels the sequence,
 which leaves the running set before the next step.
 """
 

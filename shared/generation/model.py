@@ -43,7 +43,7 @@ class GenerationModel:
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
         # Constrained decoding's tokenizer adapter is built on the first request that needs it.
         self.grammars = Grammars(self.tokenizer, self.eos_ids)
-        # The engine loads the weights on its own thread (see Engine) and serves from there.
+        # The engine loads the weights on the compute thread (see Engine) and serves from its own thread.
         self.engine = Engine(
             load,
             max_running=max_running,
