@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from shared.backends import BatchRunner, Chunk, ModelRunner
 from shared.errors import FnserveError, OverloadedError
-from shared.generation.compute import on_compute_thread
+from shared.generation.compute import on_calling_thread, on_compute_thread
 from shared.generation.prefix_cache import PrefixCache
 from shared.generation.sequence import Sequence, StepOutput
 from shared.settings import MAX_QUEUE, MAX_RUNNING, PREFILL_CHUNK
@@ -68,15 +68,18 @@ class Engine:
         prefill_chunk: int = PREFILL_CHUNK,
         prefix_tokens: int | None = None,
         name: str = "",
+        compute_thread: bool = True,
     ) -> None:
         """Start the engine's thread, which loads the model with `load` and then serves; blocks until loaded.
 
         prefix_tokens: the positions the prefix cache's entries may hold together (None: as its slots allow).
 
-        The load and every forward pass run on the process's compute thread (shared.generation.compute), one
-        for all models: OpenMP's worker pools stay warm only while a single thread drives them.
+        The load and every call on the runner run on the process's compute thread (shared.generation.compute),
+        one for all models: OpenMP's worker pools stay warm only while a single thread drives them. With
+        compute_thread=False (MLX) they run on the engine's own thread.
         """
         self.name = name
+        self._compute = on_compute_thread if compute_thread else on_calling_thread
         self.prefill_chunk = prefill_chunk
         self.runner: ModelRunner | BatchRunner
         self.batch_runner: BatchRunner | None = None
@@ -99,16 +102,16 @@ class Engine:
 
         def run() -> None:
             try:
-                runner = self.runner = on_compute_thread(load)
+                runner = self.runner = self._compute(load)
                 self.batch_runner = runner if hasattr(runner, "decode") else None  # type: ignore[assignment]
                 self.seq_runner = None if self.batch_runner else runner  # type: ignore[assignment]
-                if self.batch_runner is not None:
+                if (batch := self.batch_runner) is not None:
                     # Slots past the running ones hold cached prompt prefixes.
-                    self.max_running = min(max_running, self.batch_runner.slots)
+                    self.max_running = min(max_running, batch.slots)
                     self.prefixes = PrefixCache(
-                        list(range(self.max_running, self.batch_runner.slots)),
+                        list(range(self.max_running, batch.slots)),
                         prefix_tokens,
-                        self.batch_runner.release_slot,
+                        lambda slot: self._compute(batch.release_slot, slot),
                     )
             except BaseException as exc:
                 failure.append(exc)
@@ -245,7 +248,7 @@ class Engine:
             prompt = slot.seq.prompt_ids
             if slot.prefilled == 0 and (hit := self.prefixes.lookup(prompt, slot.seq.scope)) is not None:
                 reuse = min(hit[1], len(prompt) - 1)  # the last prompt token still runs, for its logits
-                runner.move_slot(hit[0], pending, reuse)
+                self._compute(runner.move_slot, hit[0], pending, reuse)
                 slot.prefilled = slot.length = reuse
                 self._stats.prefix_hits += 1
                 self._stats.prefix_tokens += reuse
@@ -260,7 +263,7 @@ class Engine:
         if chunk is not None and chunk.slot < n:
             positions[chunk.slot] += len(chunk.token_ids)
         try:
-            logits, chunk_logits = on_compute_thread(runner.step, tokens, positions, chunk)
+            logits, chunk_logits = self._compute(runner.step, tokens, positions, chunk)
         except Exception as exc:
             self._fail(ready + ([chunk.slot] if chunk else []), exc)
             return
@@ -314,7 +317,7 @@ class Engine:
                 self._keep(self.batch_runner, i)
             end = len(running) - 1
             if i < end and self.batch_runner is not None:  # before the list changes, in case the copy fails
-                self.batch_runner.move_slot(end, i, running[end].length)
+                self._compute(self.batch_runner.move_slot, end, i, running[end].length)
             last = running.pop()
             if i < end:
                 running[i] = last
@@ -331,7 +334,7 @@ class Engine:
         if (keep := self.prefixes.store(tokens, self._running[index].seq.scope)) is None:
             return
         try:
-            runner.move_slot(index, keep.slot, len(tokens), keep.start)
+            self._compute(runner.move_slot, index, keep.slot, len(tokens), keep.start)
         except Exception:
             self.prefixes.forget(keep.slot)  # else a later prompt would reuse what was never copied
             raise
@@ -353,11 +356,11 @@ class Engine:
             return
         try:
             if slot.cache is None:
-                slot.cache = on_compute_thread(runner.new_cache)
-                logits = on_compute_thread(runner.forward, slot.cache, seq.prompt_ids)
+                slot.cache = self._compute(runner.new_cache)
+                logits = self._compute(runner.forward, slot.cache, seq.prompt_ids)
                 self._stats.prompt_tokens += len(seq.prompt_ids)
             else:
-                logits = on_compute_thread(runner.forward, slot.cache, seq.output_ids[-1:])
+                logits = self._compute(runner.forward, slot.cache, seq.output_ids[-1:])
             out = seq.step(logits)
         except Exception as exc:
             self._log_failure(exc)

@@ -37,6 +37,7 @@ class GenerationModel:
         max_queue: int,
         prefill_chunk: int,
         prefix_tokens: int | None = None,
+        compute_thread: bool = True,
     ) -> None:
         self.id = model_id
         self.tokenizer = load_tokenizer(model_dir)
@@ -51,6 +52,7 @@ class GenerationModel:
             prefill_chunk=prefill_chunk,
             prefix_tokens=prefix_tokens,
             name=model_id,
+            compute_thread=compute_thread,
         )
         self.runner = self.engine.runner
         self.context_length = min(self.runner.context_length, max_model_len or self.runner.context_length)
