@@ -113,7 +113,7 @@ class ModelCatalog:
                     prefill_chunk=self.settings.prefill_chunk,
                     max_queue=self.settings.max_queue,
                     prefix_tokens=self.settings.prefix_cache_tokens,
-                    compute_thread=backend.name != "mlx",  # OpenMP's (torch, numba); MLX keeps streams per thread
+                    compute_thread=backend.compute_thread,
                 )
                 self.load_seconds[config.id] = time.perf_counter() - started
                 log.info("loaded %s in %.1f s", config.id, self.load_seconds[config.id])

@@ -130,6 +130,9 @@ def step_rows(positions: np.ndarray, chunk: Chunk | None) -> tuple[np.ndarray, n
 class Backend(Protocol):
     name: str
     dtype: str
+    # Whether its models' loads and steps belong on the process-wide compute thread: those of OpenMP's users
+    # (torch, numba), whose teams slow each other down when more than one thread starts parallel work.
+    compute_thread: bool
 
     def load(self, model_dir: Path) -> ModelRunner | BatchRunner:
         """Load a Hugging Face-format model directory (config.json + safetensors)."""

@@ -60,6 +60,8 @@ class TorchRunner:
 
 
 class TorchBackend:
+    compute_thread = True  # torch's and numba's OpenMP teams: one thread starts parallel work
+
     def __init__(self, name: str, dtype: str, settings: Settings) -> None:
         self.name = name
         self.device_type = "cuda" if name == "cuda" else "cpu"

@@ -91,22 +91,37 @@ def test_a_second_model_answers_while_the_first_is_busy(server_url: str) -> None
             next(frames)  # the first model's 1500 tokens are still streaming: Gemma did not wait for them
 
 
-class Faulty:
-    """The real batched runner, with a fault injected on demand into one of its methods."""
+class Hooked:
+    """The real batched runner, calling `before(name)` ahead of each call of one of its methods."""
 
     def __init__(self, runner: BatchRunner) -> None:
         self.runner = runner
-        self.broken: str | None = None
+
+    def before(self, name: str) -> None:
+        pass
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.runner, name)
-        if name != self.broken:
+        if not callable(method):
             return method
 
-        def broken(*args: Any) -> Any:
-            raise RuntimeError(f"injected fault in {name}")
+        def hooked(*args: Any) -> Any:
+            self.before(name)
+            return method(*args)
 
-        return broken
+        return hooked
+
+
+class Faulty(Hooked):
+    """The real batched runner, with a fault injected on demand into one of its methods."""
+
+    def __init__(self, runner: BatchRunner) -> None:
+        super().__init__(runner)
+        self.broken: str | None = None
+
+    def before(self, name: str) -> None:
+        if name == self.broken:
+            raise RuntimeError(f"injected fault in {name}")
 
 
 @pytest.fixture
@@ -142,23 +157,16 @@ def _run(engine: Engine, smol: GenerationModel, prompts: list[str]) -> list[str 
     return asyncio.run(all_of())
 
 
-class StepThreads:
+class StepThreads(Hooked):
     """The real batched runner, noting the thread each of its forward passes runs on."""
 
     def __init__(self, runner: BatchRunner) -> None:
-        self.runner = runner
+        super().__init__(runner)
         self.threads: set[int | None] = set()
 
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.runner, name)
-        if name != "step":
-            return method
-
-        def step(*args: Any) -> Any:
+    def before(self, name: str) -> None:
+        if name == "step":
             self.threads.add(threading.get_ident())
-            return method(*args)
-
-        return step
 
 
 def test_every_models_load_and_forward_passes_run_on_one_thread(catalog: ModelCatalog, smol: GenerationModel) -> None:
