@@ -158,6 +158,7 @@ def _one_reader_per_file() -> Iterator[None]:
     transformers builds again for every module of the model it walks (~400 times for SmolLM2, ~4 s here): built
     once per architecture and layer count, and only looked up."""
     import gguf
+    import numpy as np
 
     real, real_names = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict[tuple[str, str], Any] = {}
@@ -165,7 +166,11 @@ def _one_reader_per_file() -> Iterator[None]:
     def reader(path: Any, mode: str = "r") -> Any:
         key = (os.fspath(path), mode)
         if key not in readers:
-            readers[key] = real(path, mode)  # type: ignore[arg-type]
+            readers[key] = read = real(path, mode)  # type: ignore[arg-type]
+            # Its fields' parts as plain arrays, not memmap slices: transformers parses the vocabulary item by
+            # item, and a memmap item costs a Python-level __getitem__ (Gemma 3's conversion: 38-42 s to 34-39).
+            for field in read.fields.values():
+                field.parts[:] = [np.asarray(part) for part in field.parts]
         return readers[key]
 
     # transformers imports both from gguf at each call
