@@ -154,23 +154,31 @@ def _one_reader_per_file() -> Iterator[None]:
     """transformers reads a GGUF's header three times (tokenizer, config, weights), each with a new gguf
     GGUFReader, and the reader parses every entry of the vocabulary's arrays in Python: for Gemma 3's 262k tokens
     ~70 s a read on a slow 2-core machine. Within this block each file is read once and the reader shared (the
-    readers map the file read-only; transformers only reads them). Likewise the table of GGUF tensor names, which
+    readers map the file read-only; transformers only reads them), and it reads a plain array over the file's
+    memory map: each of its many small reads from the np.memmap itself cost a Python-level __getitem__ and
+    __array_finalize__ (Gemma 3's read: 14-21 s, against 5). Likewise the table of GGUF tensor names, which
     transformers builds again for every module of the model it walks (~400 times for SmolLM2, ~4 s here): built
     once per architecture and layer count, and only looked up."""
     import gguf
     import numpy as np
 
     real, real_names = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    class PlainReader(real):  # type: ignore[misc,valid-type]
+        @property
+        def data(self) -> Any:
+            return self._plain
+
+        @data.setter
+        def data(self, value: Any) -> None:  # the reader's np.memmap, as a plain view (no copy)
+            self._plain = np.asarray(value)
+
     readers: dict[tuple[str, str], Any] = {}
 
     def reader(path: Any, mode: str = "r") -> Any:
         key = (os.fspath(path), mode)
         if key not in readers:
-            readers[key] = read = real(path, mode)  # type: ignore[arg-type]
-            # Its fields' parts as plain arrays, not memmap slices: transformers parses the vocabulary item by
-            # item, and a memmap item costs a Python-level __getitem__ (Gemma 3's conversion: 38-42 s to 34-39).
-            for field in read.fields.values():
-                field.parts[:] = [np.asarray(part) for part in field.parts]
+            readers[key] = PlainReader(path, mode)
         return readers[key]
 
     # transformers imports both from gguf at each call
