@@ -58,7 +58,7 @@ CpuWeights = Weights[np.ndarray, Projection, Embed]
 
 @dataclass(frozen=True)
 class DotLinear:
-    """A projection through the numba dot kernels, its planes as they read them (see llama.Linear's kinds):
+    """A projection through the numba dot kernels, its planes as they read them (see projections.Linear's kinds):
 
     - int4-a8: (nibbles, scale and minimum as float16 bits); int4_a8_matmul quantizes each input row to 8 bits
       in groups of 32 and multiplies integers (llama.cpp's arithmetic for Q4_1).

@@ -484,7 +484,7 @@ def quantize_rows(x: np.ndarray, top: int = 127) -> tuple[np.ndarray, np.ndarray
     s (N, 1)), s = max |x| / top over the row, so the values lie in 1..2 top + 1.
 
     top 127 uses all 8 bits; 63 keeps 7, for CPUs whose int8 instructions sum pairs of products in 16 bits
-    (see INT8_INPUT_TOP in llama.py). One call instead of the seven torch ops it takes (abs, amax, scale, clamp,
+    (see INT8_INPUT_TOP in projections.py). One call instead of the seven torch ops it takes (abs, amax, scale, clamp,
     divide and shift, round, cast): 7.6 against 24.5 us for 16 x 576 here, which at four matmul inputs a layer
     is ~2 ms of a 16-row decode step.
     """

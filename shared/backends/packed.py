@@ -123,7 +123,7 @@ class PackedWeights:
         import torch
         from safetensors import safe_open
 
-        from shared.backends.llama import Embedding, Linear  # that module imports this one
+        from shared.backends.projections import Embedding, Linear  # torch: imported only where packing needs it
 
         try:
             with safe_open(self.path, "pt") as f:  # the tensors map the file, as safetensors' load_file does
@@ -151,7 +151,7 @@ class PackedWeights:
         import torch
         from safetensors.torch import save_file
 
-        from shared.backends.llama import Linear
+        from shared.backends.projections import Linear
 
         tensors: dict[str, torch.Tensor] = {}
         kinds: dict[str, Kind] = {}

@@ -16,7 +16,7 @@ import torch
 
 from shared.backends import BatchRunner, ModelRunner, select_backend
 from shared.backends.kernels import dot_kernels
-from shared.backends.llama import INT8_INPUT_TOP
+from shared.backends.projections import INT8_INPUT_TOP
 from shared.catalog import ModelCatalog
 from shared.generation.model import GenerationModel
 from shared.settings import Quantization, Settings

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.backends import llama
+from shared.backends import projections
 from shared.backends.kernels import (
     KEY_BLOCK,
     add_rms_norm,
@@ -309,16 +309,16 @@ VNNI_SCRIPT = """
 import sys
 import numpy as np
 import torch
-from shared.backends import llama
+from shared.backends import projections
 from shared.backends.kernels import dot_kernels, int4_dot_supported
 torch.manual_seed(0)
 x = torch.randn(47, 576)
 found = {}
 for kind, n in (("int4-a8", 3072), ("int8-groups", 1024)):
-    linear = llama.Linear(torch.randn(n, 576), torch.bfloat16, kind)
+    linear = projections.Linear(torch.randn(n, 576), torch.bfloat16, kind)
     assert linear.quantization == kind and linear.dot, (kind, linear.quantization)
     found[kind] = linear(x).numpy()
-int4 = llama.Linear(torch.randn(64, 576), torch.bfloat16, "int4")
+int4 = projections.Linear(torch.randn(64, 576), torch.bfloat16, "int4")
 np.savez(sys.argv[1], **found)
 print(dot_kernels(), int4_dot_supported(), int4.dot)
 """
@@ -354,7 +354,7 @@ def test_a_cpu_with_avx512_vnni_but_not_bf16_takes_the_512_bit_integer_kernels(
     x = torch.randn(47, 576)
     kinds: list[tuple[Kind, int]] = [("int4-a8", 3072), ("int8-groups", 1024)]
     for kind, n in kinds:
-        here = llama.Linear(torch.randn(n, 576), torch.bfloat16, kind)(x).numpy()
+        here = projections.Linear(torch.randn(n, 576), torch.bfloat16, kind)(x).numpy()
         np.testing.assert_array_equal(found[kind], here)
 
 
@@ -362,7 +362,7 @@ AVX2_SCRIPT = """
 import sys
 import numpy as np
 import torch
-from shared.backends import llama
+from shared.backends import projections
 from shared.backends.llama_config import Kind
 from shared.backends.kernels import dot_kernels
 torch.manual_seed(0)
@@ -370,7 +370,7 @@ x = torch.randn(47, 576)
 x[::3] *= 10
 found = {"x": x.numpy()}
 for kind, n in (("int4-a8", 3072), ("int4-a8", 48), ("int8-groups", 1024)):
-    linear = llama.Linear(torch.randn(n, 576), torch.bfloat16, kind)
+    linear = projections.Linear(torch.randn(n, 576), torch.bfloat16, kind)
     assert linear.quantization == kind and linear.dot, (kind, linear.quantization)
     found[f"{kind}-{n}"] = linear(x).numpy()
     for start, stop in ((0, 1), (0, 16), (20, 21), (37, 38), (40, 47), (46, 47)):
@@ -405,14 +405,14 @@ def test_the_avx2_kernels_an_image_compiles_give_int4_a8_its_bits_and_the_head_f
             np.testing.assert_array_equal(found[f"{kind}-{n}-{start}-{stop}"], got[start:stop])
         if kind == "int4-a8":
             inputs, steps = (torch.from_numpy(a).double() for a in quantize_inputs(x.numpy()))
-            q, scale, low = (t.double() for t in llama.quantize_groups4(weight))
+            q, scale, low = (t.double() for t in projections.quantize_groups4(weight))
             scale, low = (t.half().double() for t in (scale, low))  # float16, as the plane keeps them
             products = torch.einsum("mgk,ngk->mng", inputs.reshape(47, -1, 32), q)  # (M, N, K/G)
             expected = (products * scale * steps[:, None, :, 0] + low * steps[:, None, :, 1]).sum(-1).numpy()
             assert np.abs(got - expected).max() < 1e-6 * np.abs(expected).max()
             if dot_kernels() == "avx512":
-                np.testing.assert_array_equal(got, llama.Linear(weight, torch.bfloat16, kind)(x).numpy())
+                np.testing.assert_array_equal(got, projections.Linear(weight, torch.bfloat16, kind)(x).numpy())
         else:
-            q8, d = llama.quantize_groups8(weight)
+            q8, d = projections.quantize_groups8(weight)
             exact = (x.double() @ (q8.double() * d.double().unsqueeze(-1)).reshape(n, 576).T).numpy()
             assert np.abs(got - exact).max() < 1e-4 * np.abs(exact).max()

@@ -15,8 +15,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from shared.backends import llama
-from shared.backends.llama import Linear
 from shared.backends.llama_config import LlamaConfig
+from shared.backends.projections import Linear
 from shared.backends.torch_backend import TorchRunner, create
 from shared.settings import Settings
 

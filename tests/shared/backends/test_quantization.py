@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from shared.backends.kernels import dot_kernels
-from shared.backends.llama import exact_groups8, quantize_groups4, quantize_groups8
+from shared.backends.projections import exact_groups8, quantize_groups4, quantize_groups8
 from shared.catalog import ModelCatalog
 from shared.settings import Quantization
 from shared.sources import SMOLLM2_GGUF, _package_dir, resolve_generation_model
