@@ -237,7 +237,7 @@ def _copy(content: Content) -> Content:
 
 class MLXBackend:
     name = "mlx"
-    compute_thread = False  # no OpenMP; MLX keeps its streams per thread, so a model stays on its engine's
+    compute_thread = False  # no OpenMP; MLX keeps its streams per thread, so a model stays on its engine's thread
 
     def __init__(self, dtype: str, slots: int, engine: str, max_model_len: int | None = None) -> None:
         self.dtype = dtype
