@@ -40,6 +40,8 @@ from shared.backends.projections import (
     Groups8,
     Linear,
     MixedLinear,
+    dense_dtype,
+    dense_stored,
     exact_groups8,
     linear,
     lossless_at_4_bits,
@@ -130,13 +132,18 @@ def _load_weights(
     if quantization != "none" and groups is None:
         groups = quantize_groups8(embed)
     embedding = Embedding(embed, dtype, groups, dev)
+    dense = dense_dtype(dtype, dev)  # as_stored: the dtype of projections (and an own head) left unquantized
+
+    def stored(weight: torch.Tensor, kind: Kind, exact8: Groups8 | None) -> Linear:
+        return dense_stored(weight, dtype, dev) if kind == "none" else Linear(weight, dtype, kind, exact8, dev)
+
     if c.tie_word_embeddings or "lm_head.weight" not in w:  # one table: a dense one serves both (Gemma: 335 MB)
         tied = embed if embedding.dense is None else embedding.dense
         lm_head = linear(tied, dtype, quantization, head=True, groups8=groups, device=dev)
     elif as_stored:  # its own table: at 8 bits where it is stored so, else dense
         head = w["lm_head.weight"]
         exact8 = exact_groups8(head)
-        lm_head = Linear(head, dtype, "none" if exact8 is None else "int8-groups", exact8, dev)
+        lm_head = stored(head, "none" if exact8 is None else "int8-groups", exact8)
     else:
         lm_head = linear(w["lm_head.weight"], dtype, quantization, head=True, device=dev)
     offset = 1.0 if c.gemma else 0.0  # Gemma's RMSNorm weights are stored as w - 1
@@ -152,7 +159,7 @@ def _load_weights(
             exact8 = exact_groups8(weight)
             kind: Kind = "int8-groups" if exact8 is not None and weight.shape[0] % 16 == 0 else "none"
             kinds[kind] = kinds.get(kind, 0) + 1
-            return Linear(weight, dtype, kind, exact8, dev)
+            return stored(weight, kind, exact8)
         found = [groups4[k] for k in keys if k in groups4]
         groups = tuple(torch.cat(parts) for parts in zip(*found, strict=True)) if found else None
         return linear(weight, dtype, quantization, device=dev, groups4=groups)  # type: ignore[arg-type]
@@ -185,7 +192,7 @@ def _load_weights(
             )
         )
     if as_stored:
-        found = ", ".join(f"{n} {'8-bit groups' if k == 'int8-groups' else str(dtype).removeprefix('torch.')}"
+        found = ", ".join(f"{n} {'8-bit groups' if k == 'int8-groups' else str(dense).removeprefix('torch.')}"
                           for k, n in sorted(kinds.items()))  # fmt: skip
         head_kind = "8 bits" if isinstance(lm_head, Linear) and lm_head.quantization == "int8-groups" else "dense"
         log.info("quantization auto: as stored, per projection (%s; the head %s, as stored)", found, head_kind)

@@ -90,7 +90,8 @@ class TorchBackend:
         if config is not None and batched and cpu:
             # Under auto, weights that stay unquantized (not 4-bit groups already: Gemma's Q4_K_M) are kept in
             # bfloat16 unless a dtype is named: more faithful than llama.cpp's own logits on the same GGUF and
-            # ~3x faster than float32 (docs/engine.md). Exact float32 is quantization "none".
+            # ~3x faster than float32 (docs/engine.md); among quantized ones, float32 for several rows where torch
+            # has no bfloat16 oneDNN (projections.dense_stored). Exact float32 is quantization "none".
             dense = "bfloat16" if s.quantization == "auto" and s.dtype == "auto" else self.dtype
             return cpu_runner.load(
                 model_dir,

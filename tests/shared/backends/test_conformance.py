@@ -16,7 +16,7 @@ import torch
 
 from shared.backends import BatchRunner, ModelRunner, select_backend
 from shared.backends.kernels import dot_kernels
-from shared.backends.projections import INT8_INPUT_TOP
+from shared.backends.projections import INT8_INPUT_TOP, dense_dtype
 from shared.catalog import ModelCatalog
 from shared.generation.model import GenerationModel
 from shared.settings import Quantization, Settings
@@ -218,7 +218,7 @@ def test_the_device_agnostic_path_batched_equals_unbatched(catalog: ModelCatalog
 def test_the_embedded_gemma_runs_batched_with_transformers_tokens(catalog: ModelCatalog) -> None:
     """Gemma 3 270M on the batched runner: exact float32 (quantization none) gives transformers' own greedy
     tokens, two prompts decoded as rows of one step. The default (auto: its Q4_K_M layers are not 4-bit groups,
-    so each projection runs as stored: Q5_0 and Q8_0 on the 8-bit kernel, Q4_K and Q6_K in bfloat16) stays within
+    so each projection runs as stored: Q5_0 and Q8_0 on the 8-bit kernel, Q4_K and Q6_K dense) stays within
     the stated tolerance of them, as rows and each prompt alone (one row a step, which skips oneDNN)."""
     from shared.generation.model import load_tokenizer
     from shared.sources import resolve_generation_model
@@ -228,7 +228,8 @@ def test_the_embedded_gemma_runs_batched_with_transformers_tokens(catalog: Model
     default = select_backend(Settings(backend="cpu", max_model_len=256, max_running=2)).load(path)
     reference = select_backend(Settings(backend="cpu", engine="simple")).load(path)
     assert hasattr(exact, "decode") and not hasattr(reference, "decode")
-    assert [r.layers[0].o.linear.dtype for r in (exact, default)] == [torch.float32, torch.bfloat16]  # type: ignore[union-attr]
+    dense = dense_dtype(torch.bfloat16, torch.device("cpu"))  # float32 where torch has no bfloat16 oneDNN
+    assert [r.layers[0].o.linear.dtype for r in (exact, default)] == [torch.float32, dense]  # type: ignore[union-attr]
     assert getattr(default.layers[0].qkv, "kind", None) == ("int8-groups" if dot_kernels() else None)  # type: ignore[union-attr]
     tokenizer = load_tokenizer(path)
     prompts = [tokenizer(text)["input_ids"] for text in ("The capital of France is", "def fibonacci(n):")]

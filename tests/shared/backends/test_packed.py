@@ -14,6 +14,7 @@ from shared.backends import llama
 from shared.backends.cpu_runner import CpuRunner
 from shared.backends.kernels import dot_kernels
 from shared.backends.llama_config import LlamaConfig
+from shared.backends.projections import Linear, dense_dtype
 from shared.catalog import ModelCatalog
 from tests.shared.backends.test_conformance import model_dir
 from tests.shared.backends.test_llama import smol
@@ -102,13 +103,14 @@ def test_files_another_version_made_are_removed_once_unused_for_a_week_and_other
     assert now.quantization() == other.quantization() == "none"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_checkpoint_kept_as_stored_per_projection_is_mapped_with_its_kinds(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, dtype: torch.dtype
 ) -> None:
     """Weights of several GGUF kinds (as Gemma's Q4_K_M): Q8_0 and Q5_0 projections and a Q8_0 embedding run on
     the 8-bit kernel as stored, float ones dense. The next start reads that mix back from the packed file, each
-    projection on its kind, and computes the same logits; a file it cannot read is packed again under auto's own
-    choice, never another."""
+    projection on its kind, and computes the same logits (float32's one-row products too, whatever offset the
+    file maps them at); a file it cannot read is packed again under auto's own choice, never another."""
     import gguf
     from safetensors.torch import load_file, save_file
 
@@ -129,19 +131,23 @@ def test_a_checkpoint_kept_as_stored_per_projection_is_mapped_with_its_kinds(
     config = LlamaConfig.from_dir(model)
     assert config is not None
 
+    cpu = torch.device("cpu")
+
     def start() -> tuple[CpuRunner, np.ndarray]:
         runner = llama.runner(
-            model, config, dtype=torch.bfloat16, quantization="auto", slots=2, max_len=32, packed_dir=tmp_path / "p"
+            model, config, dtype=dtype, quantization="auto", slots=2, max_len=32, packed_dir=tmp_path / "p"
         )
         assert isinstance(runner, CpuRunner)
         layer = runner.layers[0]
         assert isinstance(layer.qkv, DotLinear) and layer.qkv.kind == "int8-groups"
-        assert not isinstance(layer.o, DotLinear) and not isinstance(layer.gate_up, DotLinear)
+        assert isinstance(layer.o, llama.TorchProjection) and not isinstance(layer.gate_up, DotLinear)
+        assert isinstance(layer.o.linear, Linear) and layer.o.linear.dtype == dense_dtype(dtype, cpu)
         return runner, runner.prefill(0, [5, 17, 3, 88, 42], 0)
 
     caplog.set_level("INFO")
     _, first = start()
-    assert "as stored, per projection (2 8-bit groups, 6 bfloat16;" in caplog.text
+    dense = str(dense_dtype(dtype, cpu)).removeprefix("torch.")  # float32 for bfloat16 on AVX2
+    assert f"as stored, per projection (2 8-bit groups, 6 {dense};" in caplog.text
     caplog.clear()
     _, again = start()
     assert "loaded packed weights" in caplog.text and "quantization auto" not in caplog.text

@@ -10,9 +10,13 @@ import torch
 from shared.backends.kernels import dot_kernels, int4_dot_supported, quantize_inputs, quantize_rows, quantize_words
 from shared.backends.llama_config import Kind
 from shared.backends.projections import (
+    BFLOAT16_ONEDNN,
+    FEW_ROWS,
     INT8_INPUT_TOP,
     Linear,
+    dense_dtype,
     dense_linear,
+    dense_stored,
     quantize_groups4,
     quantize_groups8,
 )
@@ -150,3 +154,57 @@ def test_a_dense_row_skips_onednn_and_leaves_it_on_for_every_other_matmul() -> N
         stop.set()
         other.join()
     assert all(seen), f"{seen.count(False)} of 300 matmuls ran with oneDNN off"
+
+
+def test_dense_projections_among_quantized_ones_are_float32_where_torch_has_no_bfloat16_onednn() -> None:
+    """BFLOAT16_ONEDNN says what torch does: 16 bfloat16 rows come out of another kernel with oneDNN on than off
+    exactly where it holds. Where it does not (AVX2), dense_dtype keeps bfloat16 weights in float32 on the CPU."""
+    torch.manual_seed(0)
+    weight = (torch.randn(1024, 640) * 0.05).to(torch.bfloat16)
+    rows = torch.randn(16, 640).to(torch.bfloat16)
+    onednn = torch.nn.functional.linear(rows, weight)
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a property of the module
+    try:
+        fallback = torch.nn.functional.linear(rows, weight)
+    finally:
+        torch.backends.mkldnn.enabled = True  # type: ignore[assignment]  # a property of the module
+    assert BFLOAT16_ONEDNN == (not torch.equal(onednn, fallback))
+    cpu = torch.device("cpu")
+    assert dense_dtype(torch.bfloat16, cpu) == (torch.bfloat16 if BFLOAT16_ONEDNN else torch.float32)
+    assert dense_dtype(torch.float32, cpu) == dense_dtype(torch.float32, torch.device("meta")) == torch.float32
+    assert dense_dtype(torch.bfloat16, torch.device("meta")) == torch.bfloat16  # another device: as asked
+
+
+def test_a_dense_projection_among_quantized_ones_is_exact_float32_from_a_few_rows_where_bfloat16_is_slow() -> None:
+    """Under auto, a dense projection of a bfloat16 model multiplies its float32 weight (the stored values exactly)
+    from FEW_ROWS rows where torch has no bfloat16 oneDNN, and fewer rows its bfloat16 copy; elsewhere bfloat16."""
+    torch.manual_seed(0)
+    weight = torch.randn(640, 1024) * 0.05
+    rows = torch.randn(16, 1024)
+    few = rows[: FEW_ROWS - 1]
+    linear = dense_stored(weight, torch.bfloat16, torch.device("cpu"))
+    in_bfloat16 = dense_linear(rows.bfloat16(), weight.bfloat16())
+    if BFLOAT16_ONEDNN:
+        assert linear.few_rows is None and torch.equal(linear(rows), in_bfloat16)
+        return
+    assert torch.equal(linear.weight, weight) and linear.weight.data_ptr() % 64 == 0
+    for x in (rows, rows[:FEW_ROWS]):
+        assert torch.equal(linear(x), torch.nn.functional.linear(x, linear.weight))
+    assert not torch.equal(linear(rows), in_bfloat16)
+    assert torch.equal(linear(few), dense_linear(few.bfloat16(), weight.bfloat16()))
+    assert torch.equal(linear(rows[:1]), dense_linear(rows[:1].bfloat16(), weight.bfloat16()))
+
+
+def test_a_float32_dense_weight_gives_the_same_one_row_products_wherever_it_was_read_from() -> None:
+    """torch's one-row float32 matmul sums in another order at another alignment; a dense projection's weight,
+    from the checkpoint or the packed file (any multiple of 8 bytes), multiplies as the first start's did."""
+    torch.manual_seed(0)
+    weight = torch.randn(640, 1024) * 0.05
+    x = torch.randn(1, 1024)
+    cpu = torch.device("cpu")
+    first = dense_stored(weight, torch.float32, cpu)(x)
+    for offset in range(16):  # in 4-byte elements
+        at = torch.empty(weight.numel() + 16)[offset : offset + weight.numel()].view_as(weight)
+        at.copy_(weight)
+        assert torch.equal(dense_stored(at, torch.float32, cpu)(x), first)
+        assert torch.equal(Linear.restore("none", torch.float32, {"weight": at})(x), first)

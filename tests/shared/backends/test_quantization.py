@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from shared.backends.kernels import dot_kernels
-from shared.backends.projections import exact_groups8, quantize_groups4, quantize_groups8
+from shared.backends.projections import dense_dtype, exact_groups8, quantize_groups4, quantize_groups8
 from shared.catalog import ModelCatalog
 from shared.settings import Quantization
 from shared.sources import SMOLLM2_GGUF, _package_dir, resolve_generation_model
@@ -144,9 +144,9 @@ def test_gemmas_q4_k_m_runs_each_projection_on_the_kernel_that_keeps_its_values(
     catalog: ModelCatalog, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Gemma 3's GGUF mixes Q5_0 and Q8_0 (q, k, v, gate, up; the embedding) with Q4_K and Q6_K (o, down): under
-    auto the first run on the 8-bit kernel, exactly as stored (16-bit inputs), the others stay dense in bfloat16,
-    and the tied head reads the embedding's own 8-bit groups. Its logits stay as close to float32's as all-dense
-    bfloat16's were, or closer."""
+    auto the first run on the 8-bit kernel, exactly as stored (16-bit inputs), the others stay dense in bfloat16
+    (float32 where torch multiplies bfloat16 without oneDNN: AVX2), and the tied head reads the embedding's own
+    8-bit groups. Its logits stay as close to float32's as all-dense bfloat16's were, or closer."""
     if not dot_kernels():
         pytest.skip("the 8-bit kernel needs AVX2 or AVX-512 VNNI")
     from shared.backends import cpu_runner, llama
@@ -168,7 +168,8 @@ def test_gemmas_q4_k_m_runs_each_projection_on_the_kernel_that_keeps_its_values(
         assert isinstance(runner, cpu_runner.CpuRunner)
         logits[quantization, str(dtype)] = runner.prefill(0, [2, 818, 5279, 529, 7001, 563], 0)
         if quantization == "auto":
-            assert "as stored, per projection (36 8-bit groups, 36 bfloat16;" in caplog.text
+            dense = str(dense_dtype(torch.bfloat16, torch.device("cpu"))).removeprefix("torch.")
+            assert f"as stored, per projection (36 8-bit groups, 36 {dense};" in caplog.text
             layer = runner.layers[0]
             assert all(
                 isinstance(p, cpu_runner.DotLinear) and p.kind == "int8-groups" for p in (layer.qkv, layer.gate_up)
