@@ -168,11 +168,14 @@ class Linear:
         self.quantization = kind
         if kind == "none":
             saved = tensors["weight"]  # in the model's dtype, or dense_dtype's on the CPU that packed it
-            self.weight, self.dtype = saved, saved.dtype
+            wide = dense_dtype(dtype, saved.device)
             if saved.dtype != dtype:  # as dense_stored keeps it
-                self.few_rows = saved.to(dtype)
+                self.weight, self.few_rows = saved, saved.to(dtype)
+            elif wide != dtype:  # packed in bfloat16 where torch had bfloat16 oneDNN (an image's build host)
+                self.weight, self.few_rows = saved.to(wide), saved
             else:  # one row reads it: mapped at any multiple of 8 bytes
                 self.weight = aligned(saved)
+            self.dtype = self.weight.dtype
             self.out_features, self.in_features = self.weight.shape
             self.dot, self.dot_linear = False, None
             return self

@@ -177,7 +177,8 @@ def test_dense_projections_among_quantized_ones_are_float32_where_torch_has_no_b
 
 def test_a_dense_projection_among_quantized_ones_is_exact_float32_from_a_few_rows_where_bfloat16_is_slow() -> None:
     """Under auto, a dense projection of a bfloat16 model multiplies its float32 weight (the stored values exactly)
-    from FEW_ROWS rows where torch has no bfloat16 oneDNN, and fewer rows its bfloat16 copy; elsewhere bfloat16."""
+    from FEW_ROWS rows where torch has no bfloat16 oneDNN, and fewer rows its bfloat16 copy; elsewhere bfloat16.
+    A weight packed in bfloat16 on another CPU is read back so too."""
     torch.manual_seed(0)
     weight = torch.randn(640, 1024) * 0.05
     rows = torch.randn(16, 1024)
@@ -186,6 +187,7 @@ def test_a_dense_projection_among_quantized_ones_is_exact_float32_from_a_few_row
     in_bfloat16 = dense_linear(rows.bfloat16(), weight.bfloat16())
     if BFLOAT16_ONEDNN:
         assert linear.few_rows is None and torch.equal(linear(rows), in_bfloat16)
+        assert Linear.restore("none", torch.bfloat16, {"weight": weight.bfloat16()}).few_rows is None
         return
     assert torch.equal(linear.weight, weight) and linear.weight.data_ptr() % 64 == 0
     for x in (rows, rows[:FEW_ROWS]):
@@ -193,6 +195,10 @@ def test_a_dense_projection_among_quantized_ones_is_exact_float32_from_a_few_row
     assert not torch.equal(linear(rows), in_bfloat16)
     assert torch.equal(linear(few), dense_linear(few.bfloat16(), weight.bfloat16()))
     assert torch.equal(linear(rows[:1]), dense_linear(rows[:1].bfloat16(), weight.bfloat16()))
+    # packed in bfloat16 on a CPU with bfloat16 oneDNN (an image's build host), read back on this one
+    restored = Linear.restore("none", torch.bfloat16, {"weight": weight.bfloat16()})
+    assert torch.equal(restored(rows), torch.nn.functional.linear(rows, weight.bfloat16().float()))
+    assert torch.equal(restored(few), dense_linear(few.bfloat16(), weight.bfloat16()))
 
 
 def test_a_float32_dense_weight_gives_the_same_one_row_products_wherever_it_was_read_from() -> None:
