@@ -136,9 +136,7 @@ class Settings(BaseSettings):
         default=None, ge=16, description="cap on a model's context length (batched engine: 2048 unless set)"
     )
     max_running: int = Field(default=MAX_RUNNING, ge=1, le=1024, description="sequences a model's engine runs together")
-    prefill_chunk: int = Field(
-        default=PREFILL_CHUNK, ge=16, description="prompt tokens prefilled per engine step, of one or more prompts"
-    )
+    prefill_chunk: int = Field(default=PREFILL_CHUNK, ge=16, description="prompt tokens prefilled per engine step")
     prefix_cache_slots: int = Field(
         default=16, ge=0, description="prompts and conversations kept for prefix reuse (batched engine)"
     )

@@ -53,8 +53,10 @@ class BatchRunner(Protocol):
     context_length: int
     slots: int
 
-    def step(self, token_ids: list[int], positions: list[int], chunks: list[Chunk]) -> tuple[np.ndarray, np.ndarray]:
-        """decode and prefill in one pass over the weights: (decode logits, each chunk's last logits)."""
+    def step(
+        self, token_ids: list[int], positions: list[int], chunk: Chunk | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """decode and prefill in one pass over the weights: (decode logits, the chunk's last logits or None)."""
         ...
 
     def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
@@ -81,41 +83,48 @@ class BatchSteps:
 
     def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
         """Run token_ids for one sequence at positions start.. in its slot; the last position's logits."""
-        return self.step([], [], [Chunk(slot, token_ids, start)])[1][0]
+        logits = self.step([], [], Chunk(slot, token_ids, start))[1]
+        assert logits is not None
+        return logits
 
     def decode(self, token_ids: list[int], positions: list[int]) -> np.ndarray:
         """One token for each sequence in slots 0..B-1 at its position; logits (B, vocab) float32."""
-        return self.step(token_ids, positions, [])[0]
+        return self.step(token_ids, positions, None)[0]
 
-    def step(self, token_ids: list[int], positions: list[int], chunks: list[Chunk]) -> tuple[np.ndarray, np.ndarray]:
-        """A decode token for each of slots 0..B-1 and prompt chunks of other slots, in one pass over the weights.
+    def step(
+        self, token_ids: list[int], positions: list[int], chunk: Chunk | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A decode token for each of slots 0..B-1 and a prompt chunk of one slot, in one pass over the weights.
 
-        Returns the decode rows' logits (B, vocab) and each chunk's last position's logits (C, vocab).
-        A few decode rows read every weight anyway, so chunks that ride along cost little more than the
-        rows they add (and with `mixed`, from 8 rows the whole step uses the faster int8 matmuls).
+        Returns the decode rows' logits (B, vocab) and the chunk's last position's logits (vocab,), or None.
+        A few decode rows read every weight anyway, so a chunk that rides along costs little more than the
+        rows it adds (and with `mixed`, from 8 rows the whole step uses the faster int8 matmuls).
         """
-        self._check(positions, chunks)
+        self._check(positions, chunk)
         b = len(token_ids)
-        logits = self._logits(token_ids, np.asarray(positions, dtype=np.int64), chunks)
-        return logits[:b], logits[b:]
+        logits = self._logits(token_ids, np.asarray(positions, dtype=np.int64), chunk)
+        return logits[:b], (logits[b] if chunk else None)
 
-    def _check(self, positions: list[int], chunks: list[Chunk]) -> None:
-        if max([*positions, *(c.start + len(c.token_ids) - 1 for c in chunks)], default=0) >= self.context_length:
+    def _check(self, positions: list[int], chunk: Chunk | None) -> None:
+        if max(positions, default=0) >= self.context_length or (
+            chunk and chunk.start + len(chunk.token_ids) > self.context_length
+        ):
             raise ValueError(f"positions past the KV cache's {self.context_length}")
 
-    def _logits(self, token_ids: list[int], positions: np.ndarray, chunks: list[Chunk]) -> np.ndarray:
-        """Float32 logits of the decode rows, then of each chunk's last position."""
+    def _logits(self, token_ids: list[int], positions: np.ndarray, chunk: Chunk | None) -> np.ndarray:
+        """Float32 logits of the decode rows, then of the chunk's last position."""
         raise NotImplementedError
 
 
-def step_rows(positions: np.ndarray, chunks: list[Chunk]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Each row's cache slot and position in a step: decode rows in slots 0..B-1 at their positions, then each
-    chunk's tokens in its slot, at its start onwards; and the rows each chunk's last position is."""
-    b = len(positions)
-    slots = [np.arange(b, dtype=np.int64)] + [np.full(len(c.token_ids), c.slot, np.int64) for c in chunks]
-    rows = [positions] + [np.arange(c.start, c.start + len(c.token_ids), dtype=np.int64) for c in chunks]
-    ends = np.cumsum([b] + [len(c.token_ids) for c in chunks]) - 1
-    return np.concatenate(slots), np.concatenate(rows), [int(e) for e in ends[1:]]
+def step_rows(positions: np.ndarray, chunk: Chunk | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's cache slot and position in a step: decode rows in slots 0..B-1 at their positions, then the
+    chunk's tokens in its slot, at chunk.start onwards."""
+    b, t = len(positions), len(chunk.token_ids) if chunk else 0
+    slots = np.arange(b + t, dtype=np.int64)
+    if not chunk:
+        return slots, positions
+    slots[b:] = chunk.slot
+    return slots, np.concatenate([positions, np.arange(chunk.start, chunk.start + t, dtype=np.int64)])
 
 
 class Backend(Protocol):

@@ -181,20 +181,20 @@ class CpuRunner(BatchSteps):
                     self._keep_pages = True
                     return
 
-    def _logits(self, token_ids: list[int], positions: np.ndarray, chunks: list[Chunk]) -> np.ndarray:
-        """Logits for B decode rows (slots 0..B-1, one token each) and the last token of each prompt chunk.
+    def _logits(self, token_ids: list[int], positions: np.ndarray, chunk: Chunk | None) -> np.ndarray:
+        """Logits for B decode rows (slots 0..B-1, one token each) and the last token of a prompt chunk.
 
-        Every per-token step works on (N, features) float32 rows, decode rows first, then the chunks'. Rotation,
+        Every per-token step works on (N, features) float32 rows, decode rows first, then the chunk's. Rotation,
         the cache write and attention are one numba call for all rows; a numpy op costs ~1 us of dispatch, where
         torch's took 2-5 us, about as much as a one-row int4 matmul."""
         c = self.config
-        b = len(token_ids)
-        slots, rows, ends = step_rows(positions, chunks)
-        n, q_width, k_width = len(rows), c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        b, t = len(token_ids), len(chunk.token_ids) if chunk else 0
+        n, q_width, k_width = b + t, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         scale = np.float32(c.attention_scale or c.head_dim**-0.5)
-        x = self.embed(token_ids + [t for chunk in chunks for t in chunk.token_ids])
+        x = self.embed(token_ids + (chunk.token_ids if chunk else []))
         if self._embed_scale is not None:
             x = x * self._embed_scale
+        slots, rows = step_rows(positions, chunk)
         last = len(self.layers) - 1
         h = self._norm(x, self.layers[0].attn_norm)
         for i, layer in enumerate(self.layers):
@@ -215,9 +215,9 @@ class CpuRunner(BatchSteps):
             if layer.mlp_out_norm is not None:
                 out = self._norm(out, layer.mlp_out_norm)
             x, h = add_rms_norm(x, out, self.norm if i == last else self.layers[i + 1].attn_norm, self._eps)
-        if chunks:
-            h = np.concatenate([h[:b], h[ends]])  # a chunk samples its last position only
-        return self.lm_head(h)  # (B + C, vocab)
+        if chunk:
+            h = np.concatenate([h[:b], h[-1:]])  # a chunk samples its last position only
+        return self.lm_head(h)  # (B, vocab)
 
     def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """RMSNorm of float32 rows (N, C)."""

@@ -245,20 +245,20 @@ class LlamaRunner(BatchSteps):
         """Nothing: a device's cache stays allocated."""
 
     @torch.inference_mode()
-    def _logits(self, token_ids: list[int], positions: np.ndarray, chunks: list[Chunk]) -> np.ndarray:
-        """Logits for B decode rows (slots 0..B-1, one token each) and the last token of each prompt chunk.
+    def _logits(self, token_ids: list[int], positions: np.ndarray, chunk: Chunk | None) -> np.ndarray:
+        """Logits for B decode rows (slots 0..B-1, one token each) and the last token of a prompt chunk.
 
-        Every per-token step works on (N, features) rows, decode rows first, then the chunks'. The residual
+        Every per-token step works on (N, features) rows, decode rows first, then the chunk's. The residual
         stream, norms, rotation and attention are float32 whatever the weights; only matmul inputs are cast.
         """
         c = self.config
-        b = len(token_ids)
-        slots, rows, ends = step_rows(positions, chunks)
-        n, q_width, k_width = len(rows), c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        b, t = len(token_ids), len(chunk.token_ids) if chunk else 0
+        n, q_width, k_width = b + t, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         scale = float(np.float32(c.attention_scale or c.head_dim**-0.5))
-        x = self.embed(token_ids + [t for chunk in chunks for t in chunk.token_ids])
+        x = self.embed(token_ids + (chunk.token_ids if chunk else []))
         if self._embed_scale is not None:
             x = x * self._embed_scale
+        slots, rows = step_rows(positions, chunk)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(self._norm(x, layer.attn_norm)).float()  # (N, Q+2KV)
             if layer.qkv_bias is not None:
@@ -267,16 +267,16 @@ class LlamaRunner(BatchSteps):
                 qkv[:, :q_width] = self._norm(qkv[:, :q_width].reshape(-1, c.head_dim), layer.q_norm).view(n, -1)
                 k = qkv[:, q_width : q_width + k_width].reshape(-1, c.head_dim)
                 qkv[:, q_width : q_width + k_width] = self._norm(k, layer.k_norm).view(n, -1)
-            attn = self._attend(i, qkv, slots, rows, b, ends, self._ropes[i], c.layer_windows[i] or 0, scale)
+            attn = self._attend(i, qkv, slots, rows, b, self._ropes[i], c.layer_windows[i] or 0, scale)
             out = _biased(layer.o(attn), layer.o_bias)  # bfloat16 outputs add as float32
             x = x + (out if layer.attn_out_norm is None else self._norm(out.float(), layer.attn_out_norm))
             gate, up = _biased(layer.gate_up(self._norm(x, layer.mlp_norm)), layer.gate_up_bias).chunk(2, -1)
             act = F.gelu(gate.float(), approximate="tanh") if c.gemma else F.silu(gate)
             out = _biased(layer.down(act * up), layer.down_bias)
             x = x + (out if layer.mlp_out_norm is None else self._norm(out.float(), layer.mlp_out_norm))
-        if chunks:
-            x = torch.cat([x[:b], x[ends]])  # a chunk samples its last position only
-        return self.lm_head(self._norm(x, self.norm)).float().cpu().numpy()  # (B + C, vocab)
+        if chunk:
+            x = torch.cat([x[:b], x[-1:]])  # a chunk samples its last position only
+        return self.lm_head(self._norm(x, self.norm)).float().cpu().numpy()  # (B, vocab)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm of float32 rows (N, C)."""
@@ -289,14 +289,13 @@ class LlamaRunner(BatchSteps):
         slots: np.ndarray,
         rows: np.ndarray,
         b: int,
-        ends: list[int],
         rope: Rope,
         window: int,
         scale: float,
     ) -> torch.Tensor:
         """The torch ops of the attention kernel: rotation, the cache write, then attention of the decode rows
-        (slots 0..b-1, each over its own positions) and of each chunk's rows (one slot, causal; ends: each
-        chunk's last row): (N, Q). With window > 0 a row sees only its last `window` positions."""
+        (slots 0..b-1, each over its own positions) and of the chunk's rows (one slot, causal): (N, Q). With
+        window > 0 a row sees only its last `window` positions."""
         c = self.config
         n, heads, kv_heads, dim = qkv.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         positions, at = torch.from_numpy(rows).to(self.device), torch.from_numpy(slots).to(self.device)
@@ -315,12 +314,12 @@ class LlamaRunner(BatchSteps):
                 q[:b].unsqueeze(2), cache[0, :b, :, :length], cache[1, :b, :, :length],
                 attn_mask=visible[:, None, None], enable_gqa=True, scale=scale,
             ).squeeze(2)  # fmt: skip
-        for first, last in zip([b, *(e + 1 for e in ends)][:-1], ends, strict=True):  # each chunk's rows
-            slot, end, part = int(slots[first]), int(rows[last]) + 1, slice(first, last + 1)
+        if n > b:
+            slot, end = int(slots[b]), int(rows[-1]) + 1
             keys, values = cache[:, slot : slot + 1, :, :end]  # (1, K, end, D)
-            visible = _visible(torch.arange(end, device=self.device), positions[part, None], window)  # (T, end)
-            out[part] = F.scaled_dot_product_attention(
-                q[part].transpose(0, 1).unsqueeze(0), keys, values, attn_mask=visible[None, None], enable_gqa=True,
+            visible = _visible(torch.arange(end, device=self.device), positions[b:, None], window)  # (T, end)
+            out[b:] = F.scaled_dot_product_attention(
+                q[b:].transpose(0, 1).unsqueeze(0), keys, values, attn_mask=visible[None, None], enable_gqa=True,
                 scale=scale,
             )[0].transpose(0, 1)  # fmt: skip
         return out.reshape(n, heads * dim).float()

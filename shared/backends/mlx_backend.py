@@ -182,9 +182,11 @@ class MLXBatchRunner(BatchSteps):
         self._rows = _Rows(self._layers)
         self._own: dict[int, Content] = {}  # slots whose cache is not a decode row
 
-    def step(self, token_ids: list[int], positions: list[int], chunks: list[Chunk]) -> tuple[np.ndarray, np.ndarray]:
-        self._check(positions, chunks)
-        chunk_logits = np.stack([self._chunk(chunk) for chunk in chunks]) if chunks else np.zeros((0, 0), np.float32)
+    def step(
+        self, token_ids: list[int], positions: list[int], chunk: Chunk | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        self._check(positions, chunk)
+        chunk_logits = self._chunk(chunk) if chunk else None
         if not token_ids:
             return np.zeros((0, 0), np.float32), chunk_logits
         rows = self._rows

@@ -1,9 +1,8 @@
 """The engine: an admission queue and a scheduler thread that runs the model for every running sequence.
 
 With a BatchRunner it batches continuously: each step is one forward pass that runs a decode token for every
-running sequence together with prompt chunks, up to prefill_chunk tokens in all (so a long prompt never stalls
-the others for long, prompts that arrive together start together, and the chunks share the pass over the
-weights); new requests join between steps and finished ones leave. Other
+running sequence together with one prompt chunk (so a long prompt never stalls the others for long, and the
+chunk shares the pass over the weights); new requests join between steps and finished ones leave. Other
 runners (transformers' models for other architectures, MLX) step each running sequence in turn. Model compute
 never runs on the event loop (the engine schedules on its own thread; forward passes run on the process's
 compute thread, shared.generation.compute), so health checks and new connections are answered while the model
@@ -236,29 +235,24 @@ class Engine:
                     seq.cancelled = True
 
     def _batch_step(self, runner: BatchRunner) -> None:
-        """One forward pass: a decode token for every sequence that has one, and prompt chunks of those still in
-        prefill, oldest first, up to prefill_chunk tokens in all (prompts that arrive together start together)."""
+        """One forward pass: a decode token for every sequence that has one, and one prompt chunk."""
         running = self._running
         self._remove({i: "cancelled" for i, s in enumerate(running) if s.seq.cancelled})
         if not running:  # every sequence it had was cancelled: no step to run
             return
         done: dict[int, Outcome] = {}
-        chunks: list[Chunk] = []
-        budget = self.prefill_chunk
-        for i, slot in enumerate(running):
+        chunk: Chunk | None = None
+        pending = next((i for i, s in enumerate(running) if s.prefilled < len(s.seq.prompt_ids)), None)
+        if pending is not None:
+            slot = running[pending]
             prompt = slot.seq.prompt_ids
-            if budget == 0:
-                break
-            if slot.prefilled == len(prompt):
-                continue
             if slot.prefilled == 0 and (hit := self.prefixes.lookup(prompt, slot.seq.scope)) is not None:
                 reuse = min(hit[1], len(prompt) - 1)  # the last prompt token still runs, for its logits
-                self._compute(runner.move_slot, hit[0], i, reuse)
+                self._compute(runner.move_slot, hit[0], pending, reuse)
                 slot.prefilled = slot.length = reuse
                 self._stats.prefix_hits += 1
                 self._stats.prefix_tokens += reuse
-            chunks.append(Chunk(i, prompt[slot.prefilled : slot.prefilled + budget], slot.prefilled))
-            budget -= len(chunks[-1].token_ids)
+            chunk = Chunk(pending, prompt[slot.prefilled : slot.prefilled + self.prefill_chunk], slot.prefilled)
         ready = [i for i, s in enumerate(running) if s.seq.output_ids]
         n = ready[-1] + 1 if ready else 0
         # Rows of sequences still in prefill are placeholders: their logits are ignored, and the cache entry
@@ -266,21 +260,20 @@ class Engine:
         # by their next chunk.
         tokens = [s.seq.output_ids[-1] if s.seq.output_ids else 0 for s in running[:n]]
         positions = [s.length for s in running[:n]]
-        for chunk in chunks:
-            if chunk.slot < n:
-                positions[chunk.slot] += len(chunk.token_ids)
+        if chunk is not None and chunk.slot < n:
+            positions[chunk.slot] += len(chunk.token_ids)
         try:
-            logits, chunk_logits = self._compute(runner.step, tokens, positions, chunks)
+            logits, chunk_logits = self._compute(runner.step, tokens, positions, chunk)
         except Exception as exc:
-            self._fail(ready + [chunk.slot for chunk in chunks], exc)
+            self._fail(ready + ([chunk.slot] if chunk else []), exc)
             return
-        for chunk, last in zip(chunks, chunk_logits, strict=True):
+        if chunk is not None:
             slot = running[chunk.slot]
             slot.prefilled = slot.length = chunk.start + len(chunk.token_ids)
             self._stats.prompt_tokens += len(chunk.token_ids)
             if slot.prefilled == len(slot.seq.prompt_ids):
                 self._store(runner, chunk.slot, slot.seq.prompt_ids)
-                self._emit(slot, last, chunk.slot, done)
+                self._emit(slot, chunk_logits, chunk.slot, done)
         for i in ready:
             running[i].length += 1
             self._emit(running[i], logits[i], i, done)

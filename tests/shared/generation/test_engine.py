@@ -97,7 +97,7 @@ class Hooked:
     def __init__(self, runner: BatchRunner) -> None:
         self.runner = runner
 
-    def before(self, name: str, *args: Any) -> None:
+    def before(self, name: str) -> None:
         pass
 
     def __getattr__(self, name: str) -> Any:
@@ -106,7 +106,7 @@ class Hooked:
             return method
 
         def hooked(*args: Any) -> Any:
-            self.before(name, *args)
+            self.before(name)
             return method(*args)
 
         return hooked
@@ -119,7 +119,7 @@ class Faulty(Hooked):
         super().__init__(runner)
         self.broken: str | None = None
 
-    def before(self, name: str, *args: Any) -> None:
+    def before(self, name: str) -> None:
         if name == self.broken:
             raise RuntimeError(f"injected fault in {name}")
 
@@ -164,7 +164,7 @@ class StepThreads(Hooked):
         super().__init__(runner)
         self.threads: set[int | None] = set()
 
-    def before(self, name: str, *args: Any) -> None:
+    def before(self, name: str) -> None:
         if name == "step":
             self.threads.add(threading.get_ident())
 
@@ -196,38 +196,6 @@ def test_every_models_load_and_forward_passes_run_on_one_thread(catalog: ModelCa
     finally:
         for engine in engines:
             engine.close()
-
-
-class StepChunks(Hooked):
-    """The real batched runner, noting how many prompt chunks each step carries; its first step takes 0.2 s
-    longer, so that requests sent together are all queued when the next step starts."""
-
-    def __init__(self, runner: BatchRunner) -> None:
-        super().__init__(runner)
-        self.chunks: list[int] = []
-
-    def before(self, name: str, *args: Any) -> None:
-        if name == "step":
-            self.chunks.append(len(args[2]))
-            if len(self.chunks) == 1:
-                time.sleep(0.2)
-
-
-def test_prompts_that_arrive_together_are_prefilled_in_one_step(catalog: ModelCatalog, smol: GenerationModel) -> None:
-    """Short prompts queued together share a step's prompt tokens (prefill_chunk in all), so the last of them
-    does not wait a step for each one before it; each still answers as it does alone."""
-    path = model_dir(catalog)
-    config = LlamaConfig.from_dir(path)
-    assert config is not None
-    runner = StepChunks(llama.runner(path, config, dtype=torch.bfloat16, quantization="auto", slots=3, max_len=256))
-    engine = Engine(lambda: cast(BatchRunner, runner), max_running=3, name="chunks")
-    try:
-        together = _run(engine, smol, PROMPTS)
-        alone = [_run(engine, smol, [prompt])[0] for prompt in PROMPTS]
-    finally:
-        engine.close()
-    assert together == alone and all(isinstance(text, str) and text for text in alone), (together, alone)
-    assert max(runner.chunks) >= 2, runner.chunks
 
 
 @pytest.mark.parametrize("fault", ["step", "move_slot"])
