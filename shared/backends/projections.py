@@ -56,14 +56,8 @@ def dense_stored(weight: torch.Tensor, dtype: torch.dtype, device: torch.device)
     fewer a bfloat16 copy, as a step of a few rows is bound by reading the weights and float32's are twice the
     bytes. Gemma 3 270M's steps there: 1 row 16-17 ms against 17.5-18 in bfloat16 alone (float32 alone: 18-22),
     2 rows 20 (26), 8 rows 38-44 against 51-57, 16 rows 62-66 against 97-102. Both copies: 140 MB more than
-    bfloat16 alone."""
-    wide = dense_dtype(dtype, device)
-    linear = Linear(weight, wide, "none", device=device)
-    if wide != dtype:
-        linear.few_rows = linear.weight.to(dtype)
-    else:  # one row reads it: where Linear.restore puts it
-        linear.weight = aligned(linear.weight)
-    return linear
+    bfloat16 alone. (A weight whose shape a quantized kind does not take is one too: see Linear.)"""
+    return Linear(weight, dtype, "none", device=device, among_quantized=True)
 
 
 class Linear:
@@ -95,9 +89,12 @@ class Linear:
         device: torch.device | None = None,
         groups4: Groups4 | None = None,
         dot: bool | None = None,
+        among_quantized: bool = False,
     ) -> None:
         """groups8, groups4: quantize_groups8(weight) or quantize_groups4(weight) where the caller has them already
         (a tied embedding; auto's check). device: where dense weights live (the quantized kinds are CPU kernels).
+        among_quantized: dense, but one of a quantized model's projections (dense_stored), as is a weight whose
+        in_features a quantized kind does not take; what a packed file holds as dense (see restore).
         dot: planes for the numba dot kernels rather than torch's (default: where DOT_KERNELS has the kind's kernel;
         int4's needs AVX-512 BF16: INT4_DOT)."""
         self.out_features, self.in_features = weight.shape
@@ -138,9 +135,19 @@ class Linear:
             self.zero_points = torch.zeros(self.out_features, dtype=torch.long)
             self.dtype = torch.float32
         else:
-            self.weight = weight.to(device=device, dtype=dtype).contiguous()
-            self.dtype = dtype  # what inputs are cast to, and outputs come in
+            self._dense(weight, dtype, device, among_quantized or quantization != "none")
         self.dot_linear = self._dot_linear()
+
+    def _dense(self, weight: torch.Tensor, dtype: torch.dtype, device: torch.device | None, among: bool) -> None:
+        """W in dtype, inputs cast to it; among quantized projections in dense_dtype's, with a copy in dtype for
+        fewer than FEW_ROWS rows where that differs (dense_stored), and a float32 weight aligned for one row."""
+        wide = dense_dtype(dtype, weight.device if device is None else device) if among else dtype
+        self.weight = weight.to(device=device, dtype=wide).contiguous()
+        self.dtype = wide  # what inputs are cast to, and outputs come in
+        if wide != dtype:
+            self.few_rows = self.weight.to(dtype)
+        elif among:  # one row reads it: where restore puts it
+            self.weight = aligned(self.weight)
 
     def _dot_linear(self) -> DotLinear | None:
         """The numba dot kernels' projection over these planes (numpy arrays of the same memory), or None."""
@@ -167,15 +174,11 @@ class Linear:
         self = cls.__new__(cls)
         self.quantization = kind
         if kind == "none":
-            saved = tensors["weight"]  # in the model's dtype, or dense_dtype's on the CPU that packed it
-            wide = dense_dtype(dtype, saved.device)
-            if saved.dtype != dtype:  # as dense_stored keeps it
-                self.weight, self.few_rows = saved, saved.to(dtype)
-            elif wide != dtype:  # packed in bfloat16 where torch had bfloat16 oneDNN (an image's build host)
-                self.weight, self.few_rows = saved.to(wide), saved
-            else:  # one row reads it: mapped at any multiple of 8 bytes
-                self.weight = aligned(saved)
-            self.dtype = self.weight.dtype
+            saved = tensors["weight"]  # among quantized ones: in the model's dtype, or dense_dtype's where packed
+            if saved.dtype != dtype:  # as _dense keeps it (mapped: only several rows read it)
+                self.weight, self.dtype, self.few_rows = saved, saved.dtype, saved.to(dtype)
+            else:  # packed in the model's dtype (where dense_dtype is that, e.g. an image's build host): as _dense
+                self._dense(saved, dtype, None, among=True)
             self.out_features, self.in_features = self.weight.shape
             self.dot, self.dot_linear = False, None
             return self

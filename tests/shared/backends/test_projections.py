@@ -178,13 +178,15 @@ def test_dense_projections_among_quantized_ones_are_float32_where_torch_has_no_b
 def test_a_dense_projection_among_quantized_ones_is_exact_float32_from_a_few_rows_where_bfloat16_is_slow() -> None:
     """Under auto, a dense projection of a bfloat16 model multiplies its float32 weight (the stored values exactly)
     from FEW_ROWS rows where torch has no bfloat16 oneDNN, and fewer rows its bfloat16 copy; elsewhere bfloat16.
-    A weight packed in bfloat16 on another CPU is read back so too."""
+    A weight packed in bfloat16 on another CPU is read back so too, and so is one whose shape int4 does not take."""
     torch.manual_seed(0)
     weight = torch.randn(640, 1024) * 0.05
     rows = torch.randn(16, 1024)
     few = rows[: FEW_ROWS - 1]
     linear = dense_stored(weight, torch.bfloat16, torch.device("cpu"))
     in_bfloat16 = dense_linear(rows.bfloat16(), weight.bfloat16())
+    odd = Linear(weight[:, :1000], torch.bfloat16, "int4")  # no groups of 32: dense, among int4 projections
+    assert odd.quantization == "none" and (odd.few_rows is None) == BFLOAT16_ONEDNN
     if BFLOAT16_ONEDNN:
         assert linear.few_rows is None and torch.equal(linear(rows), in_bfloat16)
         assert Linear.restore("none", torch.bfloat16, {"weight": weight.bfloat16()}).few_rows is None
