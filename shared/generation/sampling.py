@@ -55,8 +55,9 @@ def make_sampler(params: SamplingParams) -> Sampler:
     rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)  # -1 as well
 
     def sample(logits: np.ndarray) -> int:
-        scaled = np.asarray(logits, dtype=np.float32) / np.float32(params.temperature)
-        probs = np.exp(scaled - scaled.max())  # the top token has probability weight 1
+        scaled = np.divide(logits, np.float32(params.temperature), dtype=np.float32)
+        scaled -= scaled.max()
+        probs = np.exp(scaled, out=scaled)  # the top token has probability weight 1
         vocab = probs.shape[-1]
         if 0 < params.top_k < vocab:
             probs[np.argpartition(-probs, params.top_k - 1)[params.top_k :]] = 0.0
