@@ -145,7 +145,7 @@ class Linear:
         self.weight = weight.to(device=device, dtype=wide).contiguous()
         self.dtype = wide  # what inputs are cast to, and outputs come in
         if wide != dtype:
-            self.few_rows = self.weight.to(dtype)
+            self.few_rows = weight.to(device=device, dtype=dtype).contiguous()  # no copy if already so (restore)
         elif among:  # one row reads it: where restore puts it
             self.weight = aligned(self.weight)
 
