@@ -188,15 +188,15 @@ def _compile_kernels_for(settings: Settings, targets: list[Target]) -> int:
     import pickle
     import subprocess
 
+    from shared.backends.kernels.cache import compiled_signatures
     from shared.backends.targets import KERNELS_DIR, Target, write_manifest
 
-    if "shared.backends.kernels" not in sys.modules:
+    compiled = compiled_signatures()
+    if not compiled:
         print("fnserve prepare: --kernels-for: no model here runs numba's kernels", file=sys.stderr)
         return 2
-    from shared.backends import kernels
-
-    entries = pickle.dumps(kernels.compiled_signatures())
-    step = "from shared.backends import kernels; kernels.compile_pickled()"
+    entries = pickle.dumps(compiled)
+    step = "from shared.backends.kernels.cache import compile_pickled; compile_pickled()"
     for target in targets:
         env = os.environ | target.environment()
         if subprocess.run([sys.executable, "-c", step], input=entries, env=env).returncode:

@@ -20,17 +20,10 @@ from typing import Protocol
 import numpy as np
 
 from shared.backends import BatchSteps, Chunk, step_rows
-from shared.backends.kernels import (
-    KEY_BLOCK,
-    add_rms_norm,
-    attention,
-    float16_native,
-    gated,
-    int4_a8_matmul,
-    int4_matmul,
-    int8_matmul,
-    rms_norm,
-)
+from shared.backends.kernels.attention import KEY_BLOCK, attention
+from shared.backends.kernels.isa import float16_native
+from shared.backends.kernels.matmul import int4_a8_matmul, int4_matmul, int8_matmul
+from shared.backends.kernels.rows import add_rms_norm, gated, rms_norm
 from shared.backends.llama_config import Kind, LlamaConfig, Weights
 from shared.backends.packed import PackedWeights
 from shared.settings import Quantization

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shared.backends.kernels import dot_kernels, int4_dot_supported
+from shared.backends.kernels.isa import dot_kernels, int4_dot_supported
 from shared.backends.llama_config import Kind, Layer, Weights
 from shared.settings import Quantization
 

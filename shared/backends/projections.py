@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from shared.backends.cpu_runner import DotLinear
-from shared.backends.kernels import dot_kernels, int4_dot_supported, quantize_rows
+from shared.backends.kernels.isa import dot_kernels, int4_dot_supported
+from shared.backends.kernels.rows import quantize_rows
 from shared.backends.llama_config import INT4_GROUP, Kind
 from shared.settings import Quantization
 

@@ -17,7 +17,7 @@ import numba
 import numpy as np
 
 from shared.backends import cpu_runner
-from shared.backends.kernels import seed_cache
+from shared.backends.kernels.cache import seed_cache
 from shared.backends.llama_config import LlamaConfig, unsupported
 from shared.backends.targets import KERNELS_DIR
 from shared.settings import Settings

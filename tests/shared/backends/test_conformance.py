@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from shared.backends import BatchRunner, ModelRunner, select_backend
-from shared.backends.kernels import dot_kernels
+from shared.backends.kernels.isa import dot_kernels
 from shared.backends.projections import INT8_INPUT_TOP, dense_dtype
 from shared.catalog import ModelCatalog
 from shared.generation.model import GenerationModel

@@ -12,7 +12,7 @@ import torch
 
 from shared.backends import llama
 from shared.backends.cpu_runner import CpuRunner
-from shared.backends.kernels import dot_kernels
+from shared.backends.kernels.isa import dot_kernels
 from shared.backends.llama_config import LlamaConfig
 from shared.backends.projections import Linear, dense_dtype
 from shared.catalog import ModelCatalog

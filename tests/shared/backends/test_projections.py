@@ -7,7 +7,9 @@ import threading
 import pytest
 import torch
 
-from shared.backends.kernels import dot_kernels, int4_dot_supported, quantize_inputs, quantize_rows, quantize_words
+from shared.backends.kernels.isa import dot_kernels, int4_dot_supported
+from shared.backends.kernels.matmul import quantize_inputs, quantize_words
+from shared.backends.kernels.rows import quantize_rows
 from shared.backends.llama_config import Kind
 from shared.backends.projections import (
     BFLOAT16_ONEDNN,

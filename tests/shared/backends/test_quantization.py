@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from shared.backends.kernels import dot_kernels
+from shared.backends.kernels.isa import dot_kernels
 from shared.backends.projections import dense_dtype, exact_groups8, quantize_groups4, quantize_groups8
 from shared.catalog import ModelCatalog
 from shared.settings import Quantization
