@@ -31,6 +31,8 @@ TINY = {
     "tie_word_embeddings": False,
 }
 TOKENS = [5, 17, 3, 88, 42, 9, 61, 23, 7, 50]
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]  # the torch path on any device against transformers' CPU logits
 
 
 def tiny_model(path: Path, model_type: str = "llama", **overrides: Any) -> PreTrainedModel:
@@ -61,13 +63,17 @@ def reference(model: PreTrainedModel) -> np.ndarray:
     ],
     ids=["llama", "llama-biases", "mistral", "qwen2", "qwen3"],
 )
+@pytest.mark.parametrize("device", DEVICES)
 def test_an_implemented_checkpoint_runs_batched_and_matches_transformers(
-    tmp_path: Path, model_type: str, overrides: dict[str, Any]
+    tmp_path: Path, model_type: str, overrides: dict[str, Any], device: str
 ) -> None:
+    """On the CPU through the numba kernels, on CUDA through the torch path (its default there)."""
     model = tiny_model(tmp_path, model_type, **overrides)
     config = LlamaConfig.from_dir(tmp_path)
     assert config is not None
-    runner = llama.runner(tmp_path, config, dtype=torch.float32, quantization="none", slots=2, max_len=64)
+    runner = llama.runner(
+        tmp_path, config, dtype=torch.float32, quantization="none", slots=2, max_len=64, device=device
+    )
     runner.prefill(0, TOKENS[:-1], 0)
     logits = runner.decode([TOKENS[-1]], [len(TOKENS) - 1])[0]
     assert np.allclose(logits, reference(model), atol=1e-4)
@@ -111,8 +117,12 @@ GEMMA = {
 }
 
 
-@pytest.mark.parametrize("kernels", ["numba", "torch"])
-def test_gemma3_runs_batched_and_matches_transformers(tmp_path: Path, kernels: Literal["numba", "torch"]) -> None:
+@pytest.mark.parametrize(
+    ("kernels", "device"), [("numba", "cpu"), ("torch", "cpu"), pytest.param("torch", "cuda", marks=CUDA)]
+)
+def test_gemma3_runs_batched_and_matches_transformers(
+    tmp_path: Path, kernels: Literal["numba", "torch"], device: str
+) -> None:
     """10 tokens through a window of 4 on the sliding layer: every Gemma 3 part counts (norms made non-zero)."""
     model = tiny_model(tmp_path, "gemma3_text", **GEMMA)
     with torch.no_grad():
@@ -123,7 +133,7 @@ def test_gemma3_runs_batched_and_matches_transformers(tmp_path: Path, kernels: L
     config = LlamaConfig.from_dir(tmp_path)
     assert config is not None and config.gemma and config.layer_windows == (4, None)
     runner = llama.runner(
-        tmp_path, config, dtype=torch.float32, quantization="none", slots=2, max_len=64, kernels=kernels
+        tmp_path, config, dtype=torch.float32, quantization="none", slots=2, max_len=64, kernels=kernels, device=device
     )
     runner.prefill(1, TOKENS[:3], 0)  # a prompt cut into two chunks
     runner.prefill(1, TOKENS[3:-1], 3)
