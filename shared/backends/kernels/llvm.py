@@ -26,18 +26,11 @@ class BFloat16(ir.Type):
         return hash("bfloat")
 
 
+# vectors of V<lanes><kind>: F float32, I int32, H int16, W int16, B int8, BF bfloat16
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-
-
 V16F, V16I, V32H, V32BF = (ir.VectorType(t, n) for t, n in ((F32, 16), (I32, 16), (I16, 32), (BFloat16(), 32)))
-
-
 V32I, V32F, V32B = ir.VectorType(I32, 32), ir.VectorType(F32, 32), ir.VectorType(I8, 32)
-
-
 V64B = ir.VectorType(I8, 64)
-
-
 V16W, V8I = ir.VectorType(I16, 16), ir.VectorType(I32, 8)
 
 
