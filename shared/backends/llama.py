@@ -42,6 +42,7 @@ from shared.backends.projections import (
     MixedLinear,
     dense_dtype,
     dense_stored,
+    exact_groups4,
     exact_groups8,
     linear,
     lossless_at_4_bits,
@@ -134,8 +135,10 @@ def _load_weights(
     embedding = Embedding(embed, dtype, groups, dev)
     dense = dense_dtype(dtype, dev)  # as_stored: the dtype of projections (and an own head) left unquantized
 
-    def stored(weight: torch.Tensor, kind: Kind, exact8: Groups8 | None) -> Linear:
-        return dense_stored(weight, dtype, dev) if kind == "none" else Linear(weight, dtype, kind, exact8, dev)
+    def stored(weight: torch.Tensor, kind: Kind, exact8: Groups8 | None, exact4: Groups4 | None = None) -> Linear:
+        if kind == "none":
+            return dense_stored(weight, dtype, dev)
+        return Linear(weight, dtype, kind, exact8, dev, groups4=exact4)
 
     if c.tie_word_embeddings or "lm_head.weight" not in w:  # one table: a dense one serves both (Gemma: 335 MB)
         tied = embed if embedding.dense is None else embedding.dense
@@ -156,10 +159,16 @@ def _load_weights(
         keys = [f"model.{n}.weight" if f"model.{n}.weight" in w else f"{n}.weight" for n in names]
         weight = torch.cat([w[k] for k in keys]) if len(keys) > 1 else w[keys[0]]
         if as_stored:
-            exact8 = exact_groups8(weight)
-            kind: Kind = "int8-groups" if exact8 is not None and weight.shape[0] % 16 == 0 else "none"
+            kind: Kind = "none"
+            blocks = weight.shape[0] % 16 == 0  # the dot kernels' column blocks
+            exact8 = exact_groups8(weight) if blocks else None
+            exact4 = exact_groups4(weight) if blocks and exact8 is None else None
+            if exact8 is not None:
+                kind = "int8-groups"
+            elif exact4 is not None:
+                kind = "int4-a8"  # Q4_K: its groups' scales and lows in float32, exactly
             kinds[kind] = kinds.get(kind, 0) + 1
-            return stored(weight, kind, exact8)
+            return stored(weight, kind, exact8, exact4)
         found = [groups4[k] for k in keys if k in groups4]
         groups = tuple(torch.cat(parts) for parts in zip(*found, strict=True)) if found else None
         return linear(weight, dtype, quantization, device=dev, groups4=groups)  # type: ignore[arg-type]
@@ -192,8 +201,8 @@ def _load_weights(
             )
         )
     if as_stored:
-        found = ", ".join(f"{n} {'8-bit groups' if k == 'int8-groups' else str(dense).removeprefix('torch.')}"
-                          for k, n in sorted(kinds.items()))  # fmt: skip
+        names = {"int8-groups": "8-bit groups", "int4-a8": "4-bit groups", "none": str(dense).removeprefix("torch.")}
+        found = ", ".join(f"{n} {names[k]}" for k, n in sorted(kinds.items()))
         head_kind = "8 bits" if isinstance(lm_head, Linear) and lm_head.quantization == "int8-groups" else "dense"
         log.info("quantization auto: as stored, per projection (%s; the head %s, as stored)", found, head_kind)
     return Weights(quantization, embedding, lm_head, norm("norm.weight"), layers)

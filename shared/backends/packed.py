@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PACK_FORMAT = 9  # the layout of PackedWeights' files, or their keys; a change that alters either bumps this
+PACK_FORMAT = 10  # the layout of PackedWeights' files, or their keys; a change that alters either bumps this
 # (so that files of the former, which no start reads again, are pruned: see _prune)
 # safetensors' element types as numpy reads them; bfloat16 as its bits (the kernels read them so)
 _ELEMENTS = {"U8": np.uint8, "I8": np.int8, "I16": np.int16, "F16": np.float16, "BF16": np.int16, "F32": np.float32}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +20,7 @@ from shared.settings import Quantization
 
 Groups8 = tuple[torch.Tensor, torch.Tensor]  # quantize_groups8's (q, d)
 Groups4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # quantize_groups4's (q, scale, minimum)
+FLOAT32_ROUNDING = 2.0**-20  # a few float32 ulps, relative: what recovering a float16 in float32 may be off by
 FEW_ROWS = 4  # dense_stored: from this many rows its float32 weight beats its bfloat16 one (see there)
 MIXED_ROWS = 8  # mixed: from this many rows int8 beats int4 here (16.3 vs 16.0 ms a step at 8, 22 vs 28 at 16)
 # int8's inputs take 8 bits where the CPU has AVX-512 VNNI. Without it oneDNN multiplies unsigned 8-bit inputs by
@@ -114,7 +116,9 @@ class Linear:
             q, scale, lo = (t.unsqueeze(-1) for t in groups4 or quantize_groups4(weight))
             q = q.to(torch.int32).reshape(self.out_features, -1)
             self.planes = [
-                _a8_plane(q, scale, lo) if self.quantization == "int4-a8" else plane(q, scale, lo + 8 * scale)
+                _a8_plane(q, scale, lo, stored=groups4 is not None)
+                if self.quantization == "int4-a8"
+                else plane(q, scale, lo + 8 * scale)
             ]
             self.dtype = torch.bfloat16
         elif self.quantization == "int8-groups" and self.dot:
@@ -154,7 +158,10 @@ class Linear:
         """The numba dot kernels' projection over these planes (numpy arrays of the same memory), or None."""
         if not self.dot or self.quantization not in ("int4", "int4-a8", "int8-groups"):
             return None
-        bits = (lambda t: t.numpy()) if self.quantization == "int8-groups" else (lambda t: t.view(torch.int16).numpy())
+
+        def bits(sz: torch.Tensor) -> np.ndarray:  # float16's and bfloat16's as int16 bits (numba has neither)
+            return (sz.view(torch.int16) if sz.dtype in (torch.float16, torch.bfloat16) else sz).numpy()
+
         return DotLinear(self.quantization, [(p.numpy(), bits(sz)) for p, _, sz in self.planes], self.out_features)
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -268,17 +275,23 @@ def _dot_plane(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tupl
     return quads.permute(0, 2, 1, 3).contiguous().reshape(n, k // 2), INT4_GROUP, sz.contiguous().to(torch.bfloat16)
 
 
-def _a8_plane(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+def _a8_plane(
+    q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, stored: bool = False
+) -> tuple[torch.Tensor, int, torch.Tensor]:
     """int4_a8_matmul's plane for w = q * scale + low: q (N, K) 0..15 packed in 64 bytes per 16 columns and 8
     inputs (byte 4j + t of step s holds column j's input 8s + t in its low and 8s + 4 + t in its high nibble, so
     that an `and` and a shift give the kernel two steps' 4 bytes a lane), and scale and low (N, K/G[, 1]) in
-    float16 (N/16, K/G, 2, 16): a Q4_1 group's scale and minimum are float16s, which this keeps exactly."""
+    float16 (N/16, K/G, 2, 16): a Q4_1 group's scale and minimum are float16s (found within float32's rounding of
+    them), which this keeps exactly. stored: the groups are a checkpoint's own (not a rounding made here), kept in
+    float32 where float16 would round them further (a Q4_K group's scale, d * sc, has up to 17 significant bits)."""
     n, k = q.shape
     nibbles = q.to(torch.uint8).reshape(n // 16, 16, k // 8, 2, 4)  # (column block, j, step, low/high, t)
     packed = (nibbles[:, :, :, 0] | (nibbles[:, :, :, 1] << 4)).permute(0, 2, 1, 3)  # (block, step, j, t)
     pairs = torch.stack([scale.reshape(n // 16, 16, -1), low.reshape(n // 16, 16, -1)], dim=2)  # (block, j, 2, K/G)
-    scales = pairs.permute(0, 3, 2, 1).contiguous().to(torch.float16)
-    return packed.contiguous().reshape(n, k // 2), INT4_GROUP, scales
+    scales = pairs.permute(0, 3, 2, 1).contiguous().float()
+    half = scales.to(torch.float16)
+    rounded = bool(((half.float() - scales).abs() > FLOAT32_ROUNDING * scales.abs()).any())
+    return packed.contiguous().reshape(n, k // 2), INT4_GROUP, scales if stored and rounded else half
 
 
 def _int8_plane(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -313,6 +326,38 @@ def lossless_at_4_bits(weight: torch.Tensor, groups: Groups4) -> bool:
     q, scale, lo = groups
     error = q.float().mul_(scale.unsqueeze(-1)).add_(lo.unsqueeze(-1)).sub_(weight.float().reshape(q.shape)).abs_()
     return bool((error <= 1e-3 * scale.unsqueeze(-1)).all())
+
+
+def exact_groups4(weight: torch.Tensor) -> Groups4 | None:
+    """weight (N, K)'s own 4-bit groups of 32 along K, where each group is scale * q + low for integers q in 0..15
+    with its own scale and low: a GGUF's Q4_K (each sub-block's d * sc and -dmin * m; Q4_1 too); q, scale, low
+    as quantize_groups4's, exactly (within a thousandth of a step). A group's step is its smallest gap between
+    values, or a fraction of it (values only q apart by 2 or more); a group of one value has step 1 and q 0. None
+    for any other weight (Q6_K, Q5_K, float weights), which 4 bits would round."""
+    if weight.shape[1] % INT4_GROUP:
+        return None
+    n = weight.shape[0]
+    w = weight.float().reshape(n, -1, INT4_GROUP)
+    lo = w.amin(-1, keepdim=True)
+    span = w - lo
+    values = span.sort(-1).values
+    gaps = values.diff(dim=-1)
+    noise = 1e-3 * values[..., -1:] / 15  # rounding between equal values, well under a step
+    gap = torch.where(gaps > noise, gaps, torch.inf).amin(-1, keepdim=True)
+    gap = torch.where(gap.isinf(), 1.0, gap)  # one value: any step
+    q = torch.zeros(w.shape, dtype=torch.uint8)
+    scale = torch.zeros(lo.shape)
+    found = torch.zeros(lo.shape, dtype=torch.bool)
+    for fraction in range(1, 16):
+        step = gap / fraction
+        k = (span / step).round_()
+        exact = ((k * step - span).abs_().le(1e-3 * step) & k.le(15)).all(-1, keepdim=True) & ~found
+        q = torch.where(exact, k.to(torch.uint8), q)
+        scale = torch.where(exact, step, scale)
+        found |= exact
+        if bool(found.all()):
+            return q, scale.squeeze(-1), lo.squeeze(-1)
+    return None
 
 
 def exact_groups8(weight: torch.Tensor) -> Groups8 | None:

@@ -230,10 +230,12 @@ def int4_a8_tile(rows: int) -> Callable[..., None]:
     int4_tile's. AVX-512 VNNI's vpdpbusd sums four byte products into an int32; AVX2 (dot_kernels()) takes two
     instructions for it: pmaddubsw sums two into an int16 (at most 2 x 15 x 127, a group's eight of them at
     most 30480: exact), and pmaddwd the group's int16s into int32s at its end. The same integers either way,
-    and the same float arithmetic after them: the same result."""
+    and the same float arithmetic after them: the same result. scales: float16 bits (int16), or float32 where
+    float16 would round them (a Q4_K group's scale, d * sc)."""
 
     def typer(typingctx: Any, inputs: Any, sums: Any, nibbles: Any, scales: Any, out: Any, r0: Any, block: Any) -> Any:
         sig = types.void(inputs, sums, nibbles, scales, out, r0, block)
+        half = scales.dtype != types.float32
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             arrays, first, block = _tile_arguments(context, builder, signature, args)
@@ -284,7 +286,7 @@ def int4_a8_tile(rows: int) -> Callable[..., None]:
 
                 def group_end(g: Any, dots: list[Any], totals: list[Any]) -> None:
                     at = builder.mul(builder.add(builder.mul(block, groups), g), i64(32))  # scales[block, g]: 2 x 16
-                    scale, low_bound = (float_lanes(builder, scales_.data, builder.add(at, i64(i)), 16, True)
+                    scale, low_bound = (float_lanes(builder, scales_.data, builder.add(at, i64(i)), 16, half)
                                         for i in (0, 16))  # fmt: skip
                     for r, (acc, total) in enumerate(zip(dots, totals, strict=True)):
                         at = builder.mul(builder.add(builder.mul(i64(r), groups), g), i64(2))

@@ -218,8 +218,8 @@ def test_the_device_agnostic_path_batched_equals_unbatched(catalog: ModelCatalog
 def test_the_embedded_gemma_runs_batched_with_transformers_tokens(catalog: ModelCatalog) -> None:
     """Gemma 3 270M on the batched runner: exact float32 (quantization none) gives transformers' own greedy
     tokens, two prompts decoded as rows of one step. The default (auto: its Q4_K_M layers are not 4-bit groups,
-    so each projection runs as stored: Q5_0 and Q8_0 on the 8-bit kernel, Q4_K and Q6_K dense) stays within
-    the stated tolerance of them, as rows and each prompt alone (one row a step, which skips oneDNN)."""
+    so each projection runs as stored: Q5_0 and Q8_0 on the 8-bit kernel, Q4_K on the 8-bit input kernel, Q6_K
+    dense) stays within the stated tolerance of them, as rows and each prompt alone (one row a step)."""
     from shared.generation.model import load_tokenizer
     from shared.sources import resolve_generation_model
 
@@ -229,8 +229,9 @@ def test_the_embedded_gemma_runs_batched_with_transformers_tokens(catalog: Model
     reference = select_backend(Settings(backend="cpu", engine="simple")).load(path)
     assert hasattr(exact, "decode") and not hasattr(reference, "decode")
     dense = dense_dtype(torch.bfloat16, torch.device("cpu"))  # float32 where torch has no bfloat16 oneDNN
-    assert [r.layers[0].o.linear.dtype for r in (exact, default)] == [torch.float32, dense]  # type: ignore[union-attr]
-    assert getattr(default.layers[0].qkv, "kind", None) == ("int8-groups" if dot_kernels() else None)  # type: ignore[union-attr]
+    assert [r.layers[0].down.linear.dtype for r in (exact, default)] == [torch.float32, dense]  # type: ignore[union-attr]
+    kinds = [getattr(p, "kind", None) for p in (default.layers[0].qkv, default.layers[0].o)]  # type: ignore[union-attr]
+    assert kinds == (["int8-groups", "int4-a8"] if dot_kernels() else [None, None])
     tokenizer = load_tokenizer(path)
     prompts = [tokenizer(text)["input_ids"] for text in ("The capital of France is", "def fibonacci(n):")]
     wanted = [greedy(reference, prompt, TOKENS) for prompt in prompts]

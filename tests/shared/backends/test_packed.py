@@ -108,7 +108,8 @@ def test_a_checkpoint_kept_as_stored_per_projection_is_mapped_with_its_kinds(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, dtype: torch.dtype
 ) -> None:
     """Weights of several GGUF kinds (as Gemma's Q4_K_M): Q8_0 and Q5_0 projections and a Q8_0 embedding run on
-    the 8-bit kernel as stored, float ones dense. The next start reads that mix back from the packed file, each
+    the 8-bit kernel as stored, Q4_K ones on the 8-bit input kernel with their own groups, float ones dense. The
+    next start reads that mix back from the packed file, each
     projection on its kind, and computes the same logits (float32's one-row products too, whatever offset the
     file maps them at); a file it cannot read is packed again under auto's own choice, never another."""
     import gguf
@@ -116,12 +117,15 @@ def test_a_checkpoint_kept_as_stored_per_projection_is_mapped_with_its_kinds(
 
     from shared.backends.cpu_runner import DotLinear
     from tests.shared.backends.test_llama_configs import tiny_model
+    from tests.shared.backends.test_projections import q4k_like
 
     if not dot_kernels():
         pytest.skip("the 8-bit kernel needs AVX2 or AVX-512 VNNI")
     model = tmp_path / "model"
-    tiny_model(model, hidden_size=64, intermediate_size=128)
+    tiny_model(model, hidden_size=64, intermediate_size=256)
     weights = load_file(str(model / "model.safetensors"))
+    for key in [k for k in weights if "down_proj.weight" in k]:
+        weights[key] = q4k_like(weights[key])
     for name, kind in (("embed_tokens", "Q8_0"), ("q_proj", "Q5_0"), ("k_proj", "Q8_0"), ("v_proj", "Q5_0")):
         qtype = getattr(gguf.GGMLQuantizationType, kind)
         for key in [k for k in weights if f"{name}.weight" in k]:
@@ -140,6 +144,7 @@ def test_a_checkpoint_kept_as_stored_per_projection_is_mapped_with_its_kinds(
         assert isinstance(runner, CpuRunner)
         layer = runner.layers[0]
         assert isinstance(layer.qkv, DotLinear) and layer.qkv.kind == "int8-groups"
+        assert isinstance(layer.down, DotLinear) and layer.down.kind == "int4-a8"
         assert isinstance(layer.o, llama.TorchProjection) and not isinstance(layer.gate_up, DotLinear)
         assert isinstance(layer.o.linear, Linear) and layer.o.linear.dtype == dense_dtype(dtype, cpu)
         return runner, runner.prefill(0, [5, 17, 3, 88, 42], 0)
@@ -147,7 +152,7 @@ def test_a_checkpoint_kept_as_stored_per_projection_is_mapped_with_its_kinds(
     caplog.set_level("INFO")
     _, first = start()
     dense = str(dense_dtype(dtype, cpu)).removeprefix("torch.")  # float32 for bfloat16 on AVX2
-    assert f"as stored, per projection (2 8-bit groups, 6 {dense};" in caplog.text
+    assert f"as stored, per projection (2 4-bit groups, 2 8-bit groups, 4 {dense};" in caplog.text
     caplog.clear()
     _, again = start()
     assert "loaded packed weights" in caplog.text and "quantization auto" not in caplog.text

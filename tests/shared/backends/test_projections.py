@@ -19,6 +19,7 @@ from shared.backends.projections import (
     dense_dtype,
     dense_linear,
     dense_stored,
+    exact_groups4,
     quantize_groups4,
     quantize_groups8,
 )
@@ -87,12 +88,60 @@ def test_the_8_bit_input_kernel_gives_each_row_its_integer_product_whatever_its_
     products = torch.einsum("mgk,ngk->mng", inputs.reshape(47, -1, 32), q.double())  # (M, N, K/G)
     expected = (products * scales[:, :, 0] * steps[:, None, :, 0] + scales[:, :, 1] * steps[:, None, :, 1]).sum(-1)
     got = linear(x)
-    assert got.dtype == torch.float32
+    assert got.dtype == torch.float32 and linear.planes[0][2].dtype == torch.float16  # Q4_1's own float16s
     assert (got.double() - expected).abs().max().item() < 1e-6 * expected.abs().max().item()
     exact = x.double() @ (q.double() * scales[:, :, :1] + scales[:, :, 1:]).reshape(out_features, 576).T
     assert ((got.double() - exact).norm() / exact.norm()).item() < 0.008
     for start, stop in ((0, 1), (0, 16), (20, 21), (37, 38), (40, 47), (46, 47)):
         assert torch.equal(linear(x[start:stop]), got[start:stop])
+
+
+def q4k_like(weight: torch.Tensor) -> torch.Tensor:
+    """weight (N, K) rounded as GGUF's Q4_K rounds it, de-quantised: each group of 32 is d * sc * q - dmin * m, q in
+    0..15, sc and m 6-bit integers, d and dmin float16s per 256 inputs; a scale d * sc has up to 17 significant
+    bits, which float16 would round. Every fourth group takes even q only (a step the values do not show)."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // 256, 8, 32)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    d = ((hi - lo) / 15).amax(2, keepdim=True).div(63).half().float()
+    dmin = (-lo).clamp(min=0).amax(2, keepdim=True).div(63).half().float().clamp(min=1e-4)
+    sc, m = ((hi - lo) / 15 / d).round().clamp(1, 63), (-lo / dmin).round().clamp(0, 63)
+    q = ((w + dmin * m) / (d * sc)).round().clamp(0, 15)
+    q[:, :, ::4] = (q[:, :, ::4] / 2).floor() * 2
+    return (d * sc * q - dmin * m).reshape(n, k)
+
+
+def test_a_q4k_weight_is_found_as_its_own_4_bit_groups_and_nothing_else_is() -> None:
+    torch.manual_seed(0)
+    weight = q4k_like(torch.randn(48, 512))
+    found = exact_groups4(weight)
+    assert found is not None
+    q, scale, low = found
+    assert q.max() <= 15 and (q.float() * scale.unsqueeze(-1) + low.unsqueeze(-1)).reshape(48, 512).equal(weight)
+    assert not scale.half().float().equal(scale)  # 17-bit scales: float16 would round them
+    sixes = (torch.randint(0, 64, (48, 512)) - 32) * 0.01  # Q6_K's 64 levels in a group
+    assert exact_groups4(sixes) is None and exact_groups4(torch.randn(48, 512)) is None
+    assert exact_groups4(torch.randn(48, 500)) is None  # no groups of 32
+
+
+@pytest.mark.skipif(dot_kernels() is None, reason="the 8-bit input kernel needs AVX2 or AVX-512 VNNI")
+def test_a_q4k_weight_runs_the_8_bit_input_kernel_with_its_groups_scales_exactly() -> None:
+    """int4-a8 on Q4_K's own groups: scales and lows kept in float32 (float16 rounds d * sc), so each row's
+    product is that of its 8-bit inputs with the stored weights, float32 sums aside; the same alone as batched."""
+    torch.manual_seed(0)
+    weight = q4k_like(torch.randn(48, 512))
+    groups = exact_groups4(weight)
+    assert groups is not None
+    linear = Linear(weight, torch.bfloat16, "int4-a8", groups4=groups)
+    assert linear.dot_linear is not None and linear.planes[0][2].dtype == torch.float32
+    q, scale, low = (t.double() for t in groups)
+    x = torch.randn(17, 512)
+    inputs, steps = (torch.from_numpy(a).double() for a in quantize_inputs(x.numpy()))
+    products = torch.einsum("mgk,ngk->mng", inputs.reshape(17, -1, 32), q)  # (M, N, K/G)
+    expected = (products * scale * steps[:, None, :, 0] + low * steps[:, None, :, 1]).sum(-1)
+    got = linear(x)
+    assert (got.double() - expected).abs().max().item() < 1e-6 * expected.abs().max().item()
+    assert torch.equal(linear(x[3:4]), got[3:4])
 
 
 @pytest.mark.skipif(dot_kernels() is None, reason="the 8-bit head's kernel needs AVX2 or AVX-512 VNNI")

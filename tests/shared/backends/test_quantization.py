@@ -20,7 +20,7 @@ from shared.backends.projections import dense_dtype, exact_groups8, quantize_gro
 from shared.catalog import ModelCatalog
 from shared.settings import Quantization
 from shared.sources import SMOLLM2_GGUF, _package_dir, resolve_generation_model
-from tests.shared.backends.test_conformance import model_dir
+from tests.shared.backends.test_conformance import FAST_NEAR_TIE, model_dir
 
 
 def _blocks(name: str) -> np.ndarray:
@@ -143,10 +143,12 @@ def test_groups_with_a_minimum_or_float_weights_are_not_8_bit_groups(kind: str |
 def test_gemmas_q4_k_m_runs_each_projection_on_the_kernel_that_keeps_its_values(
     catalog: ModelCatalog, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Gemma 3's GGUF mixes Q5_0 and Q8_0 (q, k, v, gate, up; the embedding) with Q4_K and Q6_K (o, down): under
-    auto the first run on the 8-bit kernel, exactly as stored (16-bit inputs), the others stay dense in bfloat16
-    (float32 where torch multiplies bfloat16 without oneDNN: AVX2), and the tied head reads the embedding's own
-    8-bit groups. Its logits stay as close to float32's as all-dense bfloat16's were, or closer."""
+    """Gemma 3's GGUF mixes Q5_0 and Q8_0 (q, k, v, gate, up; the embedding) with Q4_K (o, half the downs) and Q6_K
+    (the other downs): under auto the first run on the 8-bit kernel, exactly as stored (16-bit inputs), Q4_K on
+    the 8-bit input kernel with its own groups, Q6_K stays dense in bfloat16 (float32 where torch multiplies
+    bfloat16 without oneDNN: AVX2), and the tied head reads the embedding's own 8-bit groups. Its logits stay
+    within the fast configurations' tolerance of float32's, with its top token (Q4_K's 8-bit inputs round as
+    llama.cpp's do: 0.23 logits at most here, where all-dense bfloat16 was 0.17 off)."""
     if not dot_kernels():
         pytest.skip("the 8-bit kernel needs AVX2 or AVX-512 VNNI")
     from shared.backends import cpu_runner, llama
@@ -169,13 +171,15 @@ def test_gemmas_q4_k_m_runs_each_projection_on_the_kernel_that_keeps_its_values(
         logits[quantization, str(dtype)] = runner.prefill(0, [2, 818, 5279, 529, 7001, 563], 0)
         if quantization == "auto":
             dense = str(dense_dtype(torch.bfloat16, torch.device("cpu"))).removeprefix("torch.")
-            assert f"as stored, per projection (36 8-bit groups, 36 {dense};" in caplog.text
+            assert f"as stored, per projection (27 4-bit groups, 36 8-bit groups, 9 {dense};" in caplog.text
             layer = runner.layers[0]
             assert all(
                 isinstance(p, cpu_runner.DotLinear) and p.kind == "int8-groups" for p in (layer.qkv, layer.gate_up)
             )
-            assert not isinstance(layer.o, cpu_runner.DotLinear) and not isinstance(layer.down, cpu_runner.DotLinear)
+            assert isinstance(layer.o, cpu_runner.DotLinear) and layer.o.kind == "int4-a8"  # Q4_K
+            assert not isinstance(layer.down, cpu_runner.DotLinear)  # Q6_K in this layer
             assert isinstance(runner.lm_head, cpu_runner.DotLinear) and runner.lm_head.kind == "int8-groups"
     exact = logits["none", "torch.float32"]
     as_stored, dense = (np.abs(logits[q, "torch.bfloat16"] - exact).max() for q in ("auto", "none"))
-    assert as_stored <= dense and int(np.argmax(logits["auto", "torch.bfloat16"])) == int(np.argmax(exact))
+    assert as_stored < FAST_NEAR_TIE and dense < FAST_NEAR_TIE
+    assert int(np.argmax(logits["auto", "torch.bfloat16"])) == int(np.argmax(exact))
