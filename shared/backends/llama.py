@@ -159,14 +159,10 @@ def _load_weights(
         keys = [f"model.{n}.weight" if f"model.{n}.weight" in w else f"{n}.weight" for n in names]
         weight = torch.cat([w[k] for k in keys]) if len(keys) > 1 else w[keys[0]]
         if as_stored:
-            kind: Kind = "none"
             blocks = weight.shape[0] % 16 == 0  # the dot kernels' column blocks
             exact8 = exact_groups8(weight) if blocks else None
-            exact4 = exact_groups4(weight) if blocks and exact8 is None else None
-            if exact8 is not None:
-                kind = "int8-groups"
-            elif exact4 is not None:
-                kind = "int4-a8"  # Q4_K: its groups' scales and lows in float32, exactly
+            exact4 = exact_groups4(weight) if blocks and exact8 is None else None  # Q4_K's own groups
+            kind: Kind = "int8-groups" if exact8 is not None else "int4-a8" if exact4 is not None else "none"
             kinds[kind] = kinds.get(kind, 0) + 1
             return stored(weight, kind, exact8, exact4)
         found = [groups4[k] for k in keys if k in groups4]
