@@ -6,7 +6,8 @@
 # PY is a Python with a CUDA build of torch. Where fnserve's other dependencies are not installed (a machine
 # without network), `python -m loadtests.gpu_kit prepare` here puts them in .gpu as wheels, with the default
 # model's shape: this script installs the wheels with --no-index and sweeps that shape with random weights.
-# Writes pytest's output, the sweep's summary.json and plot.png under ${OUT:-gpu-check}:
+# Writes six files under ${OUT:-gpu-check}: gpu.txt, tests.txt, server.log, sweep.txt, and the sweep's
+# summary (sweep.json) and plot.png (its samples and Locust's files stay in /tmp/gpu-sweep):
 #     OUT=/tmp/gpu bash loadtests/gpu_check.sh
 # DEVICE=cpu runs the same steps on the CPU (a dry run of the script and the kit; the CUDA tests skip).
 set -euo pipefail
@@ -44,4 +45,6 @@ server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 300); do curl -sf http://127.0.0.1:8030/readiness >/dev/null && break; sleep 1; done
 "$py" -m shared.cli loadtest --url http://127.0.0.1:8030 "${chosen[@]}" --scenario sweep --steps 1,16,64 \
-    --hold 20 --max-tokens 128 --out "$out/sweep" 2>&1 | tail -8 | tee "$out/sweep.txt"
+    --hold 20 --max-tokens 128 --out /tmp/gpu-sweep 2>&1 | tail -8 | tee "$out/sweep.txt"
+cp /tmp/gpu-sweep/summary.json "$out/sweep.json"
+cp /tmp/gpu-sweep/plot.png "$out/plot.png"
