@@ -343,7 +343,10 @@ def exact_groups4(weight: torch.Tensor) -> Groups4 | None:
     values = span.sort(-1).values
     gaps = values.diff(dim=-1)
     noise = 1e-3 * values[..., -1:] / 15  # rounding between equal values, well under a step
-    gap = torch.where(gaps > noise, gaps, torch.inf).amin(-1, keepdim=True)
+    steps = gaps > noise
+    if bool((steps.sum(-1) > 15).any()):  # more than 16 values in a group (Q6_K's 64 levels): no search
+        return None
+    gap = torch.where(steps, gaps, torch.inf).amin(-1, keepdim=True)
     gap = torch.where(gap.isinf(), 1.0, gap)  # one value: any step
     q = torch.zeros(w.shape, dtype=torch.uint8)
     scale = torch.zeros(lo.shape)
