@@ -23,8 +23,6 @@ from shared.backends.kernels.isa import dot_kernels
 from shared.backends.kernels.llvm import F32, I16, fast_exp, float_lanes, i64, splat, vector_fma
 
 KEY_BLOCK = 32  # positions of a block of keys, stored position-minor: one 64-byte line per dimension (float16)
-
-
 HALF_MAX = 65504.0  # the largest finite float16: the cache clamps to it rather than store an infinity
 
 

@@ -39,11 +39,7 @@ _NIBBLE_VALUES = [int(np.float32(q % 16 - 8).view(np.uint32)) >> 16 for q in ran
 
 
 INT4_TILE_ROWS = 8  # rows of one int4 task: each decoded weight serves 8 rows (8 x 16 columns fit the registers)
-
-
 AVX2_ROWS = 4  # rows an AVX2 tile runs at once (see _row_chunks)
-
-
 INT8_TILE_ROWS = 16  # of an int8 task: its conversions cost more, so 16 rows share each (6 against 7.5 ms, the head)
 
 
