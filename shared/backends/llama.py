@@ -85,6 +85,44 @@ def _rope(theta: float, head_dim: int, length: int, device: torch.device) -> Rop
     return Rope(torch.from_numpy(cos).to(device), torch.from_numpy(signed_sin).to(device))
 
 
+@dataclass(frozen=True)
+class DeviceStep:
+    """A step's rows on the device, made once a step for every layer to read (one host-to-device copy, where a
+    copy a layer would wait for the device each time): each row's token, slot and position, each rotary base's
+    tables at those positions, and each attention window's masks."""
+
+    token_ids: torch.Tensor  # (N,)
+    slots: torch.Tensor  # (N,)
+    positions: torch.Tensor  # (N,)
+    rotations: dict[float, tuple[torch.Tensor, torch.Tensor]]  # theta -> cos, signed_sin (N, 1, D)
+    decode_masks: dict[int, torch.Tensor]  # window -> (B, 1, 1, L): what each decode row sees of its L positions
+    chunk_masks: dict[int, torch.Tensor]  # window -> (1, 1, T, end): what the chunk's rows see of theirs
+    chunk_slot: int
+
+
+def _device_step(
+    device: torch.device,
+    token_ids: list[int],
+    slots: np.ndarray,
+    rows: np.ndarray,
+    b: int,
+    ropes: dict[float, Rope],
+    windows: set[int],
+) -> DeviceStep:
+    """The rows' tokens, `slots` and `rows` (step_rows'; decode rows first, b of them) and what every layer
+    derives from them."""
+    ids, at, positions = torch.from_numpy(np.stack([token_ids, slots, rows])).to(device)  # (N,) each
+    rotations = {t: (r.cos[positions].unsqueeze(1), r.signed_sin[positions].unsqueeze(1)) for t, r in ropes.items()}
+    decode_masks, chunk_masks = {}, {}
+    if b:
+        keys = torch.arange(int(rows[:b].max()) + 1, device=device)
+        decode_masks = {w: _visible(keys, positions[:b, None], w)[:, None, None] for w in windows}
+    if len(rows) > b:
+        keys = torch.arange(int(rows[-1]) + 1, device=device)
+        chunk_masks = {w: _visible(keys, positions[b:, None], w)[None, None] for w in windows}
+    return DeviceStep(ids, at, positions, rotations, decode_masks, chunk_masks, int(slots[-1]))
+
+
 def _load_weights(
     model_dir: Path, c: LlamaConfig, dtype: torch.dtype, quantization: Quantization, dev: torch.device
 ) -> TorchWeights:
@@ -237,8 +275,8 @@ class LlamaRunner(BatchSteps):
         self._eps = float(np.float32(c.rms_norm_eps))
         shape = (c.num_layers, 2, slots, c.num_kv_heads, self.context_length, c.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=dev)  # one allocation in the model dtype, once
-        ropes = {t: _rope(t, c.head_dim, self.context_length, dev) for t in set(c.layer_rope_thetas)}
-        self._ropes = [ropes[t] for t in c.layer_rope_thetas]  # each layer's tables
+        self._ropes = {t: _rope(t, c.head_dim, self.context_length, dev) for t in set(c.layer_rope_thetas)}
+        self._windows = [w or 0 for w in c.layer_windows]
         self._embed_scale = float(np.float32(c.hidden_size**0.5)) if c.gemma else None  # as float32 weights get
 
     def move_slot(self, src: int, dst: int, length: int, start: int = 0) -> None:
@@ -260,10 +298,11 @@ class LlamaRunner(BatchSteps):
         b, t = len(token_ids), len(chunk.token_ids) if chunk else 0
         n, q_width, k_width = b + t, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         scale = float(np.float32(c.attention_scale or c.head_dim**-0.5))
-        x = self.embed(token_ids + (chunk.token_ids if chunk else []))
+        ids = token_ids + (chunk.token_ids if chunk else [])
+        step = _device_step(self.device, ids, *step_rows(positions, chunk), b, self._ropes, set(self._windows))
+        x = self.embed(step.token_ids)
         if self._embed_scale is not None:
             x = x * self._embed_scale
-        slots, rows = step_rows(positions, chunk)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(self._norm(x, layer.attn_norm)).float()  # (N, Q+2KV)
             if layer.qkv_bias is not None:
@@ -272,7 +311,7 @@ class LlamaRunner(BatchSteps):
                 qkv[:, :q_width] = self._norm(qkv[:, :q_width].reshape(-1, c.head_dim), layer.q_norm).view(n, -1)
                 k = qkv[:, q_width : q_width + k_width].reshape(-1, c.head_dim)
                 qkv[:, q_width : q_width + k_width] = self._norm(k, layer.k_norm).view(n, -1)
-            attn = self._attend(i, qkv, slots, rows, b, self._ropes[i], c.layer_windows[i] or 0, scale)
+            attn = self._attend(i, qkv, step, b, c.layer_rope_thetas[i], self._windows[i], scale)
             out = _biased(layer.o(attn), layer.o_bias)  # bfloat16 outputs add as float32
             x = x + (out if layer.attn_out_norm is None else self._norm(out.float(), layer.attn_out_norm))
             gate, up = _biased(layer.gate_up(self._norm(x, layer.mlp_norm)), layer.gate_up_bias).chunk(2, -1)
@@ -291,10 +330,9 @@ class LlamaRunner(BatchSteps):
         self,
         layer: int,
         qkv: torch.Tensor,
-        slots: np.ndarray,
-        rows: np.ndarray,
+        step: DeviceStep,
         b: int,
-        rope: Rope,
+        theta: float,
         window: int,
         scale: float,
     ) -> torch.Tensor:
@@ -303,9 +341,9 @@ class LlamaRunner(BatchSteps):
         window > 0 a row sees only its last `window` positions."""
         c = self.config
         n, heads, kv_heads, dim = qkv.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
-        positions, at = torch.from_numpy(rows).to(self.device), torch.from_numpy(slots).to(self.device)
+        at, positions = step.slots, step.positions
         rotated = qkv[:, : (heads + kv_heads) * dim].view(n, heads + kv_heads, dim)
-        cos, sin = rope.cos[positions].unsqueeze(1), rope.signed_sin[positions].unsqueeze(1)  # (N, 1, D)
+        cos, sin = step.rotations[theta]  # (N, 1, D)
         rotated = rotated * cos + rotated.roll(dim // 2, -1) * sin  # rotate-half; the sign lives in the table
         q, k = rotated[:, :heads].to(self.dtype), rotated[:, heads:]
         cache = self.kv_cache[layer]  # (2, S, K, P, D)
@@ -313,19 +351,17 @@ class LlamaRunner(BatchSteps):
         cache[1, at, :, positions] = qkv[:, (heads + kv_heads) * dim :].view(n, kv_heads, dim).to(cache.dtype)
         out = torch.empty(n, heads, dim, dtype=self.dtype, device=self.device)
         if b:
-            length = int(rows[:b].max()) + 1
-            visible = _visible(torch.arange(length, device=self.device), positions[:b, None], window)  # (B, L)
+            visible = step.decode_masks[window]  # (B, 1, 1, L)
+            length = visible.shape[-1]
             out[:b] = F.scaled_dot_product_attention(
                 q[:b].unsqueeze(2), cache[0, :b, :, :length], cache[1, :b, :, :length],
-                attn_mask=visible[:, None, None], enable_gqa=True, scale=scale,
+                attn_mask=visible, enable_gqa=True, scale=scale,
             ).squeeze(2)  # fmt: skip
         if n > b:
-            slot, end = int(slots[b]), int(rows[-1]) + 1
-            keys, values = cache[:, slot : slot + 1, :, :end]  # (1, K, end, D)
-            visible = _visible(torch.arange(end, device=self.device), positions[b:, None], window)  # (T, end)
+            visible, slot = step.chunk_masks[window], step.chunk_slot  # (1, 1, T, end)
+            keys, values = cache[:, slot : slot + 1, :, : visible.shape[-1]]  # (1, K, end, D)
             out[b:] = F.scaled_dot_product_attention(
-                q[b:].transpose(0, 1).unsqueeze(0), keys, values, attn_mask=visible[None, None], enable_gqa=True,
-                scale=scale,
+                q[b:].transpose(0, 1).unsqueeze(0), keys, values, attn_mask=visible, enable_gqa=True, scale=scale,
             )[0].transpose(0, 1)  # fmt: skip
         return out.reshape(n, heads * dim).float()
 

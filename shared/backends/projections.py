@@ -413,9 +413,9 @@ class Embedding:
         if groups8:
             self.q, self.d = groups8
 
-    def __call__(self, token_ids: list[int]) -> torch.Tensor:
-        """The float32 rows (N, C) of these tokens."""
-        ids = torch.tensor(token_ids, device=self.device)
+    def __call__(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """The float32 rows (N, C) of these tokens (a tensor of them already on the device, or a list)."""
+        ids = torch.as_tensor(token_ids, device=self.device)
         if self.dense is not None:
             return F.embedding(ids, self.dense).float()
         return (self.q[ids].float() * self.d[ids].unsqueeze(-1)).flatten(1)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from shared.backends import llama
+from shared.backends import Chunk, llama
 from shared.backends.llama_config import LlamaConfig
 from shared.backends.projections import Linear
 from shared.backends.torch_backend import TorchRunner, create
@@ -32,7 +32,8 @@ TINY = {
 }
 TOKENS = [5, 17, 3, 88, 42, 9, 61, 23, 7, 50]
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]  # the torch path on any device against transformers' CPU logits
+# the numba kernels (the CPU's default) and the torch path on any device, against transformers' CPU logits
+PATHS = [("numba", "cpu"), ("torch", "cpu"), pytest.param("torch", "cuda", marks=CUDA)]
 
 
 def tiny_model(path: Path, model_type: str = "llama", **overrides: Any) -> PreTrainedModel:
@@ -47,9 +48,9 @@ def tiny_model(path: Path, model_type: str = "llama", **overrides: Any) -> PreTr
     return model
 
 
-def reference(model: PreTrainedModel) -> np.ndarray:
+def reference(model: PreTrainedModel, tokens: list[int] = TOKENS) -> np.ndarray:
     with torch.no_grad():
-        return model(torch.tensor([TOKENS])).logits[0, -1].float().numpy()
+        return model(torch.tensor([tokens])).logits[0, -1].float().numpy()
 
 
 @pytest.mark.parametrize(
@@ -63,16 +64,16 @@ def reference(model: PreTrainedModel) -> np.ndarray:
     ],
     ids=["llama", "llama-biases", "mistral", "qwen2", "qwen3"],
 )
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("kernels", "device"), PATHS)
 def test_an_implemented_checkpoint_runs_batched_and_matches_transformers(
-    tmp_path: Path, model_type: str, overrides: dict[str, Any], device: str
+    tmp_path: Path, model_type: str, overrides: dict[str, Any], kernels: Literal["numba", "torch"], device: str
 ) -> None:
-    """On the CPU through the numba kernels, on CUDA through the torch path (its default there)."""
+    """Through the numba kernels (the CPU's default) and the torch path (what CUDA runs), on the CPU and CUDA."""
     model = tiny_model(tmp_path, model_type, **overrides)
     config = LlamaConfig.from_dir(tmp_path)
     assert config is not None
     runner = llama.runner(
-        tmp_path, config, dtype=torch.float32, quantization="none", slots=2, max_len=64, device=device
+        tmp_path, config, dtype=torch.float32, quantization="none", slots=2, max_len=64, kernels=kernels, device=device
     )
     runner.prefill(0, TOKENS[:-1], 0)
     logits = runner.decode([TOKENS[-1]], [len(TOKENS) - 1])[0]
@@ -117,9 +118,7 @@ GEMMA = {
 }
 
 
-@pytest.mark.parametrize(
-    ("kernels", "device"), [("numba", "cpu"), ("torch", "cpu"), pytest.param("torch", "cuda", marks=CUDA)]
-)
+@pytest.mark.parametrize(("kernels", "device"), PATHS)
 def test_gemma3_runs_batched_and_matches_transformers(
     tmp_path: Path, kernels: Literal["numba", "torch"], device: str
 ) -> None:
@@ -135,9 +134,11 @@ def test_gemma3_runs_batched_and_matches_transformers(
     runner = llama.runner(
         tmp_path, config, dtype=torch.float32, quantization="none", slots=2, max_len=64, kernels=kernels, device=device
     )
-    runner.prefill(1, TOKENS[:3], 0)  # a prompt cut into two chunks
-    runner.prefill(1, TOKENS[3:-1], 3)
-    logits = runner.decode([7, TOKENS[-1]], [0, len(TOKENS) - 1])[1]  # beside another sequence's first token
+    runner.prefill(1, TOKENS[:3], 0)  # a prompt cut into two chunks, the second riding along a decode step
+    runner.prefill(0, [7], 0)
+    chunk = runner.step([8], [1], Chunk(1, TOKENS[3:-1], 3))[1]
+    assert chunk is not None and np.allclose(chunk, reference(model, TOKENS[:-1]), atol=1e-4)
+    logits = runner.decode([9, TOKENS[-1]], [2, len(TOKENS) - 1])[1]  # beside the other sequence's third token
     assert np.allclose(logits, reference(model), atol=1e-4)
 
 
