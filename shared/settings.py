@@ -133,6 +133,12 @@ class Settings(BaseSettings):
             " (fastest under load, less faithful)"
         ),
     )
+    cuda_graphs: bool = Field(
+        default=False,
+        description="batched engine on CUDA: decode steps replay CUDA graphs, one a batch size and cache length"
+        " (powers of two up to the slots and the context, captured on first use), which launch a step's kernels"
+        " at once",
+    )
     max_model_len: int | None = Field(
         default=None, ge=16, description="cap on a model's context length (batched engine: 2048 unless set)"
     )

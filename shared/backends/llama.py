@@ -23,15 +23,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from shared.backends import BatchSteps, Chunk, projections, step_rows
-from shared.backends.cpu_runner import (
-    ByteEmbedding,
-    CpuRunner,
-    CpuWeights,
-    DotLinear,
-    Projection,
-    rope_tables,
-)
+from shared.backends.cpu_runner import ByteEmbedding, CpuRunner, CpuWeights, DotLinear, Projection
 from shared.backends.cpu_runner import load as load_cpu_runner
+from shared.backends.device_steps import DecodeGraphs, DeviceStep, Rope, device_step
 from shared.backends.llama_config import INT4_GROUP, Kind, Layer, LlamaConfig, Weights
 from shared.backends.packed import PackedWeights
 from shared.backends.projections import (
@@ -54,12 +48,6 @@ from shared.settings import Quantization
 log = logging.getLogger(__name__)
 
 
-def _visible(keys: torch.Tensor, queries: torch.Tensor, window: int) -> torch.Tensor:
-    """Which key positions each query position sees: causal, and within the last `window` when window > 0."""
-    seen = keys <= queries
-    return seen & (keys > queries - window) if window else seen
-
-
 def _copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A float32 copy: a view would keep the whole memory-mapped checkpoint resident (540 MB for SmolLM2)."""
     return t.to(device=device, dtype=torch.float32, copy=True)
@@ -69,58 +57,7 @@ def _biased(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y.float() + bias
 
 
-@dataclass(frozen=True)
-class Rope:
-    """One rotary base's tables on the device, (P, D): x * cos + (x2, x1) * signed_sin (see rope_tables)."""
-
-    cos: torch.Tensor
-    signed_sin: torch.Tensor
-
-
 TorchWeights = Weights[torch.Tensor, Linear | MixedLinear, Embedding]
-
-
-def _rope(theta: float, head_dim: int, length: int, device: torch.device) -> Rope:
-    cos, signed_sin = rope_tables(theta, head_dim, length)
-    return Rope(torch.from_numpy(cos).to(device), torch.from_numpy(signed_sin).to(device))
-
-
-@dataclass(frozen=True)
-class DeviceStep:
-    """A step's rows on the device, made once a step for every layer to read (one host-to-device copy, where a
-    copy a layer would wait for the device each time): each row's token, slot and position, each rotary base's
-    tables at those positions, and each attention window's masks."""
-
-    token_ids: torch.Tensor  # (N,)
-    slots: torch.Tensor  # (N,)
-    positions: torch.Tensor  # (N,)
-    rotations: dict[float, tuple[torch.Tensor, torch.Tensor]]  # theta -> cos, signed_sin (N, 1, D)
-    decode_masks: dict[int, torch.Tensor]  # window -> (B, 1, 1, L): what each decode row sees of its L positions
-    chunk_masks: dict[int, torch.Tensor]  # window -> (1, 1, T, end): what the chunk's rows see of theirs
-    chunk_slot: int
-
-
-def _device_step(
-    device: torch.device,
-    token_ids: list[int],
-    slots: np.ndarray,
-    rows: np.ndarray,
-    b: int,
-    ropes: dict[float, Rope],
-    windows: set[int],
-) -> DeviceStep:
-    """The rows' tokens, `slots` and `rows` (step_rows'; decode rows first, b of them) and what every layer
-    derives from them."""
-    ids, at, positions = torch.from_numpy(np.stack([token_ids, slots, rows])).to(device)  # (N,) each
-    rotations = {t: (r.cos[positions].unsqueeze(1), r.signed_sin[positions].unsqueeze(1)) for t, r in ropes.items()}
-    decode_masks, chunk_masks = {}, {}
-    if b:
-        keys = torch.arange(int(rows[:b].max()) + 1, device=device)
-        decode_masks = {w: _visible(keys, positions[:b, None], w)[:, None, None] for w in windows}
-    if len(rows) > b:
-        keys = torch.arange(int(rows[-1]) + 1, device=device)
-        chunk_masks = {w: _visible(keys, positions[b:, None], w)[None, None] for w in windows}
-    return DeviceStep(ids, at, positions, rotations, decode_masks, chunk_masks, int(slots[-1]))
 
 
 def _load_weights(
@@ -248,7 +185,7 @@ class LlamaRunner(BatchSteps):
     One code path for the model's math on any torch device (the CPU's default, shared.backends.cpu_runner, runs
     the same model through numba kernels): scaled_dot_product_attention (flash or memory-efficient kernels where
     the device has them), torch's rms_norm, over a cache in the model dtype allocated once. Weights, embedding,
-    sampling inputs and the engine are the same for both.
+    sampling inputs and the engine are the same for both. graphs: decode steps replay CUDA graphs (DecodeGraphs).
     """
 
     def __init__(
@@ -261,6 +198,7 @@ class LlamaRunner(BatchSteps):
         slots: int,
         max_len: int,
         device: torch.device | str = "cpu",
+        graphs: bool = False,
     ) -> None:
         self.config = c = config
         self.dtype = dtype
@@ -273,11 +211,16 @@ class LlamaRunner(BatchSteps):
         self.quantization = weights.quantization
         self.embed, self.lm_head, self.norm, self.layers = weights.embed, weights.lm_head, weights.norm, weights.layers
         self._eps = float(np.float32(c.rms_norm_eps))
-        shape = (c.num_layers, 2, slots, c.num_kv_heads, self.context_length, c.head_dim)
+        shape = (c.num_layers, 2, slots + graphs, c.num_kv_heads, self.context_length, c.head_dim)  # + a scratch
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=dev)  # one allocation in the model dtype, once
-        self._ropes = {t: _rope(t, c.head_dim, self.context_length, dev) for t in set(c.layer_rope_thetas)}
+        self._ropes = {t: Rope.on(dev, t, c.head_dim, self.context_length) for t in set(c.layer_rope_thetas)}
         self._windows = [w or 0 for w in c.layer_windows]
         self._embed_scale = float(np.float32(c.hidden_size**0.5)) if c.gemma else None  # as float32 weights get
+        self.graphs = (
+            DecodeGraphs(self._forward, dev, slots, self.context_length, self._ropes, set(self._windows))
+            if graphs
+            else None
+        )
 
     def move_slot(self, src: int, dst: int, length: int, start: int = 0) -> None:
         """Copy a sequence's cache to another slot (the engine compacts its running set, the prefix cache keeps
@@ -289,17 +232,22 @@ class LlamaRunner(BatchSteps):
 
     @torch.inference_mode()
     def _logits(self, token_ids: list[int], positions: np.ndarray, chunk: Chunk | None) -> np.ndarray:
-        """Logits for B decode rows (slots 0..B-1, one token each) and the last token of a prompt chunk.
+        """Logits for B decode rows (slots 0..B-1, one token each) and the last token of a prompt chunk."""
+        if chunk is None and self.graphs is not None:
+            return self.graphs.decode(token_ids, positions).cpu().numpy()
+        b, ids = len(token_ids), token_ids + (chunk.token_ids if chunk else [])
+        step = device_step(self.device, ids, *step_rows(positions, chunk), b, self._ropes, set(self._windows))
+        return self._forward(step, b).cpu().numpy()
+
+    def _forward(self, step: DeviceStep, b: int) -> torch.Tensor:
+        """Float32 logits on the device of a step's b decode rows and, where it has one, its chunk's last row.
 
         Every per-token step works on (N, features) rows, decode rows first, then the chunk's. The residual
         stream, norms, rotation and attention are float32 whatever the weights; only matmul inputs are cast.
         """
         c = self.config
-        b, t = len(token_ids), len(chunk.token_ids) if chunk else 0
-        n, q_width, k_width = b + t, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        n, q_width, k_width = len(step.token_ids), c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         scale = float(np.float32(c.attention_scale or c.head_dim**-0.5))
-        ids = token_ids + (chunk.token_ids if chunk else [])
-        step = _device_step(self.device, ids, *step_rows(positions, chunk), b, self._ropes, set(self._windows))
         x = self.embed(step.token_ids)
         if self._embed_scale is not None:
             x = x * self._embed_scale
@@ -318,9 +266,9 @@ class LlamaRunner(BatchSteps):
             act = F.gelu(gate.float(), approximate="tanh") if c.gemma else F.silu(gate)
             out = _biased(layer.down(act * up), layer.down_bias)
             x = x + (out if layer.mlp_out_norm is None else self._norm(out.float(), layer.mlp_out_norm))
-        if chunk:
+        if n > b:
             x = torch.cat([x[:b], x[-1:]])  # a chunk samples its last position only
-        return self.lm_head(self._norm(x, self.norm)).float().cpu().numpy()  # (B, vocab)
+        return self.lm_head(self._norm(x, self.norm)).float()  # (B [+ 1], vocab)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm of float32 rows (N, C)."""

@@ -119,6 +119,7 @@ class TorchBackend:
                 slots=slots,
                 max_len=max_len,
                 device=device,
+                graphs=s.cuda_graphs,
             )
         from transformers import AutoModelForCausalLM  # 1.7 s of imports the batched runner never needs
 
