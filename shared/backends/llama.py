@@ -214,10 +214,11 @@ class LlamaRunner(BatchSteps):
         shape = (c.num_layers, 2, slots + graphs, c.num_kv_heads, self.context_length, c.head_dim)  # + a scratch
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=dev)  # one allocation in the model dtype, once
         self._ropes = {t: Rope.on(dev, t, c.head_dim, self.context_length) for t in set(c.layer_rope_thetas)}
-        self._windows = [w or 0 for w in c.layer_windows]
+        self._windows = [w or 0 for w in c.layer_windows]  # each layer's; 0: none
+        self._distinct_windows = set(self._windows)  # the masks a step makes
         self._embed_scale = float(np.float32(c.hidden_size**0.5)) if c.gemma else None  # as float32 weights get
         self.graphs = (
-            DecodeGraphs(self._forward, dev, slots, self.context_length, self._ropes, set(self._windows))
+            DecodeGraphs(self._forward, dev, slots, self.context_length, self._ropes, self._distinct_windows)
             if graphs
             else None
         )
@@ -236,7 +237,7 @@ class LlamaRunner(BatchSteps):
         if chunk is None and self.graphs is not None:
             return self.graphs.decode(token_ids, positions).cpu().numpy()
         b, ids = len(token_ids), token_ids + (chunk.token_ids if chunk else [])
-        step = device_step(self.device, ids, *step_rows(positions, chunk), b, self._ropes, set(self._windows))
+        step = device_step(self.device, ids, *step_rows(positions, chunk), b, self._ropes, self._distinct_windows)
         return self._forward(step, b).cpu().numpy()
 
     def _forward(self, step: DeviceStep, b: int) -> torch.Tensor:
