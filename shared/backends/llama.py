@@ -286,8 +286,9 @@ class LlamaRunner(BatchSteps):
         scale: float,
     ) -> torch.Tensor:
         """The torch ops of the attention kernel: rotation, the cache write, then attention of the decode rows
-        (slots 0..b-1, each over its own positions) and of the chunk's rows (one slot, causal): (N, Q). With
-        window > 0 a row sees only its last `window` positions."""
+        (slots 0..b-1, each over its own positions) and of the chunk's rows (one slot, causal): (N, Q) in the
+        model dtype, which the output projection takes. With window > 0 a row sees only its last `window`
+        positions."""
         c = self.config
         n, heads, kv_heads, dim = qkv.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         at, positions = step.slots, step.positions
@@ -298,21 +299,22 @@ class LlamaRunner(BatchSteps):
         cache = self.kv_cache[layer]  # (2, S, K, P, D)
         cache[0, at, :, positions] = k.to(cache.dtype)  # (N, K, D) at each row's slot and position
         cache[1, at, :, positions] = qkv[:, (heads + kv_heads) * dim :].view(n, kv_heads, dim).to(cache.dtype)
-        out = torch.empty(n, heads, dim, dtype=self.dtype, device=self.device)
+        parts = []  # (B, H, D) of the decode rows, (T, H, D) of the chunk's
         if b:
             visible = step.decode_masks[window]  # (B, 1, 1, L)
             length = visible.shape[-1]
-            out[:b] = F.scaled_dot_product_attention(
+            parts.append(F.scaled_dot_product_attention(
                 q[:b].unsqueeze(2), cache[0, :b, :, :length], cache[1, :b, :, :length],
                 attn_mask=visible, enable_gqa=True, scale=scale,
-            ).squeeze(2)  # fmt: skip
+            ).squeeze(2))  # fmt: skip
         if n > b:
             visible, slot = step.chunk_masks[window], step.chunk_slot  # (1, 1, T, end)
             keys, values = cache[:, slot : slot + 1, :, : visible.shape[-1]]  # (1, K, end, D)
-            out[b:] = F.scaled_dot_product_attention(
+            parts.append(F.scaled_dot_product_attention(
                 q[b:].transpose(0, 1).unsqueeze(0), keys, values, attn_mask=visible, enable_gqa=True, scale=scale,
-            )[0].transpose(0, 1)  # fmt: skip
-        return out.reshape(n, heads * dim).float()
+            )[0].transpose(0, 1))  # fmt: skip
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.reshape(n, heads * dim)
 
 
 @dataclass(frozen=True)
