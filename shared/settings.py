@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         default=False,
         description="batched engine on CUDA: decode steps replay CUDA graphs, one a batch size and cache length"
-        " (powers of two up to the slots and the context, captured on first use), which launch a step's kernels"
+        " (powers of two up to the slots and the context, captured as the model loads), which launch a step's kernels"
         " at once",
     )
     max_model_len: int | None = Field(

@@ -7,6 +7,7 @@ Shapes: N rows (B decode rows, then a chunk's T), P cached positions, D head dim
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -108,8 +109,8 @@ Forward = Callable[[DeviceStep, int], torch.Tensor]  # a step's float32 logits (
 
 class DecodeGraphs:
     """Decode steps as CUDA graphs, one a batch size (powers of two up to the slots) and cache length (powers of
-    two from MIN_LENGTH up to the context): a small model's step is hundreds of small kernels, bound by launching
-    them one by one, which a graph's replay launches at once.
+    two from MIN_LENGTH up to the context), captured by capture_all (else on first use): a small model's step
+    is hundreds of small kernels, bound by launching them one by one, which a graph's replay launches at once.
 
     A graph's shapes and memory are fixed when it is captured: its rows are read from one buffer (tokens, slots,
     positions) that each step fills with one copy, they attend over the cache's first `length` positions under
@@ -138,6 +139,16 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], CUDAGraph] = {}  # by (size, length)
         self.pool: _POOL_HANDLE | None = None  # the graphs' memory, shared: one runs at a time
         self.logits: torch.Tensor | None = None  # (slots, vocab): every graph's result, copied there
+
+    def capture_all(self) -> None:
+        """Every graph, before the first step asks for one (a capture costs about a step; the first requests
+        should not pay it), the largest first: the smaller ones' memory then comes from what it freed."""
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for size in reversed(self.sizes):
+                for length in reversed(self.lengths):
+                    self.graphs[size, length] = self._capture(size, length)
+        log.info("captured %d decode graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
 
     def decode(self, token_ids: list[int], positions: np.ndarray) -> torch.Tensor:
         """Float32 logits (B, vocab) on the device of decode rows in slots 0..B-1."""
@@ -176,5 +187,4 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             self.logits[:size].copy_(self._step(size, length))
         self.pool = graph.pool()
-        log.info("captured the decode step of %d rows over %d positions as a CUDA graph", size, length)
         return graph

@@ -222,6 +222,8 @@ class LlamaRunner(BatchSteps):
             if graphs
             else None
         )
+        if self.graphs is not None and dev.type == "cuda":
+            self.graphs.capture_all()
 
     def move_slot(self, src: int, dst: int, length: int, start: int = 0) -> None:
         """Copy a sequence's cache to another slot (the engine compacts its running set, the prefix cache keeps
