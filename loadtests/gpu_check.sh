@@ -3,15 +3,19 @@
 #   1. the CUDA tests: the batched runner's torch path on CUDA against transformers' CPU logits (tiny models of
 #      each architecture), and, where the embedded model is installed, its greedy tokens against torch CPU's;
 #      and decode steps of fixed shapes captured and replayed as CUDA graphs against the steps as they come;
-#   2. a throughput sweep on CUDA (1, 16, 64 streams) of the default configuration against the same with
+#   2. decode steps in one process (loadtests/bench_steps.py: 1, 16 and 48 rows, as they come and as CUDA graphs
+#      replay them), on the kit's random SmolLM2-shaped model;
+#   3. a throughput sweep on CUDA (1, 16, 64 streams) of the default configuration against the same with
 #      FNSERVE_CUDA_GRAPHS=true: two servers on the one GPU, one under load at a time, two rounds alternating.
 # PY is a Python with a CUDA build of torch. Where fnserve's other dependencies are not installed (a machine
 # without network), `python -m loadtests.gpu_kit prepare` here puts them in .gpu as wheels, with the default
 # model's shape: this script installs the wheels with --no-index and sweeps that shape with random weights.
-# Writes seven files under ${OUT:-gpu-check}: gpu.txt, tests.txt, server.log, server-graphs.log, sweep.txt,
-# and the sweep's summary (sweep.json) and plot.png (its samples and Locust's files stay in /tmp/gpu-sweep):
+# Writes eight files under ${OUT:-gpu-check}: gpu.txt, tests.txt, steps.txt, server.log, server-graphs.log,
+# sweep.txt, and the sweep's summary (sweep.json) and plot.png (its samples and Locust's files stay in
+# /tmp/gpu-sweep):
 #     OUT=/tmp/gpu bash loadtests/gpu_check.sh
-# DEVICE=cpu runs the same steps on the CPU (a dry run of the script and the kit; the CUDA tests skip).
+# DEVICE=cpu runs the same steps on the CPU (a dry run of the script and the kit; the CUDA tests skip; STEPS=3
+# shortens the step benchmark, slow there).
 set -euo pipefail
 out=${OUT:-gpu-check}
 kit=${KIT:-.gpu}
@@ -40,6 +44,8 @@ if [ -d "$kit/smollm2" ]; then
     models=(FNSERVE_MODELS='[{"id": "smollm2-random", "source": "/tmp/smollm2-random"}]'
             FNSERVE_DEFAULT_MODEL=smollm2-random FNSERVE_PRELOAD='["smollm2-random"]')
     chosen=(--model smollm2-random)
+    "$py" -m loadtests.bench_steps /tmp/smollm2-random --device "$device" --rows 1,16,48 --steps "${STEPS:-50}" 2>&1 |
+        tee "$out/steps.txt" || true
 fi
 servers=()
 serve() {  # FNSERVE_CUDA_GRAPHS, port, log file
