@@ -5,7 +5,8 @@ at a few row counts, with no HTTP, tokenizer or sampling around it (what the GPU
 
 MODEL_DIR is a Hugging Face-format Llama-family checkpoint (the GPU check's random SmolLM2-shaped one). Every
 slot is filled with a 200-token prompt first; each row count then runs `--steps` decode steps a configuration,
-the two configurations alternated twice, and the medians are printed (ms a step, tokens a second).
+the two configurations alternated twice, and the medians are printed (ms a step, tokens a second), after what
+each runner's start took (on CUDA with the device memory it holds, the graphs' captures included).
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ PROMPT = 200  # positions each slot holds before the timed steps
 
 
 def _runner(model_dir: Path, config: LlamaConfig, device: str, dtype: torch.dtype, slots: int, graphs: bool) -> Any:
+    cuda = torch.device(device).type == "cuda"
+    held, started = torch.cuda.memory_allocated(device) if cuda else 0, time.perf_counter()
     runner = LlamaRunner(
         model_dir, config, dtype=dtype, quantization="none", slots=slots, max_len=1024, device=device, graphs=graphs
     )
+    memory = f", {(torch.cuda.memory_allocated(device) - held) / 2**20:.0f} MiB" if cuda else ""
+    print(f"{'graphs' if graphs else 'eager'} runner: started in {time.perf_counter() - started:.1f} s{memory}")
     rng = np.random.default_rng(0)
     for slot in range(slots):
         runner.prefill(slot, rng.integers(0, config.vocab_size, PROMPT).tolist(), 0)

@@ -21,7 +21,9 @@ def test_each_row_count_is_timed_as_it_comes_and_as_a_fixed_shape(
     steps = json.loads(out.read_text())["steps"]
     assert [s["rows"] for s in steps] == [1, 3]
     assert all(s["eager_ms"] > 0 and s["graphs_ms"] > 0 for s in steps)
-    assert "decode steps on cpu (float32)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "eager runner: started in" in printed and "graphs runner: started in" in printed
+    assert "decode steps on cpu (float32)" in printed
 
 
 def test_a_checkpoint_the_runner_does_not_implement_is_refused(tmp_path: Path) -> None:
