@@ -27,7 +27,9 @@ from shared.backends.llama_config import LlamaConfig
 PROMPT = 200  # positions each slot holds before the timed steps
 
 
-def _runner(model_dir: Path, config: LlamaConfig, device: str, dtype: torch.dtype, slots: int, graphs: bool) -> Any:
+def _runner(
+    model_dir: Path, config: LlamaConfig, device: str, dtype: torch.dtype, slots: int, graphs: bool
+) -> LlamaRunner:
     cuda = torch.device(device).type == "cuda"
     held, started = torch.cuda.memory_allocated(device) if cuda else 0, time.perf_counter()
     runner = LlamaRunner(

@@ -211,7 +211,8 @@ class LlamaRunner(BatchSteps):
         self.quantization = weights.quantization
         self.embed, self.lm_head, self.norm, self.layers = weights.embed, weights.lm_head, weights.norm, weights.layers
         self._eps = float(np.float32(c.rms_norm_eps))
-        shape = (c.num_layers, 2, slots + graphs, c.num_kv_heads, self.context_length, c.head_dim)  # + a scratch
+        scratch = 1 if graphs else 0  # DecodeGraphs' slot for the rows past a step's own
+        shape = (c.num_layers, 2, slots + scratch, c.num_kv_heads, self.context_length, c.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=dev)  # one allocation in the model dtype, once
         self._ropes = {t: Rope.on(dev, t, c.head_dim, self.context_length) for t in set(c.layer_rope_thetas)}
         self._windows = [w or 0 for w in c.layer_windows]  # each layer's; 0: none

@@ -290,8 +290,8 @@ def _a8_plane(
     pairs = torch.stack([scale.reshape(n // 16, 16, -1), low.reshape(n // 16, 16, -1)], dim=2)  # (block, j, 2, K/G)
     scales = pairs.permute(0, 3, 2, 1).contiguous().float()
     half = scales.to(torch.float16)
-    rounded = bool(((half.float() - scales).abs() > FLOAT32_ROUNDING * scales.abs()).any())
-    return packed.contiguous().reshape(n, k // 2), INT4_GROUP, scales if stored and rounded else half
+    rounded = stored and bool(((half.float() - scales).abs() > FLOAT32_ROUNDING * scales.abs()).any())
+    return packed.contiguous().reshape(n, k // 2), INT4_GROUP, scales if rounded else half
 
 
 def _int8_plane(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
